@@ -1,0 +1,5 @@
+import sys
+
+from bertrec.cli import main
+
+sys.exit(main())

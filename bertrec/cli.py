@@ -1,0 +1,59 @@
+"""The `bertrec` console script: one entry point, one subcommand per job.
+
+Each subsystem registers its own subcommand so that heavy imports (torch, onnxruntime)
+happen only when that subcommand runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+from bertrec import __version__
+from bertrec.errors import BertrecError
+
+Register = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], None]
+
+
+def _registrars() -> list[Register]:
+    from bertrec.export import cli as export_cli
+    from bertrec.server import cli as server_cli
+    from bertrec.train import cli as train_cli
+
+    return [train_cli.register, export_cli.register, server_cli.register]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bertrec",
+        description="Text-aware recommender: train, export and serve over gRPC.",
+    )
+    parser.add_argument("--version", action="version", version=f"bertrec {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for register in _registrars():
+        register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        result = args.func(args)
+    except BertrecError as exc:
+        print(f"bertrec {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

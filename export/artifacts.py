@@ -1,0 +1,112 @@
+"""The on-disk contract of one model version, shared by the exporter and the server.
+
+A version lives at `<repo>/<model>/<version>/` and holds the files named below plus
+`manifest.json`. Everything here is numpy/json only: the server imports it without torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+MANIFEST = "manifest.json"
+SCHEMA_VERSION = 1
+
+ENCODER_ONNX = "encoder.onnx"  # fp32: input_ids, attention_mask, token_type_ids -> embedding
+ENCODER_INT8_ONNX = "encoder.int8.onnx"  # optional dynamically quantised variant
+TOKENIZER = "tokenizer.json"  # Hugging Face `tokenizers` format
+
+USER_FACTORS = "user_factors.npy"  # float32 (n_users, d)
+ITEM_FACTORS = "item_factors.npy"  # float32 (n_items, d); cold items: text projection only
+USER_BIAS = "user_bias.npy"  # float32 (n_users,)
+ITEM_BIAS = "item_bias.npy"  # float32 (n_items,)   rating bias b_i
+ITEM_RANK_BIAS = "item_rank_bias.npy"  # float32 (n_items,)   ranking bias c_i
+TEXT_TO_USER = "text_to_user.npy"  # float32 (d, d): folds a text vector into user space
+USER_IDS = "user_ids.npy"  # unicode (n_users,): row -> external id
+ITEM_IDS = "item_ids.npy"  # unicode (n_items,): row -> external id
+RATED_INDPTR = "rated_indptr.npy"  # int64 (n_users + 1,): CSR of each user's rated items
+RATED_INDICES = "rated_indices.npy"  # int32 (nnz,): item rows, sorted within each user
+ITEM_TEXTS = "item_texts.jsonl"  # {"item_id", "text"} per line, row order
+
+ARRAY_FILES = (
+    USER_FACTORS,
+    ITEM_FACTORS,
+    USER_BIAS,
+    ITEM_BIAS,
+    ITEM_RANK_BIAS,
+    TEXT_TO_USER,
+    USER_IDS,
+    ITEM_IDS,
+    RATED_INDPTR,
+    RATED_INDICES,
+)
+
+# How scores are formed; recorded in the manifest under "scoring" so readers need no guessing.
+RANKING_SCORE = "dot(user_factors[u], item_factors[i]) + item_rank_bias[i]"
+RATING_SCORE = "global_mean + user_bias[u] + item_bias[i] + dot(user_factors[u], item_factors[i])"
+TEXT_QUERY_SCORE = "dot(text_to_user @ encoder(text), item_factors[i]) + item_rank_bias[i]"
+
+
+@dataclass(frozen=True)
+class FactorArrays:
+    """The numeric state of a trained hybrid model, in row order of `user_ids`/`item_ids`."""
+
+    user_ids: np.ndarray
+    item_ids: np.ndarray
+    user_factors: np.ndarray
+    item_factors: np.ndarray
+    user_bias: np.ndarray
+    item_bias: np.ndarray
+    item_rank_bias: np.ndarray
+    text_to_user: np.ndarray
+    rated_indptr: np.ndarray
+    rated_indices: np.ndarray
+    global_mean: float
+
+    @property
+    def dim(self) -> int:
+        return int(self.item_factors.shape[1])
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """File name -> array, exactly as saved."""
+        return {
+            USER_IDS: np.asarray(self.user_ids, dtype=str),
+            ITEM_IDS: np.asarray(self.item_ids, dtype=str),
+            USER_FACTORS: np.ascontiguousarray(self.user_factors, dtype=np.float32),
+            ITEM_FACTORS: np.ascontiguousarray(self.item_factors, dtype=np.float32),
+            USER_BIAS: np.ascontiguousarray(self.user_bias, dtype=np.float32),
+            ITEM_BIAS: np.ascontiguousarray(self.item_bias, dtype=np.float32),
+            ITEM_RANK_BIAS: np.ascontiguousarray(self.item_rank_bias, dtype=np.float32),
+            TEXT_TO_USER: np.ascontiguousarray(self.text_to_user, dtype=np.float32),
+            RATED_INDPTR: np.ascontiguousarray(self.rated_indptr, dtype=np.int64),
+            RATED_INDICES: np.ascontiguousarray(self.rated_indices, dtype=np.int32),
+        }
+
+    def save(self, directory: Path) -> None:
+        for name, array in self.arrays().items():
+            np.save(directory / name, array, allow_pickle=False)
+
+    @staticmethod
+    def load(directory: Path, global_mean: float, mmap: bool = True) -> FactorArrays:
+        """Memory-map every array (read-only) so a large catalogue costs no load time."""
+        mode: Any = "r" if mmap else None
+
+        def get(name: str) -> np.ndarray:
+            return np.load(directory / name, mmap_mode=mode, allow_pickle=False)
+
+        return FactorArrays(
+            user_ids=get(USER_IDS),
+            item_ids=get(ITEM_IDS),
+            user_factors=get(USER_FACTORS),
+            item_factors=get(ITEM_FACTORS),
+            user_bias=get(USER_BIAS),
+            item_bias=get(ITEM_BIAS),
+            item_rank_bias=get(ITEM_RANK_BIAS),
+            text_to_user=get(TEXT_TO_USER),
+            rated_indptr=get(RATED_INDPTR),
+            rated_indices=get(RATED_INDICES),
+            global_mean=global_mean,
+        )
