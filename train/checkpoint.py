@@ -1,9 +1,9 @@
 """The training output folder that `bertrec train` writes and `bertrec export` reads.
 
-    <out>/train_info.json   TrainInfo as JSON (names, dims, global mean, metrics, config)
-    <out>/encoder/          Hugging Face checkpoint of the fine-tuned BERT + tokenizer.json
-    <out>/encoder/projection.pt   state dict of TextEncoder.projection (factor model's P)
-    <out>/factors/          FactorArrays (.npy) + item_texts.jsonl
+<out>/train_info.json   TrainInfo as JSON (names, dims, global mean, metrics, config)
+<out>/encoder/          Hugging Face checkpoint of the fine-tuned BERT + tokenizer.json
+<out>/encoder/projection.pt   state dict of TextEncoder.projection (factor model's P)
+<out>/factors/          FactorArrays (.npy) + item_texts.jsonl
 """
 
 from __future__ import annotations

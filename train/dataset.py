@@ -25,7 +25,8 @@ class Ratings:
         n = len(self.ratings)
         for name in ("user_ids", "item_ids", "reviews", "timestamps"):
             if len(getattr(self, name)) != n:
-                raise ValueError(f"Ratings.{name} has {len(getattr(self, name))} rows, expected {n}")
+                got = len(getattr(self, name))
+                raise ValueError(f"Ratings.{name} has {got} rows, expected {n}")
 
     def __len__(self) -> int:
         return len(self.ratings)
@@ -54,7 +55,9 @@ class Ratings:
             item_ids=np.asarray(item_ids, dtype=object),
             ratings=np.asarray(ratings, dtype=np.float32),
             reviews=np.asarray(reviews if reviews is not None else [""] * n, dtype=object),
-            timestamps=np.asarray(timestamps if timestamps is not None else [0] * n, dtype=np.int64),
+            timestamps=np.asarray(
+                timestamps if timestamps is not None else [0] * n, dtype=np.int64
+            ),
         )
 
 

@@ -62,7 +62,7 @@ class TextEncoder(nn.Module):
     def __init__(self, bert: nn.Module, dim: int) -> None:
         super().__init__()
         self.bert = bert
-        hidden = int(bert.config.hidden_size)
+        hidden = int(bert.config.hidden_size)  # type: ignore[union-attr,arg-type]
         self.projection = nn.Linear(hidden, dim, bias=False)
 
     @property

@@ -10,7 +10,12 @@ from pathlib import Path
 
 from bertrec.train.encoder import default_encoder_path
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.txt",
+    "special_tokens_map.json",
+)
 
 
 def make_tiny_bert(out_dir: Path, seed: int = 0, hidden: int = 32, layers: int = 2) -> Path:

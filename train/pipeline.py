@@ -1,0 +1,269 @@
+"""`bertrec train`: fine-tune the encoder, fit the hybrid factors, evaluate against baselines,
+and write a training output folder (see checkpoint.py) that `bertrec export` turns into a
+model version."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from bertrec.export.artifacts import RANKING_SCORE, FactorArrays
+from bertrec.train import checkpoint
+from bertrec.train.baselines import ImplicitALSScorer, PopularityScorer, implicit_available
+from bertrec.train.dataset import Dataset, Split
+from bertrec.train.encoder import TextEncoder, load_bert
+from bertrec.train.evaluate import Scorer, evaluate
+from bertrec.train.finetune import FinetuneConfig, embed_texts, finetune, rating_pairs
+from bertrec.train.hybrid import (
+    FactorScorer,
+    HybridConfig,
+    HybridFactors,
+    RatingOrderScorer,
+    train_hybrid,
+)
+from bertrec.train.indexing import IdIndex, Interactions
+
+log = logging.getLogger(__name__)
+METRICS_FILE = "metrics.json"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model_name: str = "bertrec"
+    encoder_path: Path | None = None  # None: the packaged all-MiniLM-L6-v2
+    max_seq_len: int = 128  # serving-time truncation, recorded in the manifest
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    hybrid: HybridConfig = field(default_factory=HybridConfig)
+    baselines: bool = True
+    text_to_user_reg: float = 1.0
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    out: Path
+    metrics: dict[str, Any]
+    seconds: dict[str, float]
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def train(dataset: Dataset, split: Split, cfg: TrainConfig, out: Path) -> TrainResult:
+    """Run the whole training job and write `out` (created; must not hold a previous run)."""
+    timer = _Timer()
+    device = pick_device()
+    log.info(
+        "training on %s: %d train, %d test, %d cold-test ratings, %d cold items",
+        device,
+        len(split.train),
+        len(split.test),
+        len(split.cold_test),
+        len(split.cold_items),
+    )
+    bert, tokenizer, base_name = load_bert(cfg.encoder_path)
+    tokenizer = type(tokenizer)(tokenizer._tokenizer, cfg.max_seq_len)
+    encoder = TextEncoder(bert, cfg.hybrid.dim).to(device)
+
+    texts, targets = rating_pairs(
+        split.train,
+        dataset.item_texts,
+        cfg.finetune.samples,
+        np.random.default_rng(cfg.finetune.seed),
+    )
+    ft_metrics = finetune(encoder, tokenizer, texts, targets, cfg.finetune, device, cfg.progress)
+    timer.lap("finetune")
+
+    index = IdIndex.build(split.train, dataset.item_texts)
+    item_texts = [dataset.item_texts.get(str(i), "") for i in index.item_ids]
+    has_text = np.array([bool(t) for t in item_texts])
+    text = np.zeros((index.n_items, encoder.hidden_size), dtype=np.float32)
+    if has_text.any():
+        text[has_text] = embed_texts(
+            encoder.to(device),
+            tokenizer,
+            [t for t in item_texts if t],
+            device,
+            progress=cfg.progress,
+        )
+    timer.lap("embed_items")
+
+    train_rows = Interactions.from_ratings(split.train, index)
+    factors = train_hybrid(
+        train_rows,
+        index.n_users,
+        index.n_items,
+        index.n_warm_items,
+        text,
+        cfg.hybrid,
+        progress=cfg.progress,
+    )
+    timer.lap("hybrid")
+
+    metrics = _evaluate_all(split, index, train_rows, factors, cfg)
+    timer.lap("evaluate")
+    metrics["finetune"] = ft_metrics
+
+    with torch.no_grad():
+        encoder.projection.weight.copy_(torch.from_numpy(factors.text_projection.T))
+    indptr, indices = train_rows.csr(index.n_users)
+    arrays = FactorArrays(
+        user_ids=index.user_ids,
+        item_ids=index.item_ids,
+        user_factors=factors.user_factors,
+        item_factors=factors.item_factors,
+        user_bias=factors.user_bias,
+        item_bias=factors.item_bias,
+        item_rank_bias=factors.item_rank_bias,
+        text_to_user=fit_text_to_user(
+            factors, text @ factors.text_projection, indptr, indices, cfg.text_to_user_reg
+        ),
+        rated_indptr=indptr,
+        rated_indices=indices,
+        global_mean=factors.global_mean,
+    )
+    _write(
+        out,
+        cfg,
+        encoder.cpu(),
+        tokenizer,
+        arrays,
+        item_texts,
+        base_name,
+        metrics,
+        split,
+        timer.seconds,
+    )
+    timer.lap("save")
+    return TrainResult(out, metrics, timer.seconds)
+
+
+def fit_text_to_user(
+    factors: HybridFactors,
+    item_text_vectors: np.ndarray,
+    indptr: np.ndarray,
+    indices: np.ndarray,
+    reg: float,
+) -> np.ndarray:
+    """Ridge map M (d, d) from the mean text vector of a user's rated items to the user's
+    factor: a text describing what someone likes becomes a user vector M @ enc(text)."""
+    counts = np.diff(indptr)
+    rows = np.repeat(np.arange(len(counts)), counts)
+    q = np.zeros((len(counts), item_text_vectors.shape[1]), dtype=np.float64)
+    np.add.at(q, rows, item_text_vectors[indices])
+    q /= np.maximum(counts, 1)[:, None]
+    u = factors.user_factors.astype(np.float64)
+    gram = q.T @ q + reg * np.eye(q.shape[1])
+    return np.linalg.solve(gram, q.T @ u).T.astype(np.float32)
+
+
+def _evaluate_all(
+    split: Split,
+    index: IdIndex,
+    train_rows: Interactions,
+    factors: HybridFactors,
+    cfg: TrainConfig,
+) -> dict[str, Any]:
+    test = Interactions.from_ratings(split.test, index)
+    cold = Interactions.from_ratings(split.cold_test, index)
+    cold_rows = index.item_rows(np.asarray(sorted(split.cold_items), dtype=object))
+    cold_rows = cold_rows[cold_rows >= 0]
+    scorers: list[Scorer] = [FactorScorer("hybrid", factors)]
+    if cfg.baselines:
+        scorers.append(RatingOrderScorer("hybrid_by_predicted_rating", factors))
+        scorers.append(PopularityScorer(train_rows, index.n_items))
+        mf_cfg = HybridConfig(**{**asdict(cfg.hybrid), "rank_weight": 0.0, "use_text": False})
+        mf = train_hybrid(
+            train_rows, index.n_users, index.n_items, index.n_warm_items, None, mf_cfg
+        )
+        scorers.append(RatingOrderScorer("biased_mf", mf))
+        if implicit_available():
+            scorers.append(
+                ImplicitALSScorer(train_rows, index.n_users, index.n_items, seed=cfg.hybrid.seed)
+            )
+        else:
+            log.warning("baseline implicit_als skipped: install the `implicit` package")
+    results = {s.name: evaluate(s, index, train_rows, test, cold, cold_rows) for s in scorers}
+    return {
+        "models": results,
+        "ranking_score": RANKING_SCORE,
+        "split": {
+            "train": len(split.train),
+            "test": len(split.test),
+            "cold_test": len(split.cold_test),
+            "cold_items": len(split.cold_items),
+        },
+    }
+
+
+def _write(
+    out: Path,
+    cfg: TrainConfig,
+    encoder: TextEncoder,
+    tokenizer: Any,
+    arrays: FactorArrays,
+    item_texts: list[str],
+    base_name: str,
+    metrics: dict[str, Any],
+    split: Split,
+    seconds: dict[str, float],
+) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    checkpoint.save_encoder(out, encoder, tokenizer)
+    checkpoint.save_factors(out, arrays, item_texts)
+    config = json.loads(json.dumps(asdict(cfg), default=str))
+    checkpoint.TrainInfo(
+        model_name=cfg.model_name,
+        base_encoder=base_name,
+        dim=cfg.hybrid.dim,
+        max_seq_len=cfg.max_seq_len,
+        global_mean=arrays.global_mean,
+        metrics=metrics,
+        config=config,
+        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    ).save(out)
+    (out / METRICS_FILE).write_text(json.dumps({**metrics, "seconds": seconds}, indent=2))
+
+
+class _Timer:
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._last = time.monotonic()
+
+    def lap(self, name: str) -> None:
+        now = time.monotonic()
+        self.seconds[name] = round(now - self._last, 2)
+        self._last = now
+
+
+def metrics_table(metrics: dict[str, Any]) -> str:
+    """A markdown table of every model's warm and cold metrics."""
+    cols = [
+        ("warm", "rmse"),
+        ("warm", "mae"),
+        ("warm", "ndcg@10"),
+        ("warm", "recall@10"),
+        ("cold", "rmse"),
+        ("cold", "mae"),
+        ("cold", "ndcg@10"),
+        ("cold", "recall@10"),
+    ]
+    head = "| model | " + " | ".join(f"{a} {b}" for a, b in cols) + " |"
+    lines = [head, "|" + "---|" * (len(cols) + 1)]
+    for name, m in metrics["models"].items():
+        cells = [_fmt(m[a].get(b)) for a, b in cols]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _fmt(x: Any) -> str:
+    return "-" if x is None or (isinstance(x, float) and not np.isfinite(x)) else f"{x:.4f}"
