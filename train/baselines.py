@@ -48,21 +48,20 @@ class ImplicitALSScorer:
     ) -> None:
         import scipy.sparse as sp
         from implicit.als import AlternatingLeastSquares
+        from threadpoolctl import threadpool_limits
 
         matrix = sp.csr_matrix(
             (np.ones(len(data), dtype=np.float32), (data.users, data.items)),
             shape=(n_users, n_items),
         )
-        model = AlternatingLeastSquares(
-            factors=factors,
-            regularization=regularization,
-            alpha=alpha,
-            iterations=iterations,
-            random_state=seed,
-        )
-        from threadpoolctl import threadpool_limits
-
-        with threadpool_limits(1, "blas"):  # implicit's own threads; BLAS threads fight them
+        with threadpool_limits(1, "blas"):  # implicit runs its own threads; BLAS's fight them
+            model = AlternatingLeastSquares(
+                factors=factors,
+                regularization=regularization,
+                alpha=alpha,
+                iterations=iterations,
+                random_state=seed,
+            )
             model.fit(matrix, show_progress=False)
         self.users = np.asarray(model.user_factors)
         self.items = np.asarray(model.item_factors)
