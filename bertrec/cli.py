@@ -18,11 +18,17 @@ Register = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], Non
 
 
 def _registrars() -> list[Register]:
+    from bertrec import demo
     from bertrec.export import cli as export_cli
     from bertrec.server import cli as server_cli
     from bertrec.train import cli as train_cli
 
-    return [train_cli.register, export_cli.register, server_cli.register]
+    return [
+        demo.register,
+        train_cli.register,
+        export_cli.register,
+        server_cli.register,
+    ]
 
 
 def build_parser() -> argparse.ArgumentParser:

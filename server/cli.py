@@ -1,4 +1,4 @@
-"""`bertrec generate`, `bertrec train` and `bertrec demo` subcommands (filled in by the pipeline)."""
+"""`bertrec serve`: serve one model version over gRPC until SIGTERM/SIGINT."""
 
 from __future__ import annotations
 
@@ -6,4 +6,44 @@ import argparse
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Placeholder until the training pipeline lands."""
+    """Add the `serve` subcommand (no heavy imports until it runs)."""
+    from bertrec.server.config import add_flags
+
+    parser = sub.add_parser(
+        "serve",
+        help="serve a model version over gRPC",
+        description=(
+            "Serve a model version over gRPC (RecommenderService, grpc.health.v1, reflection) "
+            "with Prometheus metrics over HTTP. Every flag can also be set with a BERTREC_<NAME> "
+            "environment variable or in a TOML file (--config); flags win over the environment, "
+            "which wins over the file."
+        ),
+    )
+    add_flags(parser)
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Start, print the bound ports, load the model, serve until a signal; exit code 0."""
+    import signal
+
+    from bertrec.server.app import Server
+    from bertrec.server.config import flags_from_args, load_config
+
+    config = load_config(flags_from_args(args), config_file=args.config)
+    server = Server(config)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: server.request_stop())
+    try:
+        server.start()
+        print(
+            f"bertrec serve: grpc {config.host}:{server.port} metrics {config.host}:"
+            f"{server.metrics_port}",
+            flush=True,
+        )
+        server.load()
+        print(f"bertrec serve: ready on port {server.port}", flush=True)
+        server.wait()
+    finally:
+        server.stop()
+    return 0

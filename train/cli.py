@@ -78,6 +78,12 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
         help="text/rating pairs for encoder fine-tuning; 0 = frozen (default 1500)",
     )
     p.add_argument("--finetune-epochs", type=int, default=1, help="default 1")
+    p.add_argument(
+        "--finetune-layers",
+        type=int,
+        default=2,
+        help="top transformer layers updated by fine-tuning; 0 = all (default 2)",
+    )
     p.add_argument("--max-seq-len", type=int, default=128, help="serving truncation (default 128)")
     p.add_argument("--test-fraction", type=float, default=0.2, help="per-user holdout (0.2)")
     p.add_argument("--cold-fraction", type=float, default=0.1, help="cold-start items (0.1)")
@@ -112,7 +118,11 @@ def training_config(args: argparse.Namespace) -> TrainConfig:
         model_name=args.model_name,
         encoder_path=args.encoder,
         max_seq_len=args.max_seq_len,
-        finetune=FinetuneConfig(samples=args.finetune_samples, epochs=args.finetune_epochs),
+        finetune=FinetuneConfig(
+            samples=args.finetune_samples,
+            epochs=args.finetune_epochs,
+            top_layers=args.finetune_layers,
+        ),
         hybrid=HybridConfig(dim=args.dim, epochs=args.epochs, rank_weight=args.rank_weight),
         baselines=not args.no_baselines,
         progress=not args.quiet,

@@ -28,6 +28,7 @@ class FinetuneConfig:
     batch_size: int = 16
     lr: float = 3e-5
     max_seq_len: int = 64  # training-time truncation; serving uses the export's max length
+    top_layers: int = 2  # transformer layers updated (from the top); 0 = all of them
     seed: int = 0
 
 
@@ -70,7 +71,7 @@ def finetune(
     mean, std = float(targets.mean()), float(targets.std() or 1.0)
     y = torch.from_numpy((targets - mean) / std)
     head = nn.Linear(encoder.hidden_size, 1).to(device)
-    params = list(encoder.bert.parameters()) + list(head.parameters())
+    params = _trainable(encoder.bert, cfg.top_layers) + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
     train_tok = TextTokenizer(tokenizer._tokenizer, cfg.max_seq_len)
     encoder.train()
@@ -92,6 +93,23 @@ def finetune(
     bar.close()
     encoder.eval()
     return {"finetune_pairs": len(texts), "finetune_final_loss": float(np.mean(losses[-20:]))}
+
+
+def _trainable(bert: nn.Module, top_layers: int) -> list[nn.Parameter]:
+    """Parameters of the top `top_layers` transformer layers; the rest are frozen.
+
+    Back-propagating through only the top layers costs a fraction of full fine-tuning on a
+    CPU and keeps the pretrained lower layers' general language knowledge intact.
+    """
+    layers = getattr(getattr(bert, "encoder", None), "layer", None)
+    if top_layers <= 0 or layers is None or top_layers >= len(layers):
+        return list(bert.parameters())
+    for p in bert.parameters():
+        p.requires_grad_(False)
+    params = [p for layer in layers[-top_layers:] for p in layer.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    return params
 
 
 def _batches(n: int, size: int, rng: np.random.Generator) -> Iterator[np.ndarray]:

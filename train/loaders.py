@@ -15,7 +15,7 @@ import math
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -135,7 +135,7 @@ def _as_timestamp(value: object) -> int:
             pass
         try:  # fromisoformat only takes a "Z" suffix from Python 3.11 on
             when = datetime.fromisoformat(text[:-1] + "+00:00" if text[-1:] in "Zz" else text)
-            return int((when if when.tzinfo else when.replace(tzinfo=timezone.utc)).timestamp())
+            return int((when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp())
         except ValueError:
             pass
     raise ValueError(f"timestamp {value!r} is neither epoch seconds nor an ISO date")

@@ -8,7 +8,7 @@ import json
 import logging
 import time
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -229,7 +229,7 @@ def _write(
         global_mean=arrays.global_mean,
         metrics=metrics,
         config=config,
-        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        created_at=datetime.now(UTC).isoformat(timespec="seconds"),
     ).save(out)
     (out / METRICS_FILE).write_text(json.dumps({**metrics, "seconds": seconds}, indent=2))
 

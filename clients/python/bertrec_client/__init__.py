@@ -1,1 +1,45 @@
-"""bertrec."""
+"""Python client for the bertrec gRPC API: `RecommenderClient` (blocking) and
+`AsyncRecommenderClient` (asyncio), returning typed results (frozen dataclasses).
+
+Every call takes an optional deadline (`timeout_s`, covering retries); UNAVAILABLE is retried
+with exponential backoff (`RetryPolicy`), any other failure raises `RecommenderError` with the
+gRPC status code.
+
+    from bertrec.client import RecommenderClient
+
+    with RecommenderClient("localhost:50051") as client:
+        for item in client.recommend("u0001", k=10).items:
+            print(item.rank, item.item_id, item.predicted_rating)
+"""
+
+from bertrec.client.aio import AsyncRecommenderClient
+from bertrec.client.sync import RecommenderClient
+from bertrec.client.types import (
+    Embeddings,
+    ModelInfo,
+    ModelRef,
+    RankedItem,
+    Recommendations,
+    RecommenderError,
+    RetryPolicy,
+    ScoredItem,
+    Scores,
+    SimilarItem,
+    SimilarItems,
+)
+
+__all__ = [
+    "AsyncRecommenderClient",
+    "Embeddings",
+    "ModelInfo",
+    "ModelRef",
+    "RankedItem",
+    "Recommendations",
+    "RecommenderClient",
+    "RecommenderError",
+    "RetryPolicy",
+    "ScoredItem",
+    "Scores",
+    "SimilarItem",
+    "SimilarItems",
+]

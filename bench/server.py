@@ -1,0 +1,448 @@
+"""Server benchmark: Recommend throughput and latency against the gRPC transport ceiling.
+
+    python -m bertrec.bench.server --out results/server.json [--quick]
+
+Everything runs on loopback, on this machine, in one bounded run (about two minutes):
+
+1. A synthetic model version (`synthetic.py`): 100k items x 64 factors, 10k users, 20 rated
+   items per user and a tiny ONNX encoder, in a temporary model repository.
+2. Server processes, all started before measuring:
+   - echo-sync / echo-aio: bare grpcio servers (sync thread pool / grpc.aio) echoing 64 bytes,
+     the transport ceiling;
+   - recommend-sync-batched: `bertrec serve` (sync grpcio) with dynamic batching;
+   - recommend-sync-unbatched: the same with batching off (max batch size 1, no window);
+   - recommend-aio-batched: a grpc.aio server over the same `Recommender` and batcher, to
+     compare server styles on this workload (Recommend only, no interceptor, which flatters it).
+3. A closed-loop load generator (grpc.aio, pre-serialised requests; `--client-procs` processes)
+   at each concurrency, for every server in turn within each round (noise hits all alike).
+   Requests: random known users, k=10, rated items excluded.
+
+Per cell: q/s, p50/p99 latency (ms), errors, and the server process's CPU time per answered
+call (user + system, from /proc), which shared machines disturb far less than throughput.
+The JSON keeps every round ("rounds"), the best round per cell ("best", also printed as a
+markdown table) and the headline ratios at the highest concurrency from the best and from the
+median rounds ("summary"), with the machine, the load average and the settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing as mp
+import os
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bertrec.bench.synthetic import MODEL, build_synthetic_repo
+
+ECHO_METHOD = "/bench.Echo/Echo"
+RECOMMEND_METHOD = "/bertrec.v1.RecommenderService/Recommend"
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One measurement: a server at one concurrency."""
+
+    server: str
+    concurrency: int
+    qps: float
+    p50_ms: float
+    p99_ms: float
+    calls: int
+    errors: int
+    server_cpu_us_per_call: float  # user + system CPU of the server process, per answered call
+
+
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds used so far by a process (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+# ------------------------------------------------------------------------------ server roles
+
+
+def serve_echo_sync(workers: int) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    import grpc
+
+    handler = grpc.method_handlers_generic_handler(
+        "bench.Echo", {"Echo": grpc.unary_unary_rpc_method_handler(lambda req, ctx: req)}
+    )
+    server = grpc.server(
+        ThreadPoolExecutor(workers), handlers=[handler], options=[("grpc.so_reuseport", 0)]
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    print(f"port {port}", flush=True)
+    server.wait_for_termination()
+
+
+async def serve_echo_aio() -> None:
+    import grpc
+
+    async def echo(request: bytes, context: Any) -> bytes:
+        return request
+
+    handler = grpc.method_handlers_generic_handler(
+        "bench.Echo", {"Echo": grpc.unary_unary_rpc_method_handler(echo)}
+    )
+    server = grpc.aio.server(handlers=[handler], options=[("grpc.so_reuseport", 0)])
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    print(f"port {port}", flush=True)
+    await server.wait_for_termination()
+
+
+async def serve_recommend_aio(repo: Path, batch: int, delay_us: int, threads: int) -> None:
+    """grpc.aio over the same Recommender and batcher as `bertrec serve` (Recommend only)."""
+    import grpc
+
+    from bertrec.server.config import ServerConfig
+    from bertrec.server.engine import Recommender
+    from bertrec.server.metrics import ServerMetrics
+    from bertrec.server.model import load_model
+    from bertrec.server.service import model_ref, ranked_items
+    from bertrec.v1 import recommender_pb2 as pb
+
+    config = ServerConfig(
+        model_repo=repo, model=MODEL, ranker_max_batch_size=batch,
+        ranker_max_queue_delay_us=delay_us, providers=("CPUExecutionProvider",),
+        ranker_threads=threads,
+    )  # fmt: skip
+    model = load_model(config)
+    model.warm_up(config.warmup_iterations, batch, config.encoder_max_batch_size)
+    engine = Recommender(model, config, ServerMetrics())
+    engine.start()
+
+    async def recommend(request: Any, context: Any) -> Any:
+        remaining = context.time_remaining() or config.request_timeout_s
+        exclude_rated = request.exclude_rated if request.HasField("exclude_rated") else True
+        pending = engine.submit_recommend(
+            request.user_id, request.k, exclude_rated, list(request.include_item_ids),
+            list(request.exclude_item_ids), time.monotonic() + remaining,
+        )  # fmt: skip
+        result = engine.ranked(pending, await asyncio.wrap_future(pending.future))
+        return pb.RecommendResponse(items=ranked_items(result), model=model_ref(result.model))
+
+    handler = grpc.method_handlers_generic_handler(
+        "bertrec.v1.RecommenderService",
+        {"Recommend": grpc.unary_unary_rpc_method_handler(
+            recommend,
+            request_deserializer=pb.RecommendRequest.FromString,
+            response_serializer=pb.RecommendResponse.SerializeToString,
+        )},
+    )  # fmt: skip
+    server = grpc.aio.server(handlers=[handler], options=[("grpc.so_reuseport", 0)])
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    print(f"port {port}", flush=True)
+    await server.wait_for_termination()
+
+
+# ---------------------------------------------------------------------------- load generator
+
+
+async def run_load(
+    target: str, method: str, payloads: Sequence[bytes], concurrency: int, duration_s: float
+) -> tuple[float, list[float], int]:
+    """Closed loop: `concurrency` callers, each sending its next request on each answer.
+
+    Returns (elapsed seconds, latencies in seconds, error count).
+    """
+    import grpc
+
+    latencies: list[float] = []
+    errors = 0
+    async with grpc.aio.insecure_channel(target) as channel:
+        call = channel.unary_unary(method)
+        await channel.channel_ready()
+        stop = time.perf_counter() + duration_s
+
+        async def caller(offset: int) -> None:
+            nonlocal errors
+            i = offset
+            while time.perf_counter() < stop:
+                start = time.perf_counter()
+                try:
+                    await call(payloads[i % len(payloads)], timeout=30)
+                    latencies.append(time.perf_counter() - start)
+                except grpc.RpcError:
+                    errors += 1
+                i += concurrency
+
+        begin = time.perf_counter()
+        await asyncio.gather(*(caller(c) for c in range(concurrency)))
+        elapsed = time.perf_counter() - begin
+    return elapsed, latencies, errors
+
+
+def _load(
+    target: str, method: str, payloads: Sequence[bytes], concurrency: int, duration_s: float
+) -> tuple[float, list[float], int]:
+    return asyncio.run(run_load(target, method, payloads, concurrency, duration_s))
+
+
+def measure(
+    name: str, target: str, method: str, payloads: Sequence[bytes], concurrency: int,
+    duration_s: float, pid: int, pool: ProcessPoolExecutor | None, pool_size: int = 1,
+) -> Cell:  # fmt: skip
+    """Warm up briefly, then load the server `pid` from `pool`'s processes (or this one)."""
+    procs = 1 if pool is None else min(pool_size, concurrency)
+    shares = [concurrency // procs + (p < concurrency % procs) for p in range(procs)]
+    results = []
+    for seconds in (min(0.3, duration_s), duration_s):
+        cpu_start = process_cpu_s(pid)
+        if pool is None:
+            results = [_load(target, method, payloads, concurrency, seconds)]
+        else:
+            jobs = [pool.submit(_load, target, method, payloads, c, seconds) for c in shares]
+            results = [job.result() for job in jobs]
+    cpu_s = process_cpu_s(pid) - cpu_start
+    elapsed = max(r[0] for r in results)
+    latencies = [t for r in results for t in r[1]]
+    errors = sum(r[2] for r in results)
+    lat = np.sort(np.asarray(latencies)) * 1e3 if latencies else np.array([np.nan])
+    return Cell(
+        name, concurrency, len(latencies) / elapsed, float(np.percentile(lat, 50)),
+        float(np.percentile(lat, 99)), len(latencies), errors,
+        cpu_s / max(len(latencies), 1) * 1e6,
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------- harness
+
+
+class Spawned:
+    """A server subprocess whose port is read from its first "port N"/"grpc HOST:N" line."""
+
+    PORT = re.compile(r"(?:^port (\d+)|grpc \S+:(\d+) )")
+
+    def __init__(self, name: str, argv: list[str], log_dir: Path) -> None:
+        self.name = name
+        self.log = log_dir / f"{name}.log"
+        with self.log.open("w") as log:
+            self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=log, text=True)
+        self.port = self._read_port()
+
+    def _read_port(self) -> int:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            match = self.PORT.search(line)
+            if match:
+                return int(match.group(1) or match.group(2))
+        raise RuntimeError(f"{self.name} exited: {self.log.read_text()[-2000:]}")
+
+    def wait_ready(self, timeout_s: float = 300.0) -> None:
+        """Block until a `bertrec serve` process prints its ready line."""
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            if "ready" in line:
+                return
+        raise RuntimeError(f"{self.name} exited: {self.log.read_text()[-2000:]}")
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def _me(role: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", "bertrec.bench.server", "--role", role, *args]
+
+
+def _serve(repo: Path, *flags: str) -> list[str]:
+    return [
+        sys.executable, "-m", "bertrec", "serve", "--model-repo", str(repo), "--model", MODEL,
+        "--host", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "0",
+        "--providers", "CPUExecutionProvider", *flags,
+    ]  # fmt: skip
+
+
+def start_servers(repo: Path, log_dir: Path, args: argparse.Namespace) -> dict[str, Spawned]:
+    threads = ("--ranker-threads", str(args.ranker_threads))
+    batched = ("--ranker-max-batch-size", str(args.batch),
+               "--ranker-max-queue-delay-us", str(args.delay_us), *threads)  # fmt: skip
+    unbatched = ("--ranker-max-batch-size", "1", "--ranker-max-queue-delay-us", "0", *threads)
+    servers = {
+        "echo-sync": Spawned("echo-sync", _me("echo-sync"), log_dir),
+        "echo-aio": Spawned("echo-aio", _me("echo-aio"), log_dir),
+    }
+    aio = ("--repo", str(repo), "--batch", str(args.batch), "--delay-us", str(args.delay_us),
+           "--ranker-threads", str(args.ranker_threads))  # fmt: skip
+    recommenders = {
+        "recommend-sync-batched": _serve(repo, *batched),
+        "recommend-sync-unbatched": _serve(repo, *unbatched),
+        "recommend-aio-batched": _me("recommend-aio", *aio),
+    }
+    for name, argv in recommenders.items():  # one at a time: loading competes for the CPUs
+        servers[name] = spawned = Spawned(name, argv, log_dir)
+        if name.startswith("recommend-sync"):
+            spawned.wait_ready()
+    return servers
+
+
+def recommend_payloads(n_users: int, count: int = 4096, k: int = 10) -> list[bytes]:
+    from bertrec.v1 import recommender_pb2 as pb
+
+    rng = np.random.default_rng(1)
+    users = rng.integers(0, n_users, size=count)
+    return [pb.RecommendRequest(user_id=f"u{u:07d}", k=k).SerializeToString() for u in users]
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from bertrec.bench.common import environment, markdown_table
+
+    concurrencies = [int(c) for c in args.concurrency.split(",")]
+    with tempfile.TemporaryDirectory(prefix="bertrec-bench-server-") as tmp:
+        root = Path(tmp)
+        start = time.monotonic()
+        repo = build_synthetic_repo(root, args.items, args.users, args.dim)
+        build_s = time.monotonic() - start
+        servers = start_servers(repo, root, args)
+        try:
+            measured = _measure_all(servers, args, concurrencies)
+        finally:
+            for server in servers.values():
+                server.stop()
+    cells = _best(measured)
+    table = markdown_table(
+        ["server", "concurrency", "q/s", "p50 ms", "p99 ms", "server CPU us/call", "errors"],
+        [
+            [c.server, c.concurrency, c.qps, c.p50_ms, c.p99_ms, c.server_cpu_us_per_call, c.errors]
+            for c in cells
+        ],
+    )
+    return {
+        "environment": environment(),
+        "settings": {
+            **{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+            "build_s": round(build_s, 2),
+        },
+        "best": [asdict(c) for c in cells],
+        "rounds": [asdict(c) for c in measured],
+        "summary": _summary(measured, max(concurrencies)),
+        "table": table,
+        "loadavg_end": os.getloadavg(),
+    }
+
+
+def _measure_all(
+    servers: dict[str, Spawned], args: argparse.Namespace, concurrencies: list[int]
+) -> list[Cell]:
+    """Every cell of every round (servers in turn within a round)."""
+    pool = None
+    if args.client_procs > 1:
+        pool = ProcessPoolExecutor(args.client_procs, mp_context=mp.get_context("spawn"))
+    echo = [b"x" * 64]
+    recommend = recommend_payloads(args.users)
+    measured = []
+    try:
+        for round_ in range(args.rounds):
+            for concurrency in concurrencies:
+                for name, server in servers.items():
+                    is_echo = name.startswith("echo")
+                    cell = measure(
+                        name, server.target, ECHO_METHOD if is_echo else RECOMMEND_METHOD,
+                        echo if is_echo else recommend, concurrency, args.duration_s,
+                        server.proc.pid, pool, args.client_procs,
+                    )  # fmt: skip
+                    print(f"round {round_ + 1}: {cell}", file=sys.stderr, flush=True)
+                    measured.append(cell)
+    finally:
+        if pool is not None:
+            pool.shutdown()
+    return measured
+
+
+def _best(measured: list[Cell]) -> list[Cell]:
+    """The highest-throughput round of each (server, concurrency), grouped by server."""
+    best: dict[tuple[str, int], Cell] = {}
+    for cell in measured:
+        key = (cell.server, cell.concurrency)
+        if key not in best or cell.qps > best[key].qps:
+            best[key] = cell
+    servers = list(dict.fromkeys(c.server for c in measured))
+    return sorted(best.values(), key=lambda c: (servers.index(c.server), c.concurrency))
+
+
+def _summary(measured: list[Cell], concurrency: int) -> dict[str, Any]:
+    """Ratios at `concurrency` from the best round and from the median round of each cell."""
+    runs: dict[str, list[float]] = {}
+    for c in measured:
+        if c.concurrency == concurrency:
+            runs.setdefault(c.server, []).append(c.qps)
+    out: dict[str, Any] = {"concurrency": concurrency}
+    for stat, pick in (("best", max), ("median", statistics.median)):
+        at = {name: float(pick(qps)) for name, qps in runs.items()}
+        out[stat] = {
+            "recommend_vs_fastest_echo": at["recommend-sync-batched"]
+            / max(at["echo-sync"], at["echo-aio"]),
+            "batching_speedup": at["recommend-sync-batched"] / at["recommend-sync-unbatched"],
+            "sync_vs_aio_recommend": at["recommend-sync-batched"] / at["recommend-aio-batched"],
+            "sync_vs_aio_echo": at["echo-sync"] / at["echo-aio"],
+        }
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("results/server.json"))
+    parser.add_argument("--items", type=int, default=100_000)
+    parser.add_argument("--users", type=int, default=10_000)
+    parser.add_argument("--dim", type=int, default=64)
+    parser.add_argument("--concurrency", default="1,16,64")
+    parser.add_argument("--duration-s", type=float, default=2.0, help="per cell and round")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=64, help="ranker max batch size")
+    parser.add_argument("--delay-us", type=int, default=200, help="ranker max queue delay")
+    parser.add_argument("--ranker-threads", type=int, default=1, help="0: one per CPU")
+    parser.add_argument("--client-procs", type=int, default=1, help="load generator processes")
+    parser.add_argument("--quick", action="store_true", help="10k items, 1 round of 1 s")
+    parser.add_argument("--role", default="bench", help=argparse.SUPPRESS)
+    parser.add_argument("--repo", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.role == "echo-sync":
+        serve_echo_sync(workers=max(16, 2 * (os.cpu_count() or 1)))
+        return 0
+    if args.role == "echo-aio":
+        asyncio.run(serve_echo_aio())
+        return 0
+    if args.role == "recommend-aio":
+        asyncio.run(serve_recommend_aio(args.repo, args.batch, args.delay_us, args.ranker_threads))
+        return 0
+    if args.quick:
+        args.items, args.rounds, args.duration_s = 10_000, 1, 1.0
+    result = run(args)
+    from bertrec.bench.common import write_json
+
+    write_json(args.out, result)
+    print(result["table"])
+    print(json.dumps(result["summary"], indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,114 @@
+"""asyncio client for bertrec.v1.RecommenderService (grpc.aio); mirrors `RecommenderClient`."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from bertrec.client import types as t
+from bertrec.client._retry import next_pause_s, remaining_s
+from bertrec.v1 import recommender_pb2 as pb
+from bertrec.v1 import recommender_pb2_grpc as pb_grpc
+
+R = TypeVar("R")
+
+
+class AsyncRecommenderClient:
+    """A grpc.aio connection to one bertrec server; see `RecommenderClient` for the methods.
+
+    Create it inside a running event loop; `async with` closes the channel.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        timeout_s: float = 5.0,
+        retry: t.RetryPolicy | None = None,
+        channel: grpc.aio.Channel | None = None,
+    ) -> None:
+        self._channel = channel or grpc.aio.insecure_channel(target)
+        self._stub = pb_grpc.RecommenderServiceStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+        self.timeout_s = timeout_s
+        self.retry = retry or t.RetryPolicy()
+
+    async def __aenter__(self) -> AsyncRecommenderClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def recommend(
+        self,
+        user_id: str,
+        k: int = 10,
+        *,
+        exclude_rated: bool = True,
+        include_item_ids: Sequence[str] = (),
+        exclude_item_ids: Sequence[str] = (),
+        timeout_s: float | None = None,
+    ) -> t.Recommendations:
+        """Top-k items for a known user."""
+        request = t.recommend_request(user_id, k, exclude_rated, include_item_ids, exclude_item_ids)
+        return t.recommendations(await self._invoke(self._stub.Recommend, request, timeout_s))
+
+    async def recommend_for_text(
+        self, text: str, k: int = 10, *, timeout_s: float | None = None
+    ) -> t.Recommendations:
+        """Top-k items for free text."""
+        request = pb.RecommendForTextRequest(text=text, k=k)
+        response = await self._invoke(self._stub.RecommendForText, request, timeout_s)
+        return t.recommendations(response)
+
+    async def score_items(
+        self, user_id: str, item_ids: Sequence[str], *, timeout_s: float | None = None
+    ) -> t.Scores:
+        """Predicted ratings of a user for items, in the given order."""
+        request = pb.ScoreItemsRequest(user_id=user_id, item_ids=list(item_ids))
+        return t.scores(await self._invoke(self._stub.ScoreItems, request, timeout_s))
+
+    async def similar_items(
+        self, item_id: str, k: int = 10, *, timeout_s: float | None = None
+    ) -> t.SimilarItems:
+        """The k nearest items by factor cosine."""
+        request = pb.SimilarItemsRequest(item_id=item_id, k=k)
+        return t.similar_items(await self._invoke(self._stub.SimilarItems, request, timeout_s))
+
+    async def embed_text(
+        self, texts: Sequence[str], *, timeout_s: float | None = None
+    ) -> t.Embeddings:
+        """Encoder vectors, one row per text."""
+        request = pb.EmbedTextRequest(texts=list(texts))
+        return t.embeddings(await self._invoke(self._stub.EmbedText, request, timeout_s))
+
+    async def model_info(self, *, timeout_s: float | None = None) -> t.ModelInfo:
+        """The served model and the server's request limits."""
+        request = pb.GetModelInfoRequest()
+        return t.model_info(await self._invoke(self._stub.GetModelInfo, request, timeout_s))
+
+    async def health(self, service: str = "", *, timeout_s: float | None = None) -> str:
+        """The grpc.health.v1 status name, e.g. "SERVING" or "NOT_SERVING"."""
+        request = health_pb2.HealthCheckRequest(service=service)
+        response = await self._invoke(self._health.Check, request, timeout_s)
+        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
+
+    async def _invoke(
+        self, rpc: Callable[..., Awaitable[R]], request: Any, timeout_s: float | None
+    ) -> R:
+        deadline = time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
+        attempt = 1
+        while True:
+            try:
+                return await rpc(request, timeout=remaining_s(deadline))
+            except grpc.RpcError as error:
+                await asyncio.sleep(next_pause_s(error, attempt, self.retry, deadline))
+                attempt += 1

@@ -1,0 +1,127 @@
+"""Blocking client for bertrec.v1.RecommenderService."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from bertrec.client import types as t
+from bertrec.client._retry import next_pause_s, remaining_s
+from bertrec.v1 import recommender_pb2 as pb
+from bertrec.v1 import recommender_pb2_grpc as pb_grpc
+
+R = TypeVar("R")
+
+
+class RecommenderClient:
+    """A connection to one bertrec server. Every method takes an optional per-call deadline.
+
+    Args:
+        target: "host:port".
+        timeout_s: default deadline of each call (including its retries).
+        retry: backoff policy; only UNAVAILABLE is retried.
+        channel: use this channel instead of opening an insecure one to `target`.
+
+    Raises (every call):
+        RecommenderError: the call failed; `.code` is the gRPC status.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        timeout_s: float = 5.0,
+        retry: t.RetryPolicy | None = None,
+        channel: grpc.Channel | None = None,
+    ) -> None:
+        self._channel = channel or grpc.insecure_channel(target)
+        self._stub = pb_grpc.RecommenderServiceStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+        self.timeout_s = timeout_s
+        self.retry = retry or t.RetryPolicy()
+
+    def __enter__(self) -> RecommenderClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def recommend(
+        self,
+        user_id: str,
+        k: int = 10,
+        *,
+        exclude_rated: bool = True,
+        include_item_ids: Sequence[str] = (),
+        exclude_item_ids: Sequence[str] = (),
+        timeout_s: float | None = None,
+    ) -> t.Recommendations:
+        """Top-k items for a known user."""
+        request = t.recommend_request(user_id, k, exclude_rated, include_item_ids, exclude_item_ids)
+        return t.recommendations(self._invoke(self._stub.Recommend, request, timeout_s))
+
+    def recommend_for_text(
+        self, text: str, k: int = 10, *, timeout_s: float | None = None
+    ) -> t.Recommendations:
+        """Top-k items for free text."""
+        request = pb.RecommendForTextRequest(text=text, k=k)
+        return t.recommendations(self._invoke(self._stub.RecommendForText, request, timeout_s))
+
+    def score_items(
+        self, user_id: str, item_ids: Sequence[str], *, timeout_s: float | None = None
+    ) -> t.Scores:
+        """Predicted ratings of a user for items, in the given order."""
+        request = pb.ScoreItemsRequest(user_id=user_id, item_ids=list(item_ids))
+        return t.scores(self._invoke(self._stub.ScoreItems, request, timeout_s))
+
+    def similar_items(
+        self, item_id: str, k: int = 10, *, timeout_s: float | None = None
+    ) -> t.SimilarItems:
+        """The k nearest items by factor cosine."""
+        request = pb.SimilarItemsRequest(item_id=item_id, k=k)
+        return t.similar_items(self._invoke(self._stub.SimilarItems, request, timeout_s))
+
+    def embed_text(self, texts: Sequence[str], *, timeout_s: float | None = None) -> t.Embeddings:
+        """Encoder vectors, one row per text."""
+        request = pb.EmbedTextRequest(texts=list(texts))
+        return t.embeddings(self._invoke(self._stub.EmbedText, request, timeout_s))
+
+    def model_info(self, *, timeout_s: float | None = None) -> t.ModelInfo:
+        """The served model and the server's request limits."""
+        request = pb.GetModelInfoRequest()
+        return t.model_info(self._invoke(self._stub.GetModelInfo, request, timeout_s))
+
+    def health(self, service: str = "", *, timeout_s: float | None = None) -> str:
+        """The grpc.health.v1 status name, e.g. "SERVING" or "NOT_SERVING"."""
+        request = health_pb2.HealthCheckRequest(service=service)
+        response = self._invoke(self._health.Check, request, timeout_s)
+        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
+
+    def wait_until_serving(self, timeout_s: float = 60.0, poll_s: float = 0.05) -> None:
+        """Poll health until SERVING. Raises RecommenderError(DEADLINE_EXCEEDED) on timeout."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            left = remaining_s(deadline)
+            try:
+                if self.health(timeout_s=min(1.0, left)) == "SERVING":
+                    return
+            except t.RecommenderError:
+                pass  # not up yet: refused connection or a check that timed out
+            time.sleep(poll_s)
+
+    def _invoke(self, rpc: Callable[..., R], request: Any, timeout_s: float | None) -> R:
+        deadline = time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
+        attempt = 1
+        while True:
+            try:
+                return rpc(request, timeout=remaining_s(deadline))
+            except grpc.RpcError as error:
+                time.sleep(next_pause_s(error, attempt, self.retry, deadline))
+                attempt += 1

@@ -1,0 +1,328 @@
+"""`manifest.json`: what a model version holds, how to score with it, and how to check it.
+
+Imported by the server, so only the standard library and numpy are allowed here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bertrec import __version__
+from bertrec.errors import ArtifactError
+from bertrec.export.artifacts import (
+    ARRAY_FILES,
+    ENCODER_ONNX,
+    ITEM_TEXTS,
+    MANIFEST,
+    RANKING_SCORE,
+    RATING_SCORE,
+    SCHEMA_VERSION,
+    TEXT_QUERY_SCORE,
+    TOKENIZER,
+)
+
+# Files of a version that artifacts.py does not name (yet).
+ENCODER_OPTIMIZED_ONNX = "encoder.opt.onnx"  # optional: ORT transformer-optimised fp32 graph
+PARITY_TEXTS = "parity_texts.json"  # {"max_seq_len": int, "batches": [[text, ...], ...]}
+PARITY_EXPECTED = "parity_expected.npy"  # float32 (n_texts, dim): PyTorch outputs, batch order
+
+REQUIRED_FILES = (ENCODER_ONNX, TOKENIZER, ITEM_TEXTS, PARITY_TEXTS, PARITY_EXPECTED, *ARRAY_FILES)
+LIBRARIES = ("torch", "transformers", "onnx", "onnxruntime", "numpy", "tokenizers")
+_CHUNK_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class Dims:
+    factor_dim: int
+    text_hidden_size: int
+    max_seq_len: int
+    n_users: int
+    n_items: int
+
+
+@dataclass(frozen=True)
+class Scoring:
+    """How scores are formed from the arrays (the formulas are the strings in artifacts.py)."""
+
+    global_mean: float
+    rating_range: tuple[float, float]
+    ranking_score: str = RANKING_SCORE
+    rating_score: str = RATING_SCORE
+    text_query_score: str = TEXT_QUERY_SCORE
+    recommend_order: str = "ranking"
+
+
+@dataclass(frozen=True)
+class Parity:
+    """Agreement of an ONNX graph with the PyTorch encoder on the stored parity texts."""
+
+    max_abs_err: float
+    cos_mean: float
+    cos_min: float
+    n_texts: int
+
+
+@dataclass(frozen=True)
+class EncoderVariant:
+    name: str  # "fp32", "fp32-optimized" or "int8"
+    file: str
+    precision: str  # "fp32" or "int8"
+    parity: Parity
+
+
+@dataclass(frozen=True)
+class EncoderInfo:
+    file: str
+    input_names: tuple[str, ...]
+    output_name: str
+    opset: int
+    variants: tuple[EncoderVariant, ...]
+    parity_texts: str = PARITY_TEXTS
+    parity_expected: str = PARITY_EXPECTED
+
+    def variant(self, name: str) -> EncoderVariant | None:
+        return next((v for v in self.variants if v.name == name), None)
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    sha256: str
+    bytes: int
+    shape: tuple[int, ...] | None = None  # .npy only
+    dtype: str | None = None  # .npy only, numpy's dtype.str (e.g. "<f4", "<U12")
+
+
+@dataclass(frozen=True)
+class Manifest:
+    model_name: str
+    version: int
+    created_at: str  # UTC, ISO 8601
+    base_encoder: str
+    dims: Dims
+    scoring: Scoring
+    encoder: EncoderInfo
+    files: dict[str, FileEntry] = field(default_factory=dict)
+    training_metrics: dict[str, Any] = field(default_factory=dict)
+    library_versions: dict[str, str] = field(default_factory=dict)
+    schema_version: int = SCHEMA_VERSION
+
+
+def library_versions() -> dict[str, str]:
+    """Installed versions of the libraries that shape an export (absent ones are left out)."""
+    found = {"bertrec": __version__}
+    for name in LIBRARIES:
+        candidates = (name, "onnxruntime-gpu") if name == "onnxruntime" else (name,)
+        for dist in candidates:
+            try:
+                found[name] = importlib.metadata.version(dist)
+                break
+            except importlib.metadata.PackageNotFoundError:
+                continue
+    return found
+
+
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file, read in chunks so large arrays never sit in memory whole."""
+    digest = hashlib.sha256()
+    buffer = bytearray(_CHUNK_BYTES)
+    view = memoryview(buffer)
+    with path.open("rb", buffering=0) as fh:
+        while n := fh.readinto(buffer):
+            digest.update(view[:n])
+    return digest.hexdigest()
+
+
+def describe_file(path: Path) -> FileEntry:
+    shape: tuple[int, ...] | None = None
+    dtype: str | None = None
+    if path.suffix == ".npy":
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+        shape, dtype = tuple(int(n) for n in array.shape), array.dtype.str
+    return FileEntry(sha256_file(path), path.stat().st_size, shape, dtype)
+
+
+def write_manifest(version_dir: Path, manifest: Manifest) -> Manifest:
+    """Describe every file in `version_dir` (flat) and write `manifest.json`.
+
+    Returns:
+        `manifest` with `files` filled in, as written.
+    Raises:
+        ArtifactError: the folder holds a sub-folder (a version is flat).
+    """
+    files: dict[str, FileEntry] = {}
+    for path in sorted(version_dir.iterdir()):
+        if path.name == MANIFEST:
+            continue
+        if not path.is_file():
+            raise ArtifactError(f"{path}: a model version holds only files")
+        files[path.name] = describe_file(path)
+    complete = replace(manifest, files=files)
+    text = json.dumps(asdict(complete), indent=2, default=_json_default) + "\n"
+    (version_dir / MANIFEST).write_text(text, encoding="utf-8")
+    return complete
+
+
+def read_manifest(version_dir: Path) -> Manifest:
+    """Parse and validate `<version_dir>/manifest.json`.
+
+    Raises:
+        ArtifactError: missing, not JSON, an unsupported schema, or a field missing/mistyped.
+    """
+    path = version_dir / MANIFEST
+    if not path.is_file():
+        raise ArtifactError(f"{version_dir}: no {MANIFEST} (not a model version, or incomplete)")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"{path}: unreadable manifest ({exc})") from exc
+    doc = _Fields(raw, str(path), "")
+    schema = doc.integer("schema_version")
+    if schema != SCHEMA_VERSION:
+        raise ArtifactError(
+            f"{path}: schema_version {schema} is not supported "
+            f"(this bertrec {__version__} reads schema_version {SCHEMA_VERSION})"
+        )
+    return _parse_manifest(doc)
+
+
+def verify_files(version_dir: Path, manifest: Manifest) -> None:
+    """Check that every file of the manifest is present with its recorded size and SHA-256.
+
+    Raises:
+        ArtifactError: naming the first file that is missing, unlisted but required,
+            of the wrong size or with the wrong hash.
+    """
+    for name in REQUIRED_FILES:
+        if name not in manifest.files:
+            raise ArtifactError(f"{version_dir}: {name} is not listed in {MANIFEST}")
+    for name, entry in manifest.files.items():
+        path = version_dir / name
+        if not path.is_file():
+            raise ArtifactError(f"{path}: missing")
+        size = path.stat().st_size
+        if size != entry.bytes:
+            raise ArtifactError(
+                f"{path}: {size} bytes, manifest says {entry.bytes} (truncated or replaced)"
+            )
+        if sha256_file(path) != entry.sha256:
+            raise ArtifactError(f"{path}: SHA-256 differs from the manifest (corrupted)")
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return str(value)
+
+
+class _Fields:
+    """Typed access to one JSON object; errors name the manifest and the dotted field."""
+
+    def __init__(self, raw: Any, source: str, prefix: str) -> None:
+        if not isinstance(raw, dict):
+            raise ArtifactError(f"{source}: {prefix.rstrip('.') or 'manifest'} is not an object")
+        self.raw, self.source, self.prefix = raw, source, prefix
+
+    def _get(self, key: str, kinds: tuple[type, ...], what: str) -> Any:
+        value = self.raw.get(key)
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+            raise ArtifactError(f"{self.source}: {self.prefix}{key} is missing or not {what}")
+        return value
+
+    def integer(self, key: str) -> int:
+        return int(self._get(key, (int,), "an integer"))
+
+    def number(self, key: str) -> float:
+        return float(self._get(key, (int, float), "a number"))
+
+    def text(self, key: str) -> str:
+        return str(self._get(key, (str,), "a string"))
+
+    def sequence(self, key: str) -> list[Any]:
+        return list(self._get(key, (list,), "a list"))
+
+    def mapping(self, key: str) -> dict[str, Any]:
+        return dict(self._get(key, (dict,), "an object"))
+
+    def obj(self, key: str) -> _Fields:
+        return _Fields(self.mapping(key), self.source, f"{self.prefix}{key}.")
+
+
+def _parse_manifest(doc: _Fields) -> Manifest:
+    dims, scoring = doc.obj("dims"), doc.obj("scoring")
+    rating_range = scoring.sequence("rating_range")
+    if len(rating_range) != 2:
+        raise ArtifactError(f"{doc.source}: scoring.rating_range must be [low, high]")
+    listed = doc.obj("files")
+    files = {name: _parse_file(listed.obj(name), name) for name in listed.raw}
+    return Manifest(
+        model_name=doc.text("model_name"),
+        version=doc.integer("version"),
+        created_at=doc.text("created_at"),
+        base_encoder=doc.text("base_encoder"),
+        dims=Dims(**{k: dims.integer(k) for k in Dims.__dataclass_fields__}),
+        scoring=Scoring(
+            global_mean=scoring.number("global_mean"),
+            rating_range=(float(rating_range[0]), float(rating_range[1])),
+            ranking_score=scoring.text("ranking_score"),
+            rating_score=scoring.text("rating_score"),
+            text_query_score=scoring.text("text_query_score"),
+            recommend_order=scoring.text("recommend_order"),
+        ),
+        encoder=_parse_encoder(doc.obj("encoder")),
+        files=files,
+        training_metrics=doc.mapping("training_metrics"),
+        library_versions={str(k): str(v) for k, v in doc.mapping("library_versions").items()},
+        schema_version=doc.integer("schema_version"),
+    )
+
+
+def _parse_encoder(enc: _Fields) -> EncoderInfo:
+    variants = []
+    for i, raw in enumerate(enc.sequence("variants")):
+        var = _Fields(raw, enc.source, f"{enc.prefix}variants[{i}].")
+        par = var.obj("parity")
+        parity = Parity(
+            max_abs_err=par.number("max_abs_err"),
+            cos_mean=par.number("cos_mean"),
+            cos_min=par.number("cos_min"),
+            n_texts=par.integer("n_texts"),
+        )
+        name, file, precision = var.text("name"), var.text("file"), var.text("precision")
+        variants.append(EncoderVariant(name, _safe_name(file, enc.source), precision, parity))
+    return EncoderInfo(
+        file=_safe_name(enc.text("file"), enc.source),
+        input_names=tuple(str(n) for n in enc.sequence("input_names")),
+        output_name=enc.text("output_name"),
+        opset=enc.integer("opset"),
+        variants=tuple(variants),
+        parity_texts=_safe_name(enc.text("parity_texts"), enc.source),
+        parity_expected=_safe_name(enc.text("parity_expected"), enc.source),
+    )
+
+
+def _parse_file(entry: _Fields, name: str) -> FileEntry:
+    _safe_name(name, entry.source)
+    shape = entry.raw.get("shape")
+    dtype = entry.raw.get("dtype")
+    return FileEntry(
+        sha256=entry.text("sha256"),
+        bytes=entry.integer("bytes"),
+        shape=tuple(int(n) for n in shape) if isinstance(shape, list) else None,
+        dtype=str(dtype) if dtype is not None else None,
+    )
+
+
+def _safe_name(name: str, source: str) -> str:
+    """File names in a manifest are plain names inside the version folder, never paths."""
+    if not name or name in (".", "..") or "/" in name or "\\" in name:
+        raise ArtifactError(f"{source}: {name!r} is not a plain file name")
+    return name

@@ -1,0 +1,244 @@
+"""Server configuration: one frozen dataclass, built from flags > BERTREC_* env > TOML > defaults.
+
+Every setting is a field of `ServerConfig` (units in the names); its help text lives in the
+field's metadata, so the `serve` flags, the environment variables (`BERTREC_<FIELD>`) and the
+TOML keys (`<field> = value`, top level or under `[server]`) are all derived from this one
+place. Values are validated when the config is built; a bad value raises `ConfigError` naming
+the setting, the value and where it came from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import tomllib
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bertrec.errors import BertrecError
+
+ENV_PREFIX = "BERTREC_"
+CONFIG_ENV = "BERTREC_CONFIG"
+DEFAULT_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
+
+
+class ConfigError(BertrecError):
+    """An invalid server setting (flag, BERTREC_* variable or config file); exits with code 2."""
+
+
+def _opt(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """All settings of one `bertrec serve` process. Construct with `load_config` or directly."""
+
+    model_repo: Path = field(metadata={"help": "model repository folder"})
+    model: str = field(metadata={"help": "model name (folder under the repository)"})
+    version: int | None = _opt(None, "model version to serve (default: the newest)")
+    host: str = _opt("0.0.0.0", "address to bind the gRPC and metrics servers to")
+    grpc_port: int = _opt(50051, "gRPC port; 0 picks a free port (printed at start)")
+    metrics_port: int = _opt(9090, "Prometheus /metrics HTTP port; 0 picks a free port")
+    grpc_max_workers: int = _opt(128, "gRPC handler threads (calls handled at once)")
+    max_concurrent_rpcs: int = _opt(1024, "calls admitted at once; more get RESOURCE_EXHAUSTED")
+    ranker_max_batch_size: int = _opt(
+        64, "most ranking queries (Recommend, RecommendForText, SimilarItems) run as one batch"
+    )
+    ranker_max_queue_delay_us: int = _opt(200, "longest a ranking query waits for a batch")
+    encoder_max_batch_size: int = _opt(32, "most texts encoded as one batch")
+    encoder_max_queue_delay_us: int = _opt(2000, "longest a text waits for a batch")
+    ranker_max_queue_size: int = _opt(1024, "queued ranking queries before RESOURCE_EXHAUSTED")
+    encoder_max_queue_size: int = _opt(256, "queued texts before RESOURCE_EXHAUSTED")
+    max_k: int = _opt(1000, "largest k a caller may ask for")
+    max_item_ids: int = _opt(1000, "largest id list in one request")
+    max_texts: int = _opt(64, "most texts in one EmbedText request")
+    max_text_bytes: int = _opt(16384, "largest text, in UTF-8 bytes")
+    request_timeout_s: float = _opt(30.0, "deadline for calls that set none")
+    grace_period_s: float = _opt(10.0, "how long in-flight calls may finish at shutdown")
+    providers: tuple[str, ...] = _opt(
+        DEFAULT_PROVIDERS, "ONNX Runtime providers in order of preference (comma-separated)"
+    )
+    intra_op_threads: int = _opt(0, "encoder ONNX Runtime intra-op threads (0 = its default)")
+    inter_op_threads: int = _opt(1, "encoder ONNX Runtime inter-op threads")
+    ranker_threads: int = _opt(
+        1,
+        "threads per ranking batch (0 = one per CPU); 1 leaves the other cores to the gRPC "
+        "handlers, and ONNX Runtime's extra threads spin between runs",
+    )
+    encoder_variant: str = _opt(
+        "auto", "encoder graph: auto (int8 if exported, else fp32), fp32, fp32-optimized, int8"
+    )
+    warmup_iterations: int = _opt(3, "warm-up batches per model part before SERVING")
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            problem = _problem(f.name, value)
+            if problem:
+                raise ConfigError(f"{f.name}={value!r}: {problem}")
+
+    @property
+    def grpc_address(self) -> str:
+        return f"{self.host}:{self.grpc_port}"
+
+
+def _at_least(low: float) -> Callable[[Any], str | None]:
+    return lambda v: None if v >= low else f"must be >= {low}"
+
+
+def _port(v: int) -> str | None:
+    return None if 0 <= v <= 65535 else "must be a port number 0..65535 (0 = pick a free one)"
+
+
+_RULES: dict[str, Callable[[Any], str | None]] = {
+    "model_repo": lambda v: None if Path(v).is_dir() else "no such directory",
+    "model": lambda v: None if str(v).strip() and "/" not in str(v) else "must be a folder name",
+    "version": lambda v: None if v is None or v >= 1 else "must be >= 1",
+    "host": lambda v: None if str(v).strip() else "must not be empty",
+    "grpc_port": _port,
+    "metrics_port": _port,
+    "grpc_max_workers": _at_least(1),
+    "max_concurrent_rpcs": _at_least(1),
+    "ranker_max_batch_size": _at_least(1),
+    "ranker_max_queue_delay_us": _at_least(0),
+    "encoder_max_batch_size": _at_least(1),
+    "encoder_max_queue_delay_us": _at_least(0),
+    "ranker_max_queue_size": _at_least(1),
+    "encoder_max_queue_size": _at_least(1),
+    "max_k": _at_least(1),
+    "max_item_ids": _at_least(1),
+    "max_texts": _at_least(1),
+    "max_text_bytes": _at_least(1),
+    "request_timeout_s": lambda v: None if v > 0 else "must be > 0",
+    "grace_period_s": _at_least(0),
+    "providers": lambda v: None if len(v) > 0 and all(v) else "must name at least one provider",
+    "intra_op_threads": _at_least(0),
+    "inter_op_threads": _at_least(0),
+    "ranker_threads": _at_least(0),
+    "warmup_iterations": _at_least(0),
+    "encoder_variant": lambda v: None if str(v).strip() else "must not be empty",
+}
+
+
+def _problem(name: str, value: Any) -> str | None:
+    rule = _RULES.get(name)
+    return rule(value) if rule else None
+
+
+def _hints() -> dict[str, Any]:
+    return typing.get_type_hints(ServerConfig)
+
+
+def _coerce(name: str, value: Any, source: str) -> Any:
+    """Convert a flag/env string or TOML value to the field's type, or raise ConfigError."""
+    hint = _hints()[name]
+    try:
+        if value is None:
+            return None
+        if hint in (int, int | None):
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError(value)
+            return int(value)
+        if hint is float:
+            return float(value)
+        if hint is Path:
+            return Path(value).expanduser()
+        if hint == tuple[str, ...]:
+            items = value.split(",") if isinstance(value, str) else list(value)
+            return tuple(str(s).strip() for s in items if str(s).strip())
+        return str(value)
+    except (TypeError, ValueError):
+        kind = getattr(hint, "__name__", str(hint))
+        raise ConfigError(f"{name}={value!r} (from {source}): expected {kind}") from None
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read config file: {exc}") from None
+    table = raw.get("server", raw)
+    names = {f.name for f in dataclasses.fields(ServerConfig)}
+    unknown = sorted(set(table) - names - {"server"})
+    if unknown:
+        raise ConfigError(f"{path}: unknown setting(s): {', '.join(unknown)}")
+    return {k: v for k, v in table.items() if k in names}
+
+
+def load_config(
+    flags: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+    config_file: Path | None = None,
+) -> ServerConfig:
+    """Build and validate the config. Precedence: flags > env > file > defaults.
+
+    Args:
+        flags: field name -> value for flags the user actually gave (absent = not given).
+        env: the environment (default `os.environ`, read now, not at import).
+        config_file: a TOML file; default `$BERTREC_CONFIG` if set.
+
+    Raises:
+        ConfigError: a missing required setting, an unknown file key or an invalid value.
+    """
+    flags = dict(flags or {})
+    env = os.environ if env is None else env
+    if config_file is None and env.get(CONFIG_ENV):
+        config_file = Path(env[CONFIG_ENV])
+    env_values = {
+        f.name: env[ENV_PREFIX + f.name.upper()]
+        for f in dataclasses.fields(ServerConfig)
+        if ENV_PREFIX + f.name.upper() in env
+    }
+    file_values = _read_toml(config_file) if config_file else {}
+    # (where a value came from, for messages; the values), highest precedence first.
+    layers: list[tuple[Callable[[str], str], Mapping[str, Any]]] = [
+        (lambda n: "--" + n.replace("_", "-"), flags),
+        (lambda n: ENV_PREFIX + n.upper(), env_values),
+        (lambda n: str(config_file), file_values),
+    ]
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(ServerConfig):
+        for where, layer in layers:
+            if f.name in layer:
+                source = where(f.name)
+                value = _coerce(f.name, layer[f.name], source)
+                problem = _problem(f.name, value)
+                if problem:
+                    raise ConfigError(f"{f.name}={value!r} (from {source}): {problem}")
+                values[f.name] = value
+                break
+    for name in ("model_repo", "model"):
+        if name not in values:
+            flag = "--" + name.replace("_", "-")
+            raise ConfigError(f"{name} is required ({flag}, {ENV_PREFIX}{name.upper()} or file)")
+    return ServerConfig(**values)
+
+
+def add_flags(parser: argparse.ArgumentParser) -> None:
+    """Add one flag per config field; flags not given stay absent from the parsed namespace."""
+    parser.add_argument("--config", type=Path, default=None, help="TOML config file")
+    for f in dataclasses.fields(ServerConfig):
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f.metadata.get("help", "")
+        if f.default is not dataclasses.MISSING:
+            help_text += f" (default: {_show(f.default)})"
+        parser.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, help=help_text)
+
+
+def flags_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The config fields the user gave as flags (strings, coerced by `load_config`)."""
+    names = {f.name for f in dataclasses.fields(ServerConfig)}
+    return {k: v for k, v in vars(args).items() if k in names}
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, tuple):
+        return ",".join(value)
+    return "none" if value is None else str(value).replace("%", "%%")

@@ -1,0 +1,354 @@
+"""The recommender between the gRPC servicer and the model: validate, batch, assemble results.
+
+Every request is fully validated (limits, duplicates, unknown ids) before any work is queued,
+so a bad request is rejected on its own and never reaches a batch shared with others. Ranking
+and encoding go through dynamic batchers; the tiny per-request steps (id lookups, predicted
+ratings for k rows) run on the request thread.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import CancelledError, Future
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import numpy as np
+
+from bertrec.server.batcher import Batcher, BatcherConfig
+from bertrec.server.config import ServerConfig
+from bertrec.server.errors import Cancelled, DeadlineExceeded, InvalidArgument
+from bertrec.server.metrics import ServerMetrics
+from bertrec.server.model import Model, RankQuery, RankResult
+
+R = TypeVar("R")
+
+
+@dataclass(frozen=True)
+class Call:
+    """What the engine needs from a call: its deadline and a way to learn it was cancelled.
+
+    `on_done(callback)` registers `callback` to run when the call ends for any reason
+    (grpc's `ServicerContext.add_callback`); it returns False when the call is already over.
+    """
+
+    deadline_s: float  # time.monotonic() value
+    on_done: Callable[[Callable[[], object]], bool] | None = None
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    name: str
+    version: int
+
+
+@dataclass(frozen=True)
+class RankedItem:
+    item_id: str
+    score: float
+    predicted_rating: float
+    rank: int
+
+
+@dataclass(frozen=True)
+class Ranked:
+    items: list[RankedItem]
+    model: ModelRef
+
+
+@dataclass(frozen=True)
+class ScoredItem:
+    item_id: str
+    predicted_rating: float
+
+
+@dataclass(frozen=True)
+class Scored:
+    items: list[ScoredItem]
+    model: ModelRef
+
+
+@dataclass(frozen=True)
+class SimilarItem:
+    item_id: str
+    similarity: float
+    rank: int
+
+
+@dataclass(frozen=True)
+class Similar:
+    items: list[SimilarItem]
+    model: ModelRef
+
+
+@dataclass(frozen=True)
+class Embeddings:
+    vectors: np.ndarray  # float32 (n, dim)
+    model: ModelRef
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    model: ModelRef
+    dim: int
+    user_count: int
+    item_count: int
+    execution_provider: str
+    encoder_file: str
+    max_seq_len: int
+    metrics: dict[str, float]
+    scoring: dict[str, str]
+    max_k: int
+    max_item_ids: int
+    max_texts: int
+    max_text_bytes: int
+    created_at: str
+
+
+@dataclass(frozen=True)
+class PendingRank:
+    """A queued ranking query and what is needed to turn its rows into a `Ranked`."""
+
+    future: Future[RankResult]
+    vector: np.ndarray
+    user_row: int | None
+
+
+class Recommender:
+    """Answers the API's questions for one loaded model, batching the heavy work.
+
+    Args:
+        model: the loaded model version.
+        config: limits and batching windows.
+        metrics: where the batchers record their series.
+    """
+
+    def __init__(self, model: Model, config: ServerConfig, metrics: ServerMetrics) -> None:
+        self.model = model
+        self.config = config
+        self.ref = ModelRef(model.name, model.version)
+        c = config
+        ranking = BatcherConfig(
+            c.ranker_max_batch_size, c.ranker_max_queue_delay_us, c.ranker_max_queue_size
+        )
+        encoding = BatcherConfig(
+            c.encoder_max_batch_size, c.encoder_max_queue_delay_us, c.encoder_max_queue_size
+        )
+        self.ranker: Batcher[RankQuery, RankResult] = Batcher(
+            "ranker", model.rank, ranking, metrics.for_batcher(model.name, "ranker")
+        )
+        self.similar: Batcher[RankQuery, RankResult] = Batcher(
+            "similar", model.similar, ranking, metrics.for_batcher(model.name, "similar")
+        )
+        self.encoder: Batcher[str, np.ndarray] = Batcher(
+            "encoder", model.encode, encoding, metrics.for_batcher(model.name, "encoder")
+        )
+        self._batchers: tuple[Batcher[Any, Any], ...] = (self.ranker, self.similar, self.encoder)
+
+    def start(self) -> None:
+        for batcher in self._batchers:
+            batcher.start()
+
+    def close(self, drain: bool = True, timeout_s: float | None = None) -> None:
+        for batcher in self._batchers:
+            batcher.close(drain, timeout_s)
+
+    def submit_recommend(
+        self,
+        user_id: str,
+        k: int,
+        exclude_rated: bool,
+        include_ids: Sequence[str],
+        exclude_ids: Sequence[str],
+        deadline_s: float,
+    ) -> PendingRank:
+        """Validate a Recommend request and queue its ranking query."""
+        self._check_k(k)
+        self._check_ids(include_ids, "include_item_ids", allow_empty=True)
+        self._check_ids(exclude_ids, "exclude_item_ids", allow_empty=True)
+        row = self.model.user_row(_nonempty(user_id, "user_id"))
+        include = self.model.item_rows(list(include_ids))
+        exclude = self.model.item_rows(list(exclude_ids))
+        if exclude_rated:
+            exclude = np.concatenate([exclude, self.model.rated_rows(row)])
+        vector = self.model.user_vector(row)
+        query = RankQuery(
+            vector, k, exclude if len(exclude) else None, include if len(include) else None
+        )
+        return PendingRank(self.ranker.submit(query, deadline_s), vector, row)
+
+    def ranked(self, pending: PendingRank, result: RankResult) -> Ranked:
+        """Assemble ranked items (with predicted ratings) from a finished ranking query."""
+        ratings = self.model.predicted_ratings(pending.vector, result.rows, pending.user_row)
+        ids = self.model.item_ids
+        items = [
+            RankedItem(ids[row], float(score), float(rating), rank)
+            for rank, (row, score, rating) in enumerate(
+                zip(result.rows.tolist(), result.scores.tolist(), ratings.tolist(), strict=True),
+                start=1,
+            )
+        ]
+        return Ranked(items, self.ref)
+
+    def recommend(
+        self,
+        user_id: str,
+        k: int,
+        exclude_rated: bool,
+        include_ids: Sequence[str],
+        exclude_ids: Sequence[str],
+        call: Call,
+    ) -> Ranked:
+        """Top-k items for a user by ranking score."""
+        pending = self.submit_recommend(
+            user_id, k, exclude_rated, include_ids, exclude_ids, call.deadline_s
+        )
+        return self.ranked(pending, wait(pending.future, call))
+
+    def recommend_for_text(self, text: str, k: int, call: Call) -> Ranked:
+        """Top-k items for a text folded into user space."""
+        self._check_k(k)
+        self._check_text(text, "text")
+        text_vector = wait(self.encoder.submit(text, call.deadline_s), call)
+        vector = self.model.fold_text(text_vector)
+        pending = PendingRank(
+            self.ranker.submit(RankQuery(vector, k), call.deadline_s), vector, None
+        )
+        return self.ranked(pending, wait(pending.future, call))
+
+    def score_items(self, user_id: str, item_ids: Sequence[str], call: Call) -> Scored:
+        """Predicted ratings for the given items, in the given order."""
+        self._check_ids(item_ids, "item_ids", allow_empty=False)
+        row = self.model.user_row(_nonempty(user_id, "user_id"))
+        rows = self.model.item_rows(list(item_ids))
+        ratings = self.model.predicted_ratings(self.model.user_vector(row), rows, row)
+        items = [ScoredItem(i, float(r)) for i, r in zip(item_ids, ratings.tolist(), strict=True)]
+        return Scored(items, self.ref)
+
+    def similar_items(self, item_id: str, k: int, call: Call) -> Similar:
+        """The k items with the most similar factor vectors (cosine), the item excluded."""
+        self._check_k(k)
+        row = int(self.model.item_rows([_nonempty(item_id, "item_id")])[0])
+        query = RankQuery(self.model.unit_item(row), k, exclude=np.array([row], np.int64))
+        result = wait(self.similar.submit(query, call.deadline_s), call)
+        ids = self.model.item_ids
+        items = [
+            SimilarItem(ids[r], float(s), rank)
+            for rank, (r, s) in enumerate(
+                zip(result.rows.tolist(), result.scores.tolist(), strict=True), start=1
+            )
+        ]
+        return Similar(items, self.ref)
+
+    def embed_text(self, texts: Sequence[str], call: Call) -> Embeddings:
+        """Encoder vectors for the texts, in order; texts join other calls' batches."""
+        if not texts:
+            raise InvalidArgument("texts is empty")
+        if len(texts) > self.config.max_texts:
+            raise InvalidArgument(
+                f"{len(texts)} texts, more than max_texts {self.config.max_texts}"
+            )
+        for i, text in enumerate(texts):
+            self._check_text(text, f"texts[{i}]")
+        futures: list[Future[np.ndarray]] = []
+        try:
+            for text in texts:
+                futures.append(self.encoder.submit(text, call.deadline_s))
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
+        vectors = [wait(f, call) for f in futures]
+        return Embeddings(np.stack(vectors).astype(np.float32, copy=False), self.ref)
+
+    def info(self) -> ModelInfo:
+        """The loaded model, its metrics and the request limits."""
+        m, c = self.model, self.config
+        manifest = m.manifest
+        scoring = {
+            "ranking": manifest.scoring.ranking_score,
+            "rating": manifest.scoring.rating_score,
+            "text_query": manifest.scoring.text_query_score,
+            "recommend_order": manifest.scoring.recommend_order,
+        }
+        return ModelInfo(
+            model=self.ref,
+            dim=m.dim,
+            user_count=m.n_users,
+            item_count=m.n_items,
+            execution_provider=m.encoder.provider,
+            encoder_file=m.encoder_file,
+            max_seq_len=manifest.dims.max_seq_len,
+            metrics=flatten_numbers(manifest.training_metrics),
+            scoring=scoring,
+            max_k=c.max_k,
+            max_item_ids=c.max_item_ids,
+            max_texts=c.max_texts,
+            max_text_bytes=c.max_text_bytes,
+            created_at=manifest.created_at,
+        )
+
+    def _check_k(self, k: int) -> None:
+        if not 1 <= k <= self.config.max_k:
+            raise InvalidArgument(f"k must be in 1..{self.config.max_k}, got {k}")
+
+    def _check_text(self, text: str, name: str) -> None:
+        if not text.strip():
+            raise InvalidArgument(f"{name} is empty")
+        size = len(text.encode("utf-8"))
+        if size > self.config.max_text_bytes:
+            raise InvalidArgument(
+                f"{name} is {size} bytes, more than max_text_bytes {self.config.max_text_bytes}"
+            )
+
+    def _check_ids(self, ids: Sequence[str], name: str, allow_empty: bool) -> None:
+        if not ids and not allow_empty:
+            raise InvalidArgument(f"{name} is empty")
+        if len(ids) > self.config.max_item_ids:
+            raise InvalidArgument(
+                f"{name} has {len(ids)} ids, more than max_item_ids {self.config.max_item_ids}"
+            )
+        seen: set[str] = set()
+        for item_id in ids:
+            _nonempty(item_id, name)
+            if item_id in seen:
+                raise InvalidArgument(f"{name} lists {item_id!r} more than once")
+            seen.add(item_id)
+
+
+def wait(future: Future[R], call: Call) -> R:
+    """The future's result within the call's deadline; cancels the work if the caller leaves.
+
+    Raises:
+        DeadlineExceeded: the deadline passed first (the queued work is cancelled).
+        Cancelled: the caller cancelled the call.
+        ServiceError: whatever the batch resolved the future with.
+    """
+    if call.on_done is not None and not call.on_done(future.cancel):
+        future.cancel()
+    try:
+        return future.result(timeout=max(call.deadline_s - time.monotonic(), 0.0))
+    except TimeoutError:
+        future.cancel()
+        raise DeadlineExceeded("deadline exceeded before the result was ready") from None
+    except CancelledError:
+        raise Cancelled("call cancelled by the client") from None
+
+
+def flatten_numbers(tree: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    """Numeric leaves of a nested dict, keys joined with "." (booleans and text left out)."""
+    flat: dict[str, float] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten_numbers(value, name + "."))
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            flat[name] = float(value)
+    return flat
+
+
+def _nonempty(value: str, name: str) -> str:
+    if not value:
+        raise InvalidArgument(f"{name} is empty")
+    return value

@@ -1,0 +1,82 @@
+"""The server's one error hierarchy, and the one place that turns any exception into a status.
+
+Every `ServiceError` carries the gRPC status code it maps to and a message a caller can act on.
+`to_status` is the single conversion table used by the interceptor: service errors keep their
+code and message; anything else is an unexpected fault and becomes INTERNAL with a generic
+message (the details go to the log), never UNKNOWN.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+
+class ServiceError(Exception):
+    """A request that cannot be answered; `code` is the gRPC status it maps to."""
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidArgument(ServiceError):
+    """Malformed request: bad k, empty or oversized text, too many or duplicate ids."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class NotFound(ServiceError):
+    """Unknown user or item id (named in the message)."""
+
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class NotReady(ServiceError):
+    """The model is not loaded and warmed up yet (or is shutting down)."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class DeadlineExceeded(ServiceError):
+    """The call's deadline passed before its work ran; the work was dropped."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class Cancelled(ServiceError):
+    """The caller went away; the work was dropped."""
+
+    code = grpc.StatusCode.CANCELLED
+
+
+class ResourceExhausted(ServiceError):
+    """A work queue is full: the call is rejected at once instead of queueing without bound."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class InternalError(ServiceError):
+    """A fault on the server side; the message shown to callers is generic."""
+
+    code = grpc.StatusCode.INTERNAL
+
+
+INTERNAL_MESSAGE = "internal error (see server log)"
+
+
+def to_status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The status code and message a caller sees for `exc`.
+
+    Args:
+        exc: any exception raised while handling a call.
+
+    Returns:
+        `(exc.code, exc.message)` for a `ServiceError`, else `(INTERNAL, generic message)`.
+    """
+    if isinstance(exc, InternalError):
+        return exc.code, INTERNAL_MESSAGE
+    if isinstance(exc, ServiceError):
+        return exc.code, exc.message
+    return grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE

@@ -1,0 +1,46 @@
+"""Readiness: the grpc.health.v1 status and the gate in front of the recommender.
+
+NOT_SERVING from the moment the port is bound until the model is loaded and warmed up, SERVING
+then, and NOT_SERVING for good once shutdown begins. Both the overall status ("") and the
+RecommenderService's own name are kept, so probes may ask for either.
+"""
+
+from __future__ import annotations
+
+from grpc_health.v1 import health, health_pb2
+
+from bertrec.server.engine import Recommender
+from bertrec.server.errors import NotReady
+from bertrec.v1 import recommender_pb2
+
+SERVICE_NAME: str = recommender_pb2.DESCRIPTOR.services_by_name["RecommenderService"].full_name
+HEALTH_SERVICE_NAME: str = health.SERVICE_NAME
+
+
+class Lifecycle:
+    """Owns the health servicer and hands out the recommender only once it is ready."""
+
+    def __init__(self) -> None:
+        self.health = health.HealthServicer()
+        self._engine: Recommender | None = None
+        self._set(health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    def engine(self) -> Recommender:
+        """The ready recommender. Raises NotReady (FAILED_PRECONDITION) before that."""
+        engine = self._engine
+        if engine is None:
+            raise NotReady("the model is still loading; retry when health reports SERVING")
+        return engine
+
+    def ready(self, engine: Recommender) -> None:
+        """Serve calls with `engine` and report SERVING."""
+        self._engine = engine
+        self._set(health_pb2.HealthCheckResponse.SERVING)
+
+    def shutting_down(self) -> None:
+        """Report NOT_SERVING from now on (later `set` calls are ignored)."""
+        self.health.enter_graceful_shutdown()
+
+    def _set(self, status: health_pb2.HealthCheckResponse.ServingStatus) -> None:
+        for name in ("", SERVICE_NAME):
+            self.health.set(name, status)

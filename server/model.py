@@ -1,0 +1,261 @@
+"""One loaded model version: verified files, memory-mapped arrays, id maps, ranker and encoder.
+
+`load_model` resolves `<repo>/<model>/<version>`, reads and verifies the manifest (sizes and
+SHA-256 of every file), memory-maps the factor arrays, builds the id -> row maps and creates
+the ranking and encoder runtimes. `Model` then offers the batch computations the batchers run
+(`rank`, `similar`, `encode`) and the small per-request ones (`predicted_ratings`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from bertrec.errors import ArtifactError
+from bertrec.export.artifacts import TOKENIZER, FactorArrays
+from bertrec.export.manifest import Manifest, read_manifest, verify_files
+from bertrec.export.repository import resolve_version
+from bertrec.server.config import ServerConfig
+from bertrec.server.encoder_runtime import EncoderRuntime
+from bertrec.server.errors import NotFound
+from bertrec.server.providers import choose_providers
+from bertrec.server.ranking import Ranker
+from bertrec.text import TextTokenizer
+
+log = logging.getLogger(__name__)
+
+WARMUP_TEXTS = (
+    "a",
+    "a short warm-up text",
+    "a longer warm-up text that makes the encoder see a few more tokens in one batch " * 8,
+)
+
+
+@dataclass(frozen=True)
+class RankQuery:
+    """One ranking query: a vector in user space and the candidate restrictions."""
+
+    vector: np.ndarray  # float32 (d,)
+    k: int
+    exclude: np.ndarray | None = None  # item rows never returned
+    allow: np.ndarray | None = None  # if set, only these item rows are ranked
+
+
+@dataclass(frozen=True)
+class RankResult:
+    """Top rows and their scores for one query, best first (may hold fewer than k)."""
+
+    rows: np.ndarray  # int64 (n,)
+    scores: np.ndarray  # float32 (n,)
+
+
+class Model:
+    """A loaded, verified model version and the computations over it."""
+
+    def __init__(
+        self,
+        version_dir: Path,
+        manifest: Manifest,
+        arrays: FactorArrays,
+        encoder: EncoderRuntime,
+        encoder_file: str,
+        ranker_threads: int = 0,
+    ) -> None:
+        self.version_dir = version_dir
+        self.manifest = manifest
+        self.name = manifest.model_name
+        self.version = manifest.version
+        self.arrays = arrays = _plain_views(arrays)
+        self.encoder = encoder
+        self.encoder_file = encoder_file
+        self.item_ids: list[str] = [str(i) for i in arrays.item_ids.tolist()]
+        self._user_rows = _index(arrays.user_ids, "user", version_dir)
+        self._item_rows = _index(arrays.item_ids, "item", version_dir)
+        self.ranker = Ranker(arrays.item_factors, arrays.item_rank_bias, threads=ranker_threads)
+        norms = np.linalg.norm(arrays.item_factors, axis=1, keepdims=True)
+        # A zero vector has no direction: its cosine with anything is taken as 0.
+        self._unit_items = (arrays.item_factors / np.maximum(norms, 1e-12)).astype(np.float32)
+        no_bias = np.zeros(len(self.item_ids), np.float32)
+        self.similarity = Ranker(self._unit_items, no_bias, threads=ranker_threads)
+
+    @property
+    def dim(self) -> int:
+        return self.arrays.dim
+
+    @property
+    def n_users(self) -> int:
+        return len(self._user_rows)
+
+    @property
+    def n_items(self) -> int:
+        return len(self.item_ids)
+
+    def user_row(self, user_id: str) -> int:
+        """Row of an external user id. Raises NotFound."""
+        row = self._user_rows.get(user_id)
+        if row is None:
+            raise NotFound(f"unknown user_id {user_id!r}")
+        return row
+
+    def item_rows(self, item_ids: list[str]) -> np.ndarray:
+        """Rows (int64) of external item ids, same order. Raises NotFound naming the first."""
+        rows = np.empty(len(item_ids), dtype=np.int64)
+        for i, item_id in enumerate(item_ids):
+            row = self._item_rows.get(item_id)
+            if row is None:
+                raise NotFound(f"unknown item_id {item_id!r}")
+            rows[i] = row
+        return rows
+
+    def rated_rows(self, user_row: int) -> np.ndarray:
+        a = self.arrays
+        return np.asarray(a.rated_indices[a.rated_indptr[user_row] : a.rated_indptr[user_row + 1]])
+
+    def user_vector(self, user_row: int) -> np.ndarray:
+        return np.asarray(self.arrays.user_factors[user_row], dtype=np.float32)
+
+    def fold_text(self, text_vector: np.ndarray) -> np.ndarray:
+        """Text vector (item space) -> user space: text_to_user @ v."""
+        return np.asarray(self.arrays.text_to_user @ text_vector, dtype=np.float32)
+
+    def unit_item(self, row: int) -> np.ndarray:
+        return self._unit_items[row]
+
+    def predicted_ratings(
+        self, user_vector: np.ndarray, rows: np.ndarray, user_row: int | None
+    ) -> np.ndarray:
+        """global_mean + user_bias[u] + item_bias[i] + dot(u, v_i); user_bias 0 without a user."""
+        a = self.arrays
+        user_bias = float(a.user_bias[user_row]) if user_row is not None else 0.0
+        dots = a.item_factors[rows] @ user_vector
+        return (a.global_mean + user_bias + a.item_bias[rows] + dots).astype(np.float32)
+
+    def rank(self, queries: list[RankQuery]) -> list[RankResult]:
+        """One matrix product over the catalogue for all queries, then top-k per row."""
+        return _topk(self.ranker, queries)
+
+    def similar(self, queries: list[RankQuery]) -> list[RankResult]:
+        """Like `rank`, over unit-length item vectors (so scores are cosines)."""
+        return _topk(self.similarity, queries)
+
+    def encode(self, texts: list[str]) -> list[np.ndarray]:
+        """Encoder vectors (item space), one float32 (d,) array per text."""
+        return list(self.encoder.encode(texts))
+
+    def warm_up(self, iterations: int, ranker_batch: int, encoder_batch: int) -> None:
+        """Run every computation a few times so first calls pay no one-off costs."""
+        rng = np.random.default_rng(0)
+        texts = [WARMUP_TEXTS[i % len(WARMUP_TEXTS)] for i in range(encoder_batch)]
+        for _ in range(iterations):
+            for n in {1, encoder_batch}:
+                self.encode(texts[:n])
+            for n in {1, ranker_batch}:
+                vectors = rng.standard_normal((n, self.dim)).astype(np.float32)
+                queries = [RankQuery(v, min(10, self.n_items)) for v in vectors]
+                self.rank(queries)
+                self.similar(queries)
+
+
+def _plain_views(arrays: FactorArrays) -> FactorArrays:
+    """The same memory-mapped data as plain ndarrays: indexing a `np.memmap` runs Python code
+    (`__getitem__`, `__array_finalize__`) on every access, a few microseconds per request."""
+    views = {
+        f.name: np.asarray(value)
+        for f in dataclasses.fields(arrays)
+        if isinstance(value := getattr(arrays, f.name), np.ndarray)
+    }
+    return dataclasses.replace(arrays, **views)
+
+
+def _topk(ranker: Ranker, queries: list[RankQuery]) -> list[RankResult]:
+    vectors = np.stack([q.vector for q in queries]).astype(np.float32, copy=False)
+    k = max(q.k for q in queries)
+    exclude = None if all(q.exclude is None for q in queries) else [q.exclude for q in queries]
+    allow = None if all(q.allow is None for q in queries) else [q.allow for q in queries]
+    rows, scores = ranker.topk(vectors, k, exclude=exclude, allow=allow)
+    results = []
+    for q, r, s in zip(queries, rows, scores, strict=True):
+        keep = (r >= 0) & np.isfinite(s)
+        results.append(RankResult(r[keep][: q.k], s[keep][: q.k]))
+    return results
+
+
+def _index(ids: np.ndarray, kind: str, where: Path) -> dict[str, int]:
+    index = {str(v): i for i, v in enumerate(ids.tolist())}
+    if len(index) != len(ids):
+        raise ArtifactError(f"{where}: {kind} ids are not unique")
+    return index
+
+
+def load_model(config: ServerConfig) -> Model:
+    """Resolve, verify and load the configured model version.
+
+    Raises:
+        ArtifactError: missing version, bad manifest, hash mismatch or inconsistent arrays.
+        BertrecError: no usable encoder variant or execution provider.
+    """
+    start = time.monotonic()
+    version_dir = resolve_version(config.model_repo, config.model, config.version)
+    manifest = read_manifest(version_dir)
+    verify_files(version_dir, manifest)
+    arrays = FactorArrays.load(version_dir, manifest.scoring.global_mean, mmap=True)
+    _check_shapes(version_dir, manifest, arrays)
+    encoder_file = _encoder_file(manifest, config.encoder_variant, version_dir)
+    tokenizer = TextTokenizer.from_file(version_dir / TOKENIZER, manifest.dims.max_seq_len)
+    providers = choose_providers(list(config.providers))
+    if providers[0] != config.providers[0]:
+        log.warning(
+            "%s is not available here; falling back to %s", config.providers[0], providers[0]
+        )
+    encoder = EncoderRuntime(
+        version_dir / encoder_file,
+        tokenizer,
+        providers=providers,
+        intra_op_threads=config.intra_op_threads,
+        inter_op_threads=config.inter_op_threads,
+        max_batch=config.encoder_max_batch_size,
+    )
+    model = Model(version_dir, manifest, arrays, encoder, encoder_file, config.ranker_threads)
+    log.info(
+        "loaded %s version %d from %s: %d users, %d items, dim %d, encoder %s on %s (%.2f s)",
+        model.name, model.version, version_dir, model.n_users, model.n_items, model.dim,
+        encoder_file, encoder.provider, time.monotonic() - start,
+    )  # fmt: skip
+    return model
+
+
+def _encoder_file(manifest: Manifest, variant: str, version_dir: Path) -> str:
+    names = [v.name for v in manifest.encoder.variants]
+    if variant == "auto":
+        chosen = manifest.encoder.variant("int8") or manifest.encoder.variant("fp32")
+        return chosen.file if chosen else manifest.encoder.file
+    found = manifest.encoder.variant(variant)
+    if found is None:
+        listed = ", ".join(names) or "none"
+        raise ArtifactError(f"{version_dir}: no encoder variant {variant!r} (has {listed})")
+    return found.file
+
+
+def _check_shapes(version_dir: Path, manifest: Manifest, a: FactorArrays) -> None:
+    d, n_users, n_items = manifest.dims.factor_dim, manifest.dims.n_users, manifest.dims.n_items
+    expected: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
+        "user_ids": (a.user_ids.shape, (n_users,)),
+        "item_ids": (a.item_ids.shape, (n_items,)),
+        "user_factors": (a.user_factors.shape, (n_users, d)),
+        "item_factors": (a.item_factors.shape, (n_items, d)),
+        "user_bias": (a.user_bias.shape, (n_users,)),
+        "item_bias": (a.item_bias.shape, (n_items,)),
+        "item_rank_bias": (a.item_rank_bias.shape, (n_items,)),
+        "text_to_user": (a.text_to_user.shape, (d, d)),
+        "rated_indptr": (a.rated_indptr.shape, (n_users + 1,)),
+    }
+    for name, (actual, want) in expected.items():
+        if tuple(actual) != want:
+            raise ArtifactError(f"{version_dir}: {name} has shape {tuple(actual)}, expected {want}")
+    if a.rated_indptr[-1] != len(a.rated_indices):
+        raise ArtifactError(f"{version_dir}: rated_indptr does not match rated_indices")

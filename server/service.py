@@ -1,0 +1,119 @@
+"""The gRPC servicer: proto in, typed call to the `Recommender`, proto out.
+
+Methods stay thin: errors raised below are turned into status codes by the interceptor
+(`interceptor.py`), and readiness is checked by `engine()`, which raises FAILED_PRECONDITION
+until the model is loaded and warmed up.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import grpc
+
+from bertrec.server.engine import Call, ModelRef, Ranked, Recommender
+from bertrec.v1 import recommender_pb2 as pb
+from bertrec.v1 import recommender_pb2_grpc as pb_grpc
+
+
+class RecommenderServicer(pb_grpc.RecommenderServiceServicer):
+    """bertrec.v1.RecommenderService over a `Recommender`.
+
+    Args:
+        engine: returns the ready `Recommender`, or raises `NotReady`.
+        request_timeout_s: deadline for calls that set none (or a longer one).
+    """
+
+    def __init__(self, engine: Callable[[], Recommender], request_timeout_s: float) -> None:
+        self._engine = engine
+        self._timeout_s = request_timeout_s
+
+    def Recommend(
+        self, request: pb.RecommendRequest, context: grpc.ServicerContext
+    ) -> pb.RecommendResponse:
+        exclude_rated = request.exclude_rated if request.HasField("exclude_rated") else True
+        result = self._engine().recommend(
+            request.user_id,
+            request.k,
+            exclude_rated,
+            list(request.include_item_ids),
+            list(request.exclude_item_ids),
+            self._call(context),
+        )
+        return pb.RecommendResponse(items=ranked_items(result), model=model_ref(result.model))
+
+    def RecommendForText(
+        self, request: pb.RecommendForTextRequest, context: grpc.ServicerContext
+    ) -> pb.RecommendForTextResponse:
+        result = self._engine().recommend_for_text(request.text, request.k, self._call(context))
+        return pb.RecommendForTextResponse(
+            items=ranked_items(result), model=model_ref(result.model)
+        )
+
+    def ScoreItems(
+        self, request: pb.ScoreItemsRequest, context: grpc.ServicerContext
+    ) -> pb.ScoreItemsResponse:
+        result = self._engine().score_items(
+            request.user_id, list(request.item_ids), self._call(context)
+        )
+        items = [pb.ScoredItem(item_id=i.item_id, predicted_rating=i.predicted_rating)
+                 for i in result.items]  # fmt: skip
+        return pb.ScoreItemsResponse(items=items, model=model_ref(result.model))
+
+    def SimilarItems(
+        self, request: pb.SimilarItemsRequest, context: grpc.ServicerContext
+    ) -> pb.SimilarItemsResponse:
+        result = self._engine().similar_items(request.item_id, request.k, self._call(context))
+        items = [pb.SimilarItem(item_id=i.item_id, similarity=i.similarity, rank=i.rank)
+                 for i in result.items]  # fmt: skip
+        return pb.SimilarItemsResponse(items=items, model=model_ref(result.model))
+
+    def EmbedText(
+        self, request: pb.EmbedTextRequest, context: grpc.ServicerContext
+    ) -> pb.EmbedTextResponse:
+        result = self._engine().embed_text(list(request.texts), self._call(context))
+        embeddings = [pb.Embedding(values=v) for v in result.vectors.tolist()]
+        return pb.EmbedTextResponse(
+            embeddings=embeddings, dim=result.vectors.shape[1], model=model_ref(result.model)
+        )
+
+    def GetModelInfo(
+        self, request: pb.GetModelInfoRequest, context: grpc.ServicerContext
+    ) -> pb.GetModelInfoResponse:
+        info = self._engine().info()
+        return pb.GetModelInfoResponse(
+            model=model_ref(info.model),
+            dim=info.dim,
+            user_count=info.user_count,
+            item_count=info.item_count,
+            execution_provider=info.execution_provider,
+            encoder_file=info.encoder_file,
+            max_seq_len=info.max_seq_len,
+            metrics=info.metrics,
+            scoring=info.scoring,
+            max_k=info.max_k,
+            max_item_ids=info.max_item_ids,
+            max_texts=info.max_texts,
+            max_text_bytes=info.max_text_bytes,
+            created_at=info.created_at,
+        )
+
+    def _call(self, context: grpc.ServicerContext) -> Call:
+        remaining = context.time_remaining()
+        if remaining is None or remaining > self._timeout_s:
+            remaining = self._timeout_s
+        return Call(time.monotonic() + remaining, context.add_callback)
+
+
+def model_ref(ref: ModelRef) -> pb.ModelRef:
+    return pb.ModelRef(name=ref.name, version=ref.version)
+
+
+def ranked_items(result: Ranked) -> list[pb.RankedItem]:
+    return [
+        pb.RankedItem(
+            item_id=i.item_id, score=i.score, predicted_rating=i.predicted_rating, rank=i.rank
+        )
+        for i in result.items
+    ]

@@ -1,0 +1,85 @@
+"""Test helpers: a valid training output folder without training anything."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+
+from bertrec.export.artifacts import FactorArrays
+from bertrec.train.checkpoint import TrainInfo, save_encoder, save_factors
+
+PHRASES = (
+    "quiet warm story about a lighthouse keeper who finds letters from the sea;",
+    "fast paced thriller with a detective chasing an art thief across Europe;",
+    "cookbook of simple vegetarian dishes for busy weeknights and lazy Sundays;",
+    "science fiction epic where colonists wake early on a generation ship;",
+    "memoir of a jazz pianist growing up in New Orleans during the sixties",
+)
+WORDS = tuple(word for phrase in PHRASES for word in phrase.split(" "))
+
+
+def fake_item_texts(n_items: int, rng: np.random.Generator, max_words: int = 90) -> list[str]:
+    """Varied lengths, from two words to longer than a short `max_seq_len` truncates."""
+    lengths = np.concatenate([[2, max_words], rng.integers(2, max_words, size=n_items)])
+    texts = [" ".join(rng.choice(WORDS, size=int(n))) for n in lengths[:n_items]]
+    return [t.capitalize() + "." for t in texts]
+
+
+def make_trained_output(
+    out: Path,
+    bert_dir: Path,
+    n_users: int = 40,
+    n_items: int = 60,
+    dim: int = 16,
+    seed: int = 0,
+) -> Path:
+    """Write a training output folder (train/checkpoint.py layout) with random factors.
+
+    The encoder is the BERT at `bert_dir` with a random projection to `dim`; users have rated
+    a random handful of items each. Returns `out`.
+    """
+    import torch
+
+    from bertrec.train.encoder import TextEncoder, load_bert
+
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
+    out.mkdir(parents=True, exist_ok=True)
+    bert, tokenizer, name = load_bert(bert_dir)
+    save_encoder(out, TextEncoder(bert, dim).eval(), tokenizer)
+    save_factors(out, _random_factors(rng, n_users, n_items, dim), fake_item_texts(n_items, rng))
+    TrainInfo(
+        model_name="fake",
+        base_encoder=name,
+        dim=dim,
+        max_seq_len=64,
+        global_mean=3.6,
+        rating_range=(1.0, 5.0),
+        metrics={"rmse": 0.91, "recall@10": 0.12, "ndcg@10": 0.08},
+        config={"seed": seed, "fake": True},
+        created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+    ).save(out)
+    return out
+
+
+def _random_factors(rng: np.random.Generator, n_users: int, n_items: int, dim: int) -> FactorArrays:
+    rated = [
+        np.sort(rng.choice(n_items, size=rng.integers(1, 8), replace=False)) for _ in range(n_users)
+    ]
+    indptr = np.concatenate([[0], np.cumsum([len(r) for r in rated])])
+    scale = 1.0 / np.sqrt(dim)
+    return FactorArrays(
+        user_ids=np.array([f"u{i:04d}" for i in range(n_users)]),
+        item_ids=np.array([f"item-{i:05d}" for i in range(n_items)]),
+        user_factors=rng.normal(0, scale, (n_users, dim)),
+        item_factors=rng.normal(0, scale, (n_items, dim)),
+        user_bias=rng.normal(0, 0.3, n_users),
+        item_bias=rng.normal(0, 0.3, n_items),
+        item_rank_bias=rng.normal(0, 0.1, n_items),
+        text_to_user=rng.normal(0, scale, (dim, dim)),
+        rated_indptr=indptr,
+        rated_indices=np.concatenate(rated) if rated else np.zeros(0, np.int32),
+        global_mean=3.6,
+    )

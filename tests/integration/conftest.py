@@ -1,0 +1,60 @@
+"""Session fixtures: a tiny exported model, and the real server serving it on loopback."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from server_harness import MODEL, SHARED_FLAGS, Reference, ServerProcess, start_server
+
+from bertrec.client import RecommenderClient
+
+
+@pytest.fixture(scope="session")
+def model_repo(tmp_path_factory: pytest.TempPathFactory, tiny_bert_dir: Path) -> Path:
+    """A model repository holding version 1 of `tiny`, exported from a fake training output."""
+    from fakes import make_trained_output
+
+    from bertrec.export.onnx_export import export_model
+
+    root = tmp_path_factory.mktemp("serving")
+    trained = make_trained_output(root / "trained", tiny_bert_dir)
+    repo = root / "repo"
+    export_model(trained, repo, MODEL)
+    return repo
+
+
+@pytest.fixture(scope="session")
+def version_dir(model_repo: Path) -> Path:
+    return model_repo / MODEL / "1"
+
+
+@pytest.fixture(scope="session")
+def server(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """The shared server (run with -X importtime so its imports can be audited)."""
+    proc = start_server(model_repo, tmp_path_factory.mktemp("logs"), *SHARED_FLAGS,
+                        import_time=True)  # fmt: skip
+    try:
+        proc.wait_serving()
+        yield proc
+    finally:
+        proc.terminate()
+
+
+@pytest.fixture(scope="session")
+def client(server: ServerProcess) -> Iterator[RecommenderClient]:
+    with RecommenderClient(server.target, timeout_s=10.0) as c:
+        yield c
+
+
+@pytest.fixture(scope="session")
+def channel(server: ServerProcess) -> Iterator[grpc.Channel]:
+    with grpc.insecure_channel(server.target) as ch:
+        yield ch
+
+
+@pytest.fixture(scope="session")
+def ref(version_dir: Path) -> Reference:
+    return Reference(version_dir)

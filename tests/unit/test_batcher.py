@@ -1,0 +1,245 @@
+"""The dynamic batcher against a fake model: windows, sizes, drops, rejection, failures."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future
+
+import pytest
+
+from bertrec.server.batcher import Batcher, BatcherConfig
+from bertrec.server.errors import DeadlineExceeded, InternalError, NotReady, ResourceExhausted
+from bertrec.server.metrics import ServerMetrics
+
+
+class FakeModel:
+    """Doubles its inputs; records every batch; can be held (gate) or made to fail."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+        self.gate = threading.Event()
+        self.gate.set()
+        self.entered = threading.Event()
+        self.fail_on: int | None = None
+
+    def __call__(self, items: list[int]) -> list[int]:
+        self.entered.set()
+        self.gate.wait(5)
+        self.batches.append(list(items))
+        if self.fail_on is not None and self.fail_on in items:
+            raise ValueError("boom")
+        return [2 * i for i in items]
+
+
+def far() -> float:
+    return time.monotonic() + 30.0
+
+
+def value(metrics: ServerMetrics, name: str, **labels: str) -> float:
+    sample = metrics.registry.get_sample_value(name, {"model": "m", "batcher": "b", **labels})
+    return 0.0 if sample is None else sample
+
+
+@pytest.fixture
+def setup() -> Iterator[tuple[FakeModel, ServerMetrics, list[Batcher[int, int]]]]:
+    created: list[Batcher[int, int]] = []
+    yield FakeModel(), ServerMetrics(), created
+    for batcher in created:
+        batcher.close(drain=False, timeout_s=5)
+
+
+def make(
+    setup: tuple[FakeModel, ServerMetrics, list[Batcher[int, int]]],
+    max_batch_size: int = 8,
+    delay_us: int = 50_000,
+    queue: int = 100,
+) -> Batcher[int, int]:
+    model, metrics, created = setup
+    config = BatcherConfig(max_batch_size, delay_us, queue)
+    batcher: Batcher[int, int] = Batcher("b", model, config, metrics.for_batcher("m", "b"))
+    created.append(batcher)
+    return batcher
+
+
+def test_items_within_the_window_run_as_one_batch(setup) -> None:
+    model, metrics, _ = setup
+    batcher = make(setup, max_batch_size=8, delay_us=100_000)
+    batcher.start()
+    futures = [batcher.submit(i, far()) for i in range(5)]
+    assert [f.result(5) for f in futures] == [0, 2, 4, 6, 8]
+    assert model.batches == [[0, 1, 2, 3, 4]]
+    assert value(metrics, "bertrec_batch_size_sum") == 5
+    assert value(metrics, "bertrec_batch_size_count") == 1
+    assert value(metrics, "bertrec_queue_wait_seconds_count") == 5
+    assert value(metrics, "bertrec_inference_seconds_count") == 1
+
+
+def test_window_is_measured_from_the_first_item(setup) -> None:
+    model, _, _ = setup
+    batcher = make(setup, max_batch_size=100, delay_us=150_000)
+    batcher.start()
+    start = time.monotonic()
+    first = batcher.submit(1, far())
+    time.sleep(0.05)
+    second = batcher.submit(2, far())
+    assert (first.result(5), second.result(5)) == (2, 4)
+    elapsed = time.monotonic() - start
+    assert 0.14 <= elapsed < 1.0
+    assert model.batches == [[1, 2]]
+
+
+def test_full_batch_runs_without_waiting_for_the_window(setup) -> None:
+    model, _, _ = setup
+    batcher = make(setup, max_batch_size=4, delay_us=10_000_000)
+    batcher.start()
+    start = time.monotonic()
+    futures = [batcher.submit(i, far()) for i in range(4)]
+    assert [f.result(5) for f in futures] == [0, 2, 4, 6]
+    assert time.monotonic() - start < 2.0
+    assert model.batches == [[0, 1, 2, 3]]
+
+
+def test_max_batch_size_splits_a_burst(setup) -> None:
+    model, _, _ = setup
+    batcher = make(setup, max_batch_size=3, delay_us=50_000)
+    futures = [batcher.submit(i, far()) for i in range(7)]  # queued before the worker starts
+    batcher.start()
+    assert [f.result(5) for f in futures] == [2 * i for i in range(7)]
+    assert model.batches == [[0, 1, 2], [3, 4, 5], [6]]
+
+
+def test_expired_items_are_dropped_not_computed_and_counted(setup) -> None:
+    model, metrics, _ = setup
+    batcher = make(setup, max_batch_size=8, delay_us=100_000)
+    batcher.start()
+    expired = batcher.submit(1, time.monotonic() + 0.01)  # passes while the window is open
+    alive = batcher.submit(2, far())
+    assert alive.result(5) == 4
+    with pytest.raises(DeadlineExceeded):
+        expired.result(5)
+    assert model.batches == [[2]]
+    assert value(metrics, "bertrec_dropped_total", reason="expired") == 1
+    assert value(metrics, "bertrec_dropped_total", reason="cancelled") == 0
+
+
+def test_cancelled_items_are_dropped_not_computed_and_counted(setup) -> None:
+    model, metrics, _ = setup
+    batcher = make(setup, max_batch_size=8, delay_us=100_000)
+    batcher.start()
+    gone = batcher.submit(1, far())
+    kept = batcher.submit(2, far())
+    assert gone.cancel()
+    assert kept.result(5) == 4
+    assert gone.cancelled()
+    assert model.batches == [[2]]
+    assert value(metrics, "bertrec_dropped_total", reason="cancelled") == 1
+
+
+def test_a_running_item_cannot_be_cancelled(setup) -> None:
+    model, _, _ = setup
+    batcher = make(setup, max_batch_size=1, delay_us=0)
+    model.gate.clear()
+    batcher.start()
+    future = batcher.submit(3, far())
+    assert model.entered.wait(5)
+    assert not future.cancel()
+    model.gate.set()
+    assert future.result(5) == 6
+
+
+def test_full_queue_rejects_at_once_with_resource_exhausted(setup) -> None:
+    model, metrics, _ = setup
+    batcher = make(setup, max_batch_size=1, delay_us=0, queue=2)
+    model.gate.clear()
+    batcher.start()
+    running = batcher.submit(0, far())
+    assert model.entered.wait(5)  # the worker holds item 0; the queue is empty again
+    queued = [batcher.submit(i, far()) for i in (1, 2)]
+    start = time.monotonic()
+    with pytest.raises(ResourceExhausted, match="queue is full"):
+        batcher.submit(3, far())
+    assert time.monotonic() - start < 0.1
+    assert value(metrics, "bertrec_rejected_total") == 1
+    model.gate.set()
+    assert [f.result(5) for f in (running, *queued)] == [0, 2, 4]
+
+
+def test_failing_batch_fails_every_caller_and_later_batches_still_run(setup) -> None:
+    model, metrics, _ = setup
+    batcher = make(setup, max_batch_size=3, delay_us=50_000)
+    model.fail_on = 1
+    futures = [batcher.submit(i, far()) for i in range(3)]
+    batcher.start()
+    for future in futures:
+        with pytest.raises(InternalError) as info:
+            future.result(5)
+        assert isinstance(info.value.__cause__, ValueError)
+    assert value(metrics, "bertrec_failed_batches_total") == 1
+    assert batcher.submit(5, far()).result(5) == 10
+
+
+def test_wrong_number_of_results_fails_the_batch(setup) -> None:
+    _, metrics, created = setup
+    batcher: Batcher[int, int] = Batcher(
+        "b", lambda items: [0], BatcherConfig(4, 50_000, 10), metrics.for_batcher("m", "b")
+    )
+    created.append(batcher)
+    futures = [batcher.submit(i, far()) for i in range(2)]
+    batcher.start()
+    for future in futures:
+        with pytest.raises(InternalError):
+            future.result(5)
+
+
+def test_close_drains_queued_work_then_refuses_new_items(setup) -> None:
+    batcher = make(setup, max_batch_size=2, delay_us=1_000_000)
+    futures = [batcher.submit(i, far()) for i in range(3)]
+    batcher.start()
+    batcher.close(drain=True, timeout_s=5)
+    assert [f.result(0) for f in futures] == [0, 2, 4]
+    with pytest.raises(NotReady):
+        batcher.submit(9, far())
+
+
+def test_close_without_drain_fails_queued_work(setup) -> None:
+    batcher = make(setup)
+    future: Future[int] = batcher.submit(1, far())
+    batcher.close(drain=False, timeout_s=5)
+    with pytest.raises(NotReady):
+        future.result(0)
+
+
+def test_concurrent_submitters_are_batched_together(setup) -> None:
+    model, _, _ = setup
+    batcher = make(setup, max_batch_size=64, delay_us=200_000)
+    batcher.start()
+    results: dict[int, int] = {}
+    barrier = threading.Barrier(16)
+
+    def call(i: int) -> None:
+        barrier.wait()
+        results[i] = batcher.submit(i, far()).result(5)
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(5)
+    assert results == {i: 2 * i for i in range(16)}
+    assert len(model.batches) == 1
+    assert sorted(model.batches[0]) == list(range(16))
+
+
+def test_a_full_queue_first_frees_the_slots_of_cancelled_items(setup) -> None:
+    _, metrics, _ = setup
+    batcher = make(setup, max_batch_size=8, delay_us=100_000, queue=2)  # worker not started
+    first, second = batcher.submit(1, far()), batcher.submit(2, far())
+    assert first.cancel()
+    third = batcher.submit(3, far())  # takes the cancelled item's slot
+    with pytest.raises(ResourceExhausted):
+        batcher.submit(4, far())
+    batcher.start()
+    assert (second.result(5), third.result(5)) == (4, 6)
+    assert value(metrics, "bertrec_dropped_total", reason="cancelled") == 1

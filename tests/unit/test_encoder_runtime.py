@@ -1,0 +1,118 @@
+"""EncoderRuntime against the same ONNX session run on one text at a time."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bertrec.server.encoder_runtime import EncoderRuntime, cut_by_length
+from bertrec.server.providers import CPU, make_session
+from bertrec.text import TextTokenizer
+
+DIM = 16
+MAX_LENGTH = 24
+TEXTS = [
+    "a long review that goes on and on about the plot, the acting and the music " * 3,
+    "short",
+    "a medium length sentence about a film",
+    "",
+    "two words",
+    "another medium sentence, with punctuation; and more words here",
+    "x",
+]
+
+
+@pytest.fixture(scope="module")
+def encoder_onnx(tiny_bert_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny BERT as a TextEncoder (projection to DIM), exported with the legacy exporter."""
+    import torch
+
+    from bertrec.train.encoder import TextEncoder, load_bert
+
+    torch.manual_seed(0)
+    bert, _, _ = load_bert(tiny_bert_dir)
+    encoder = TextEncoder(bert, DIM).eval()
+    sample = tokenizer_for(tiny_bert_dir)(["a padded sample batch", "of two"])
+    names = ["input_ids", "attention_mask", "token_type_ids"]
+    path = tmp_path_factory.mktemp("encoder") / "encoder.onnx"
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            encoder,
+            tuple(torch.from_numpy(a) for a in sample.as_feed().values()),
+            str(path),
+            dynamo=False,
+            opset_version=17,
+            input_names=names,
+            output_names=["embedding"],
+            dynamic_axes={**{n: {0: "batch", 1: "sequence"} for n in names}, "embedding": {0: "b"}},
+        )
+    return path
+
+
+def tokenizer_for(model_dir: Path) -> TextTokenizer:
+    return TextTokenizer.from_file(model_dir / "tokenizer.json", MAX_LENGTH)
+
+
+@pytest.fixture(scope="module")
+def runtime(encoder_onnx: Path, tiny_bert_dir: Path) -> EncoderRuntime:
+    return EncoderRuntime(encoder_onnx, tokenizer_for(tiny_bert_dir), [CPU], 1, 1, max_batch=3)
+
+
+def one_at_a_time(encoder_onnx: Path, tokenizer: TextTokenizer, texts: list[str]) -> np.ndarray:
+    session = make_session(encoder_onnx, [CPU])
+    return np.vstack([session.run(["embedding"], tokenizer([t]).as_feed())[0] for t in texts])
+
+
+def test_encode_matches_single_texts_in_input_order(
+    runtime: EncoderRuntime, encoder_onnx: Path, tiny_bert_dir: Path
+) -> None:
+    got = runtime.encode(TEXTS)
+    want = one_at_a_time(encoder_onnx, tokenizer_for(tiny_bert_dir), TEXTS)
+    assert got.shape == (len(TEXTS), DIM) and got.dtype == np.float32
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+
+
+def test_micro_batches_are_sorted_and_padded_to_their_longest(runtime: EncoderRuntime) -> None:
+    inputs = runtime.tokenize(TEXTS)
+    assert all(len(b.input_ids) <= runtime.max_batch for b in inputs.batches)
+    assert sorted(np.concatenate(inputs.positions).tolist()) == list(range(len(TEXTS)))
+    longest = [int(b.attention_mask.sum(axis=1).max()) for b in inputs.batches]
+    assert [b.input_ids.shape[1] for b in inputs.batches] == longest
+    assert longest == sorted(longest) and longest[-1] == MAX_LENGTH  # truncated
+    assert inputs.tokens < len(TEXTS) * MAX_LENGTH
+
+
+def test_cut_by_length() -> None:
+    lengths = np.array([3, 3, 4, 10, 10, 11, 40, 120])
+    assert cut_by_length(lengths, 32, 16) == [(0, 3), (3, 6), (6, 7), (7, 8)]
+    assert cut_by_length(lengths, 3, 10**6) == [(0, 3), (3, 6), (6, 8)]  # fewest runs
+    assert cut_by_length(lengths, 32, 0) == [(0, 2), (2, 3), (3, 5), (5, 6), (6, 7), (7, 8)]
+    assert cut_by_length(np.array([7] * 5), 2, 16) == [(0, 1), (1, 3), (3, 5)]
+    assert cut_by_length(np.array([], dtype=np.int64), 4, 16) == []
+
+
+def test_tokenize_then_run_equals_encode(runtime: EncoderRuntime) -> None:
+    texts = TEXTS[::-1]
+    np.testing.assert_array_equal(runtime.run(runtime.tokenize(texts)), runtime.encode(texts))
+
+
+def test_empty_and_single(runtime: EncoderRuntime) -> None:
+    assert runtime.encode([]).shape == (0, DIM)
+    assert runtime.encode(["just one"]).shape == (1, DIM)
+
+
+def test_describes_itself(runtime: EncoderRuntime) -> None:
+    assert runtime.provider == CPU
+    assert runtime.dim == DIM
+    assert runtime.max_length == MAX_LENGTH
+
+
+def test_rejects_bad_batch_size(encoder_onnx: Path, tiny_bert_dir: Path) -> None:
+    with pytest.raises(ValueError, match="max_batch"):
+        EncoderRuntime(encoder_onnx, tokenizer_for(tiny_bert_dir), [CPU], max_batch=0)
+    with pytest.raises(ValueError, match="run_cost_tokens"):
+        EncoderRuntime(encoder_onnx, tokenizer_for(tiny_bert_dir), [CPU], run_cost_tokens=-1)

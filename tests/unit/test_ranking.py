@@ -1,0 +1,203 @@
+"""Ranker against an independent numpy ranking: ties, exclusions, allow-lists, padding."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bertrec.server.providers import CPU, make_session
+from bertrec.server.ranking import PAD_ROW, PAD_SCORE, Ranker, build_topk_graph
+
+Rows = list[np.ndarray | None]
+
+
+def reference(
+    items: np.ndarray,
+    bias: np.ndarray,
+    queries: np.ndarray,
+    k: int,
+    exclude: Rows | None = None,
+    allow: Rows | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Full sort by (score desc, row asc) over the eligible rows; float64 scores."""
+    scores = queries.astype(np.float64) @ items.T.astype(np.float64) + bias
+    out_rows = np.full((len(queries), k), PAD_ROW, dtype=np.int64)
+    out_scores = np.full((len(queries), k), PAD_SCORE, dtype=np.float32)
+    for b in range(len(queries)):
+        rows = np.arange(len(items))
+        only = None if allow is None else allow[b]
+        if only is not None:
+            rows = np.unique(only)
+        never = None if exclude is None else exclude[b]
+        if never is not None:
+            rows = rows[~np.isin(rows, never)]
+        order = np.lexsort((rows, -scores[b, rows]))[:k]
+        out_rows[b, : len(order)] = rows[order]
+        out_scores[b, : len(order)] = scores[b, rows[order]]
+    return out_rows, out_scores
+
+
+def integer_catalogue(n: int, dim: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Small integers: every score is exact in float32, and ties are everywhere."""
+    rng = np.random.default_rng(seed)
+    items = rng.integers(-2, 3, (n, dim)).astype(np.float32)
+    return items, rng.integers(-2, 3, n).astype(np.float32)
+
+
+def integer_queries(batch: int, dim: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(-2, 3, (batch, dim)).astype(np.float32)
+
+
+@pytest.mark.parametrize("partitions", [1, 3])
+@pytest.mark.parametrize("n", [5, 64, 3000])
+@pytest.mark.parametrize("batch", [1, 4])
+@pytest.mark.parametrize("k", [1, 10, 100])
+def test_topk_matches_full_sort_with_ties(partitions: int, n: int, batch: int, k: int) -> None:
+    items, bias = integer_catalogue(n, 6, seed=n)
+    queries = integer_queries(batch, 6, seed=batch)
+    rows, scores = Ranker(items, bias, partitions=partitions).topk(queries, k)
+    want_rows, want_scores = reference(items, bias, queries, k)
+    np.testing.assert_array_equal(rows, want_rows)
+    np.testing.assert_array_equal(scores, want_scores)
+    assert rows.dtype == np.int64 and scores.dtype == np.float32
+
+
+@pytest.mark.parametrize("partitions", [1, 2])
+@pytest.mark.parametrize("fetch_limit", [0, 7, 10_000])  # mask all, mask heavy, fetch all
+def test_exclusions_and_allow_lists(partitions: int, fetch_limit: int) -> None:
+    n, k = 500, 20
+    items, bias = integer_catalogue(n, 5, seed=1)
+    queries = integer_queries(6, 5, seed=2)
+    rng = np.random.default_rng(3)
+    exclude: Rows = [
+        None,
+        np.sort(rng.choice(n, 5, replace=False)).astype(np.int32),
+        np.sort(rng.choice(n, 300, replace=False)).astype(np.int32),  # a heavy rater
+        np.arange(n - 10, dtype=np.int32),  # fewer than k items left
+        np.array([1, 2], dtype=np.int32),
+        np.array([], dtype=np.int32),
+    ]
+    allow: Rows = [
+        None,
+        None,
+        None,
+        None,
+        np.array([9, 1, 3, 3, 400, 2, 9]),  # unsorted, duplicates, excluded rows
+        np.array([], dtype=np.int64),  # nothing allowed
+    ]
+    ranker = Ranker(items, bias, partitions=partitions, exclude_fetch_limit=fetch_limit)
+    rows, scores = ranker.topk(queries, k, exclude=exclude, allow=allow)
+    want_rows, want_scores = reference(items, bias, queries, k, exclude, allow)
+    np.testing.assert_array_equal(rows, want_rows)
+    np.testing.assert_array_equal(scores, want_scores)
+    assert (rows[3, 10:] == PAD_ROW).all() and np.isneginf(scores[3, 10:]).all()
+    assert list(rows[4, :3]) == list(want_rows[4, :3]) and (rows[4, 3:] == PAD_ROW).all()
+    assert (rows[5] == PAD_ROW).all()
+
+
+@pytest.mark.parametrize("partitions", [1, 4])
+def test_k_beyond_catalogue_is_padded(partitions: int) -> None:
+    items, bias = integer_catalogue(7, 3, seed=4)
+    queries = integer_queries(2, 3, seed=5)
+    rows, scores = Ranker(items, bias, partitions=partitions).topk(
+        queries, 12, exclude=[np.array([0, 6]), None]
+    )
+    want_rows, want_scores = reference(items, bias, queries, 12, [np.array([0, 6]), None])
+    np.testing.assert_array_equal(rows, want_rows)
+    np.testing.assert_array_equal(scores, want_scores)
+    assert (rows[0, 5:] == PAD_ROW).all() and (rows[1, 7:] == PAD_ROW).all()
+
+
+def test_equal_scores_resolve_to_lower_rows_across_partitions() -> None:
+    items = np.zeros((1000, 4), dtype=np.float32)
+    bias = np.zeros(1000, dtype=np.float32)
+    bias[[3, 500, 999]] = 1.0
+    for partitions in (1, 2, 7):
+        rows, scores = Ranker(items, bias, partitions=partitions).topk(np.ones((1, 4)), 6)
+        assert rows.tolist() == [[3, 500, 999, 0, 1, 2]]
+        assert scores.tolist() == [[1, 1, 1, 0, 0, 0]]
+
+
+def test_onnxruntime_topk_breaks_ties_by_lower_index() -> None:
+    """The graph relies on ONNX TopK's rule: of equal values, the lower index comes first."""
+    session = make_session(build_topk_graph(2, [0]), [CPU])
+    items = np.array([[0, 0], [1, 0], [0, 0], [1, 0], [1, 0], [0, 0]], dtype=np.float32)
+    feed = {
+        "queries": np.array([[1, 0], [0, 1]], dtype=np.float32),
+        "items0": items,
+        "bias0": np.zeros(6, dtype=np.float32),
+        "k": np.array([4], dtype=np.int64),
+        "k0": np.array([4], dtype=np.int64),
+    }
+    scores, rows = session.run(["scores", "rows"], feed)
+    assert rows.tolist() == [[1, 3, 4, 0], [0, 1, 2, 3]]
+    assert scores.tolist() == [[1, 1, 1, 0], [0, 0, 0, 0]]
+
+
+def test_random_floats_against_float64() -> None:
+    rng = np.random.default_rng(6)
+    items = rng.standard_normal((20_000, 16), dtype=np.float32)
+    bias = rng.standard_normal(20_000, dtype=np.float32)
+    queries = rng.standard_normal((3, 16), dtype=np.float32)
+    rows, scores = Ranker(items, bias, partitions=2).topk(queries, 50)
+    want_rows, want_scores = reference(items, bias, queries, 50)
+    np.testing.assert_array_equal(rows, want_rows)
+    np.testing.assert_allclose(scores, want_scores, rtol=1e-5, atol=1e-5)
+
+
+def test_memory_mapped_catalogue(tmp_path: Path) -> None:
+    items, bias = integer_catalogue(300, 4, seed=7)
+    np.save(tmp_path / "items.npy", items)
+    np.save(tmp_path / "bias.npy", bias)
+    mapped = Ranker(
+        np.load(tmp_path / "items.npy", mmap_mode="r"),
+        np.load(tmp_path / "bias.npy", mmap_mode="r"),
+    )
+    queries = integer_queries(2, 4, seed=8)
+    np.testing.assert_array_equal(mapped.topk(queries, 9)[0], reference(items, bias, queries, 9)[0])
+
+
+def test_scores_for() -> None:
+    rng = np.random.default_rng(9)
+    items = rng.standard_normal((40, 8), dtype=np.float32)
+    bias = rng.standard_normal(40, dtype=np.float32)
+    queries = rng.standard_normal((2, 8), dtype=np.float32)
+    rows = np.array([[0, 39, 5, PAD_ROW], [7, 7, 1, 2]])
+    got = Ranker(items, bias).scores_for(queries, rows)
+    want = np.einsum("bd,bmd->bm", queries, items[rows]) + bias[rows]
+    assert got.shape == (2, 4) and got.dtype == np.float32
+    np.testing.assert_allclose(got[:, :3], want[:, :3], rtol=1e-5)
+    np.testing.assert_allclose(got[1], want[1], rtol=1e-5)
+    assert got[0, 3] == PAD_SCORE
+
+
+def test_scores_for_agrees_with_topk() -> None:
+    items, bias = integer_catalogue(200, 5, seed=10)
+    ranker = Ranker(items, bias)
+    queries = integer_queries(3, 5, seed=11)
+    rows, scores = ranker.topk(queries, 8)
+    np.testing.assert_array_equal(ranker.scores_for(queries, rows), scores)
+
+
+def test_bad_arguments() -> None:
+    items, bias = integer_catalogue(10, 3, seed=12)
+    ranker = Ranker(items, bias)
+    q = np.zeros((1, 3), dtype=np.float32)
+    with pytest.raises(ValueError, match="k must be"):
+        ranker.topk(q, 0)
+    with pytest.raises(ValueError, match="queries"):
+        ranker.topk(np.zeros((1, 4)), 3)
+    with pytest.raises(ValueError, match="finite"):
+        ranker.topk(np.full((1, 3), np.nan), 3)
+    with pytest.raises(ValueError, match="outside"):
+        ranker.topk(q, 3, exclude=[np.array([10])])
+    with pytest.raises(ValueError, match="outside"):
+        ranker.topk(q, 3, allow=[np.array([-1])])
+    with pytest.raises(ValueError, match="entries"):
+        ranker.topk(q, 3, exclude=[None, None])
+    with pytest.raises(ValueError, match="outside"):
+        ranker.scores_for(q, np.array([[10]]))
+    with pytest.raises(ValueError, match="item_bias"):
+        Ranker(items, bias[:5])
