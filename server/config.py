@@ -71,7 +71,7 @@ class ServerConfig:
         "handlers, and ONNX Runtime's extra threads spin between runs",
     )
     encoder_variant: str = _opt(
-        "auto", "encoder graph: auto (int8 if exported, else fp32), fp32, fp32-optimized, int8"
+        "auto", "encoder graph: auto (int8 if export cosine >= 0.99, else fp32), fp32, int8"
     )
     warmup_iterations: int = _opt(3, "warm-up batches per model part before SERVING")
 

@@ -229,10 +229,17 @@ def load_model(config: ServerConfig) -> Model:
     return model
 
 
+# "auto" serves the INT8 graph only when export measured it this close to PyTorch.
+AUTO_INT8_MIN_COSINE = 0.99
+
+
 def _encoder_file(manifest: Manifest, variant: str, version_dir: Path) -> str:
     names = [v.name for v in manifest.encoder.variants]
     if variant == "auto":
-        chosen = manifest.encoder.variant("int8") or manifest.encoder.variant("fp32")
+        int8 = manifest.encoder.variant("int8")
+        if int8 is not None and int8.parity.cos_mean >= AUTO_INT8_MIN_COSINE:
+            return int8.file
+        chosen = manifest.encoder.variant("fp32")
         return chosen.file if chosen else manifest.encoder.file
     found = manifest.encoder.variant(variant)
     if found is None:
