@@ -9,13 +9,18 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: demo test lint install clean
+.PHONY: demo test lint install deploy-tools clean
 
 demo: $(STAMP)
 	$(BIN)/bertrec demo $(ARGS)
 
-test: $(STAMP) lint
+test: $(STAMP) lint deploy-tools
 	$(BIN)/pytest -q $(PYTEST_ARGS)
+
+# Prometheus (Debian), kubectl/kustomize, kubernetes-validate, checkov, hadolint, yamllint:
+# the deploy checks in tests/deploy run the real tools.
+deploy-tools:
+	bash scripts/ci-deps.sh
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -1,0 +1,62 @@
+"""Shared helpers of the deployment checks: where things are, and the external tools.
+
+The tools come from scripts/ci-deps.sh (.ci-venv/ venvs first, then PATH). A missing tool fails
+the test with a message naming that script, unless BERTREC_SKIP_DEPLOY_TOOLS=1 turns it into a
+skip (for machines that cannot install them). (A module of its own, not conftest.py: every
+conftest is imported as "conftest", so `from conftest import` is ambiguous in a full run.)
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "deploy"
+CI_VENV = Path(os.environ.get("BERTREC_CI_VENV", ROOT / ".ci-venv"))
+OVERLAYS = ("cpu", "gpu")
+
+
+def tool(name: str) -> str:
+    """The path of an external tool; fails (or skips, see module doc) when it is missing."""
+    for venv in ("tools", "checkov"):
+        candidate = CI_VENV / venv / "bin" / name
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return str(candidate)
+    found = shutil.which(name)
+    if found:
+        return found
+    message = f"{name} not found in {CI_VENV}/*/bin or on PATH: run scripts/ci-deps.sh"
+    if os.environ.get("BERTREC_SKIP_DEPLOY_TOOLS") == "1":
+        pytest.skip(message + " (skipped: BERTREC_SKIP_DEPLOY_TOOLS=1)")
+    pytest.fail(message, pytrace=False)
+
+
+def run_tool(name: str, *args: str, timeout_s: float = 120.0) -> subprocess.CompletedProcess[str]:
+    """Run a tool from the repository root; fails the test on a non-zero exit, with its output."""
+    command = [tool(name), *args]
+    result = subprocess.run(
+        command, cwd=ROOT, capture_output=True, text=True, timeout=timeout_s, check=False
+    )
+    if result.returncode != 0:
+        pytest.fail(
+            f"{' '.join(command)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}",
+            pytrace=False,
+        )
+    return result
+
+
+def load_docs(path: Path) -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+def find(docs: list[dict[str, Any]], kind: str, name: str | None = None) -> dict[str, Any]:
+    matches = [d for d in docs if d["kind"] == kind and name in (None, d["metadata"].get("name"))]
+    assert len(matches) == 1, f"expected one {kind} {name or ''}, found {len(matches)}"
+    return matches[0]
