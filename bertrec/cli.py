@@ -19,6 +19,7 @@ Register = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], Non
 
 def _registrars() -> list[Register]:
     from bertrec import demo
+    from bertrec.bench.loadtest import cli as loadtest_cli
     from bertrec.export import cli as export_cli
     from bertrec.server import cli as server_cli
     from bertrec.train import cli as train_cli
@@ -28,6 +29,7 @@ def _registrars() -> list[Register]:
         train_cli.register,
         export_cli.register,
         server_cli.register,
+        loadtest_cli.register,
     ]
 
 
