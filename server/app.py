@@ -43,11 +43,14 @@ from grpc_health.v1 import health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
+from bertrec.oip.v2 import grpc_service_pb2_grpc as oip_grpc
 from bertrec.server.config import ConfigError, ServerConfig
 from bertrec.server.engine import Recommender
 from bertrec.server.interceptor import MetricsAndErrorsInterceptor
 from bertrec.server.lifecycle import HEALTH_SERVICE_NAME, SERVICE_NAME, Lifecycle
 from bertrec.server.metrics import ServerMetrics
+from bertrec.server.oip import SERVICE_NAME as OIP_SERVICE_NAME
+from bertrec.server.oip import InferenceServicer, set_serving
 from bertrec.server.service import RecommenderServicer
 from bertrec.v1 import recommender_pb2_grpc
 
@@ -55,7 +58,7 @@ log = logging.getLogger(__name__)
 
 
 class Server:
-    """One gRPC server (recommender, health, reflection) plus its /metrics HTTP endpoint."""
+    """One gRPC server (recommender, Open Inference Protocol, health, reflection) + /metrics."""
 
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
@@ -91,9 +94,14 @@ class Server:
         recommender_pb2_grpc.add_RecommenderServiceServicer_to_server(
             RecommenderServicer(self.lifecycle.engine, c.request_timeout_s), server
         )
-        health_pb2_grpc.add_HealthServicer_to_server(self.lifecycle.health, server)
+        health = self.lifecycle.health
+        set_serving(health, False)
+        oip_grpc.add_GRPCInferenceServiceServicer_to_server(
+            InferenceServicer(self.lifecycle.engine, health, c.model, c.request_timeout_s), server
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(health, server)
         reflection.enable_server_reflection(
-            (SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME), server
+            (SERVICE_NAME, OIP_SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME), server
         )
         self._grpc = server
         self.port = _bind(server, c.grpc_address)
@@ -119,6 +127,7 @@ class Server:
             model.n_items, model.n_users,
         )  # fmt: skip
         self.lifecycle.ready(engine)
+        set_serving(self.lifecycle.health, True)
         log.info("serving %s version %d: health SERVING", model.name, model.version)
 
     def request_stop(self) -> None:

@@ -1,0 +1,1 @@
+"""bertrec's copy of the Open Inference Protocol (proto package `inference`)."""

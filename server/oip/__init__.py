@@ -1,0 +1,9 @@
+"""The Open Inference Protocol (KServe / Triton "v2" gRPC API) on bertrec's server.
+
+`servicer` implements `inference.GRPCInferenceService`, `models` adapts the encoder and the
+ranker to the protocol's tensors, and `tensors` decodes and encodes them (typed or raw).
+"""
+
+from bertrec.server.oip.servicer import SERVICE_NAME, InferenceServicer, set_serving
+
+__all__ = ["SERVICE_NAME", "InferenceServicer", "set_serving"]
