@@ -66,6 +66,39 @@ def time_in_turns(
     return {name: Timing(min(s), statistics.median(s), len(s)) for name, s in samples.items()}
 
 
+def time_parts_in_turns(
+    methods: Mapping[str, Callable[[int], object]],
+    parts: int,
+    rounds: int,
+    pause_s: float = 0.1,
+) -> dict[str, Timing]:
+    """Time a workload made of `parts` independent calls, `fn(0)` .. `fn(parts - 1)`.
+
+    Each round gives every method a turn (after `pause_s`, see `time_in_turns`) in which each
+    part is timed once. A method's best time is the sum over parts of each part's best: a burst
+    of noise from elsewhere then spoils one part of one round, not a whole pass. The median is
+    the median whole pass.
+    """
+    best: dict[str, list[float]] = {name: [float("inf")] * parts for name in methods}
+    passes: dict[str, list[float]] = {name: [] for name in methods}
+    for _ in range(rounds):
+        for name, fn in methods.items():
+            time.sleep(pause_s)
+            fn(0)  # warm-up: the previous method's threads may still be spinning
+            total = 0.0
+            for part in range(parts):
+                start = time.perf_counter()
+                fn(part)
+                took = time.perf_counter() - start
+                best[name][part] = min(best[name][part], took)
+                total += took
+            passes[name].append(total)
+    return {
+        name: Timing(sum(best[name]), statistics.median(passes[name]), len(passes[name]))
+        for name in methods
+    }
+
+
 def memory_read_bandwidth(
     size_bytes: int = 1 << 30, repeats: int = 5, threads: int = 2
 ) -> dict[str, float]:
@@ -94,6 +127,20 @@ def memory_read_bandwidth(
     result = {name: data.nbytes / t.best_s / 1e9 for name, t in timings.items()}
     result["best"] = max(result.values())
     return result
+
+
+class ReadProbe:
+    """One streaming read of a large array (a BLAS vector-matrix product, the fastest kernel
+    of `memory_read_bandwidth` here), to time next to a memory-bound method under the same
+    conditions."""
+
+    def __init__(self, size_bytes: int) -> None:
+        self._data = np.ones((1024, size_bytes // 4096), dtype=np.float32)
+        self._ones = np.ones(1024, dtype=np.float32)
+        self.nbytes = self._data.nbytes
+
+    def __call__(self) -> object:
+        return self._ones @ self._data
 
 
 def environment() -> dict[str, Any]:

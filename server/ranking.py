@@ -1,19 +1,20 @@
-"""Exact top-k over an item catalogue with one ONNX Runtime graph: Gemm + bias + TopK.
+"""Exact top-k over an item catalogue with one ONNX Runtime graph: MatMul + TopK.
 
 score(query, item) = query . item_factors[item] + item_bias[item]
 
 Why a graph and not numpy: numpy's `argpartition` is single-threaded and cost more than the
-matrix product itself; faiss's flat index is slower still at small batches (PERF-NOTES and
-`bertrec.bench.ranking`). The item matrix is a graph *input*, not an initializer, so building
-the session costs nothing and the matrix (memory-mapped or not) is read in place, never copied.
+matrix product itself; faiss's flat index is slower still (PERF-NOTES, `bertrec.bench.ranking`).
 
-ONNX Runtime splits the Gemm across its intra-op threads, and its TopK splits the batch rows
-across them. Optionally the catalogue is cut into `partitions` contiguous slices, each with its
-own Gemm + Add + TopK branch run on the inter-op threads, and a last TopK merges the branch
-winners (branches are concatenated in item order, so ties still resolve to the lower row). On
-2 shared cores one graph with intra-op threads measured ~2x faster than 2 or 8 slices; slices
-are for many-core machines, where one thread's TopK over a large catalogue at batch 1 becomes
-the bottleneck.
+Layout: the catalogue is held once, transposed and augmented, as a float32 (d + 1, n_items)
+matrix whose last row is the bias; queries get a matching trailing 1. The bias then costs no
+separate pass over the (batch, n_items) scores, and at batch 1 ONNX Runtime's vector-matrix
+kernel streams the rows at close to memory speed (85-90% of the measured read bandwidth here,
+against ~70% for the (n_items, d) layout). The matrix is a graph *input*, not an initializer, so the
+session builds instantly and no 2 GB protobuf limit applies.
+
+ONNX Runtime splits the MatMul across its intra-op threads, and TopK splits the batch rows
+across them. (Cutting each score row into chunks so that a one-query TopK also runs on every
+core, or slicing the catalogue into concurrent graph branches, measured no faster here.)
 
 Results are exact: the same items, order and float32 scores as a full sort by
 (score descending, row ascending), up to the rounding of the dot products.
@@ -21,7 +22,6 @@ Results are exact: the same items, order and float32 scores as a full sort by
 
 from __future__ import annotations
 
-import itertools
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -39,16 +39,17 @@ class Ranker:
     """Top-k items for batches of query vectors, exact, with exclusions and allow-lists.
 
     Args:
-        item_factors: float32 (n_items, d); used in place when already float32 C-contiguous
-            (pass an in-memory array rather than a memory map for steady latency).
-        item_bias: float32 (n_items,), added to every query's dot products.
+        item_factors: (n_items, d); kept by reference for `scores_for` and allow-lists, and
+            copied once into the (d + 1, n_items) layout the graph scans.
+        item_bias: (n_items,), added to every query's dot products.
         threads: CPU threads for one `topk` call (0: one per CPU).
-        partitions: catalogue slices ranked as concurrent graph branches (see the module notes).
         max_batch_rows: queries per graph run; bounds the (rows, n_items) score buffer.
         exclude_fetch_limit: a query excluding more rows than this is ranked alone with its
             excluded items masked, instead of fetching k + len(exclude) and filtering.
+        single_row_batches: batches smaller than this run one query at a time (a one-row
+            product streams the matrix faster than a small multi-row one).
     Raises:
-        ValueError: shapes that do not match.
+        ValueError: shapes that do not match, or bad settings.
     """
 
     def __init__(
@@ -57,36 +58,26 @@ class Ranker:
         item_bias: np.ndarray,
         *,
         threads: int = 0,
-        partitions: int = 1,
         max_batch_rows: int = 64,
         exclude_fetch_limit: int = 1024,
+        single_row_batches: int = 3,
     ) -> None:
-        factors = np.ascontiguousarray(item_factors, dtype=np.float32)
-        bias = np.ascontiguousarray(item_bias, dtype=np.float32)
+        factors, bias = np.asarray(item_factors), np.asarray(item_bias, dtype=np.float32)
         if factors.ndim != 2 or factors.shape[0] == 0 or factors.shape[1] == 0:
             raise ValueError(f"item_factors must be (n_items, d) with n, d >= 1: {factors.shape}")
         if bias.shape != (factors.shape[0],):
             raise ValueError(f"item_bias has shape {bias.shape}, expected ({factors.shape[0]},)")
         if max_batch_rows < 1 or exclude_fetch_limit < 0:
-            raise ValueError("max_batch_rows must be >= 1 and exclude_fetch_limit >= 0")
-        self.item_factors = factors
-        self.item_bias = bias
+            raise ValueError("need max_batch_rows >= 1 and exclude_fetch_limit >= 0")
+        self.item_factors, self.item_bias = factors, bias
         self.max_batch_rows = max_batch_rows
         self.exclude_fetch_limit = exclude_fetch_limit
+        self.single_row_batches = single_row_batches
         self.threads = threads or os.cpu_count() or 1
-        partitions = max(1, min(partitions, self.n_items))
-        bounds = [self.n_items * p // partitions for p in range(partitions + 1)]
-        self._slices = list(itertools.pairwise(bounds))
-        graph = build_topk_graph(self.dim, [lo for lo, _ in self._slices])
-        parallel = partitions > 1
-        self._session = make_session(
-            graph,
-            [CPU],
-            intra_op_threads=1 if parallel else self.threads,
-            inter_op_threads=self.threads if parallel else 1,
-            parallel=parallel,
-        )
-        self._feed = self._item_feed(self.item_bias)
+        self._items = _augmented(factors, bias)
+        self._session = make_session(build_topk_graph(), [CPU], intra_op_threads=self.threads)
+        masked = build_topk_graph(masked=True)
+        self._masked_session = make_session(masked, [CPU], intra_op_threads=self.threads)
 
     @property
     def n_items(self) -> int:
@@ -95,10 +86,6 @@ class Ranker:
     @property
     def dim(self) -> int:
         return int(self.item_factors.shape[1])
-
-    @property
-    def partitions(self) -> int:
-        return len(self._slices)
 
     def topk(
         self,
@@ -128,17 +115,19 @@ class Ranker:
         rows = np.full((len(q), k), PAD_ROW, dtype=np.int64)
         scores = np.full((len(q), k), PAD_SCORE, dtype=np.float32)
         scan = [b for b in range(len(q)) if allowed[b] is None]
-        heavy = [b for b in scan if _count(excluded[b]) > self.exclude_fetch_limit]
         light = [b for b in scan if _count(excluded[b]) <= self.exclude_fetch_limit]
-        for start in range(0, len(light), self.max_batch_rows):
-            batch = light[start : start + self.max_batch_rows]
+        step = 1 if len(light) < self.single_row_batches else self.max_batch_rows
+        for start in range(0, len(light), step):
+            batch = light[start : start + step]
             extra = max(_count(excluded[b]) for b in batch)
-            top_rows, top_scores = self._scan(q[batch], k + extra, self._feed)
+            top_rows, top_scores = self._scan(q[batch], k + extra)
             for i, b in enumerate(batch):
                 _fill(rows[b], scores[b], top_rows[i], top_scores[i], excluded[b])
-        for b in heavy:
-            top_rows, top_scores = self._scan(q[b : b + 1], k, self._masked_feed(excluded[b]))
-            _fill(rows[b], scores[b], top_rows[0], top_scores[0], excluded[b])
+        for b in scan:
+            never = excluded[b]
+            if never is not None and len(never) > self.exclude_fetch_limit:
+                top_rows, top_scores = self._scan(q[b : b + 1], k, never)
+                _fill(rows[b], scores[b], top_rows[0], top_scores[0], never)
         for b in range(len(q)):
             only = allowed[b]
             if only is not None:
@@ -160,34 +149,33 @@ class Ranker:
             raise ValueError(f"item row {int(r.max())} is outside the catalogue ({self.n_items})")
         valid = r >= 0
         safe = np.where(valid, r, 0)
-        dots = np.matmul(self.item_factors[safe], q[:, :, None])[:, :, 0]
+        vectors = np.asarray(self.item_factors[safe], dtype=np.float32)
+        dots = np.matmul(vectors, q[:, :, None])[:, :, 0]
         out = (dots + self.item_bias[safe]).astype(np.float32, copy=False)
         out[~valid] = PAD_SCORE
         return out
 
     def _scan(
-        self, q: np.ndarray, k: int, items: dict[str, np.ndarray]
+        self, q: np.ndarray, k: int, excluded: np.ndarray | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Top min(k, n_items) over the whole catalogue, one graph run."""
-        k = min(k, self.n_items)
-        feed: dict[str, Any] = {"queries": q, "k": np.array([k], dtype=np.int64), **items}
-        for p, (lo, hi) in enumerate(self._slices):
-            feed[f"k{p}"] = np.array([min(k, hi - lo)], dtype=np.int64)
-        scores, rows = self._session.run(["scores", "rows"], feed)
-        return rows, scores
+        """Top min(k, n_items) over the whole catalogue in one graph run.
 
-    def _item_feed(self, bias: np.ndarray) -> dict[str, np.ndarray]:
-        feed = {}
-        for p, (lo, hi) in enumerate(self._slices):
-            feed[f"items{p}"] = self.item_factors[lo:hi]
-            feed[f"bias{p}"] = bias[lo:hi]
-        return feed
-
-    def _masked_feed(self, excluded: np.ndarray | None) -> dict[str, np.ndarray]:
-        bias = self.item_bias.copy()
+        With `excluded`, those rows are masked to -inf first (one query only).
+        """
+        augmented = np.ones((len(q), self.dim + 1), dtype=np.float32)
+        augmented[:, :-1] = q
+        feed: dict[str, Any] = {
+            "queries": augmented,
+            "items": self._items,
+            "k": np.array([min(k, self.n_items)], dtype=np.int64),
+        }
+        session = self._session
         if excluded is not None:
-            bias[excluded] = PAD_SCORE
-        return self._item_feed(bias)
+            feed["mask"] = np.zeros(self.n_items, dtype=np.float32)
+            feed["mask"][excluded] = PAD_SCORE
+            session = self._masked_session
+        scores, rows = session.run(["scores", "rows"], feed)
+        return rows, scores
 
     def _ranked_subset(
         self, query: np.ndarray, allowed: np.ndarray, excluded: np.ndarray | None, k: int
@@ -196,7 +184,8 @@ class Ranker:
         rows = np.unique(allowed.astype(np.int64, copy=False))
         if excluded is not None and len(excluded):
             rows = rows[~np.isin(rows, excluded)]
-        scores = (self.item_factors[rows] @ query + self.item_bias[rows]).astype(np.float32)
+        vectors = np.asarray(self.item_factors[rows], dtype=np.float32)
+        scores = (vectors @ query + self.item_bias[rows]).astype(np.float32)
         if len(rows) > k:
             # Everything scoring at least the k-th best score, so ties there are all seen.
             kth = np.partition(scores, len(scores) - k)[len(scores) - k]
@@ -222,16 +211,22 @@ class Ranker:
             raise ValueError(f"{what} has {len(arrays)} entries for {batch} queries")
         out: list[np.ndarray | None] = []
         for a in arrays:
-            if a is None:
-                out.append(None)
-                continue
-            rows = np.asarray(a).ravel()
-            if rows.size and (int(rows.min()) < 0 or int(rows.max()) >= self.n_items):
-                raise ValueError(f"{what} holds item rows outside 0..{self.n_items - 1}")
-            if rows.size and not np.issubdtype(rows.dtype, np.integer):
-                raise ValueError(f"{what} rows must be integers, got {rows.dtype}")
+            rows = None if a is None else np.asarray(a).ravel()
+            if rows is not None and rows.size:
+                if not np.issubdtype(rows.dtype, np.integer):
+                    raise ValueError(f"{what} rows must be integers, got {rows.dtype}")
+                if int(rows.min()) < 0 or int(rows.max()) >= self.n_items:
+                    raise ValueError(f"{what} holds item rows outside 0..{self.n_items - 1}")
             out.append(rows)
         return out
+
+
+def _augmented(factors: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    """float32 (d + 1, n): the factors transposed, with the bias as the last row."""
+    block = np.empty((factors.shape[1] + 1, factors.shape[0]), dtype=np.float32)
+    block[:-1] = factors.T
+    block[-1] = bias
+    return block
 
 
 def _count(rows: np.ndarray | None) -> int:
@@ -254,51 +249,33 @@ def _fill(
     out_scores[:n] = scores[:n]
 
 
-def build_topk_graph(dim: int, offsets: Sequence[int]) -> bytes:
-    """Serialised ONNX model: per catalogue slice Gemm + Add + TopK, then a merging TopK.
+def build_topk_graph(masked: bool = False) -> bytes:
+    """Serialised ONNX model: MatMul (+ mask) + TopK.
 
-    Inputs: `queries` (B, dim) float32, `k` (1,) int64, and per slice p: `items{p}` (n_p, dim),
-    `bias{p}` (n_p,), `k{p}` (1,) = min(k, n_p). Outputs: `scores` (B, k) float32 and `rows`
-    (B, k) int64 (catalogue rows), best first. `offsets[p]` is slice p's first catalogue row.
+    Inputs: `queries` (B, d + 1) float32 with a trailing 1, `items` (d + 1, n) (factors
+    transposed, bias as the last row), `k` (1,) int64 <= n, and with `masked` a `mask` (n,)
+    added to every row of scores. Outputs: `scores` (B, k) float32 and `rows` (B, k) int64,
+    best first, equal scores in row order.
     """
     from onnx import TensorProto, helper
 
-    value = helper.make_tensor_value_info
-    inputs = [value("queries", TensorProto.FLOAT, ["batch", dim])]
-    inputs.append(value("k", TensorProto.INT64, [1]))
-    nodes, initializers, branch_scores, branch_rows = [], [], [], []
-    for p, offset in enumerate(offsets):
-        inputs += [
-            value(f"items{p}", TensorProto.FLOAT, [f"n{p}", dim]),
-            value(f"bias{p}", TensorProto.FLOAT, [f"n{p}"]),
-            value(f"k{p}", TensorProto.INT64, [1]),
-        ]
-        nodes += [
-            # Gemm's own bias input (C) measured ~30% slower here than a separate Add.
-            helper.make_node("Gemm", ["queries", f"items{p}"], [f"d{p}"], transB=1),
-            helper.make_node("Add", [f"d{p}", f"bias{p}"], [f"s{p}"]),
-            helper.make_node("TopK", [f"s{p}", f"k{p}"], [f"v{p}", f"i{p}"], axis=-1),
-        ]
-        initializers.append(helper.make_tensor(f"offset{p}", TensorProto.INT64, [], [offset]))
-        nodes.append(helper.make_node("Add", [f"i{p}", f"offset{p}"], [f"r{p}"]))
-        branch_scores.append(f"v{p}")
-        branch_rows.append(f"r{p}")
-    if len(offsets) == 1:
-        nodes += [
-            helper.make_node("Identity", ["v0"], ["scores"]),
-            helper.make_node("Identity", ["r0"], ["rows"]),
-        ]
-    else:
-        nodes += [
-            helper.make_node("Concat", branch_scores, ["all_scores"], axis=1),
-            helper.make_node("Concat", branch_rows, ["all_rows"], axis=1),
-            helper.make_node("TopK", ["all_scores", "k"], ["scores", "best"], axis=-1),
-            helper.make_node("GatherElements", ["all_rows", "best"], ["rows"], axis=1),
-        ]
+    node, value = helper.make_node, helper.make_tensor_value_info
+    inputs = [
+        value("queries", TensorProto.FLOAT, ["batch", "width"]),
+        value("items", TensorProto.FLOAT, ["width", "n_items"]),
+        value("k", TensorProto.INT64, [1]),
+    ]
+    nodes = [node("MatMul", ["queries", "items"], ["dots"])]
+    scores = "dots"
+    if masked:
+        inputs.append(value("mask", TensorProto.FLOAT, ["n_items"]))
+        nodes.append(node("Add", ["dots", "mask"], ["masked"]))
+        scores = "masked"
+    nodes.append(node("TopK", [scores, "k"], ["scores", "rows"], axis=-1))
     outputs = [
         value("scores", TensorProto.FLOAT, ["batch", "top"]),
         value("rows", TensorProto.INT64, ["batch", "top"]),
     ]
-    graph = helper.make_graph(nodes, "bertrec_topk", inputs, outputs, initializers)
+    graph = helper.make_graph(nodes, "bertrec_topk", inputs, outputs)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=8)
     return bytes(model.SerializeToString())

@@ -1,15 +1,20 @@
-"""EncoderRuntime against the same ONNX session run on one text at a time."""
+"""EncoderRuntime against the same ONNX session run on one text at a time; provider choice."""
 
 from __future__ import annotations
 
+import sys
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import pytest
 
+from bertrec.errors import BertrecError
+from bertrec.server import providers
 from bertrec.server.encoder_runtime import EncoderRuntime, cut_by_length
-from bertrec.server.providers import CPU, make_session
+from bertrec.server.providers import CPU, CUDA, ProviderError, make_session
 from bertrec.text import TextTokenizer
 
 DIM = 16
@@ -116,3 +121,74 @@ def test_rejects_bad_batch_size(encoder_onnx: Path, tiny_bert_dir: Path) -> None
         EncoderRuntime(encoder_onnx, tokenizer_for(tiny_bert_dir), [CPU], max_batch=0)
     with pytest.raises(ValueError, match="run_cost_tokens"):
         EncoderRuntime(encoder_onnx, tokenizer_for(tiny_bert_dir), [CPU], run_cost_tokens=-1)
+
+
+class FakeSession:
+    """Stands in for an InferenceSession that fell back to the CPU."""
+
+    def __init__(self, model: object, options: object, providers: list[str]) -> None:
+        self.providers = providers
+
+    def get_providers(self) -> list[str]:
+        return [CPU]
+
+
+def fake_onnxruntime(available: list[str]) -> SimpleNamespace:
+    return SimpleNamespace(
+        get_available_providers=lambda: available,
+        SessionOptions=SimpleNamespace,
+        GraphOptimizationLevel=SimpleNamespace(ORT_ENABLE_ALL="all"),
+        ExecutionMode=SimpleNamespace(ORT_PARALLEL="parallel"),
+        InferenceSession=FakeSession,
+    )
+
+
+@pytest.mark.parametrize(
+    ("available", "preferred", "chosen"),
+    [
+        ([CPU], "auto", [CPU]),
+        ([CUDA, CPU], "auto", [CUDA, CPU]),
+        ([CUDA, CPU], "cpu", [CPU]),
+        ([CUDA, CPU], "CUDA", [CUDA]),
+        ([CPU], [CUDA, CPU], [CPU]),
+        ([CPU], ("cuda", "cpu", "cpu"), [CPU]),
+        (["TensorrtExecutionProvider", CUDA, CPU], [CUDA, CPU], [CUDA, CPU]),
+    ],
+)
+def test_choose_providers(
+    monkeypatch: pytest.MonkeyPatch, available: list[str], preferred: Any, chosen: list[str]
+) -> None:
+    monkeypatch.setattr(providers, "onnxruntime", lambda: fake_onnxruntime(available))
+    assert providers.choose_providers(preferred) == chosen
+
+
+@pytest.mark.parametrize("preferred", ["cuda", [CUDA], ["cuda"], "tpu"])
+def test_choose_providers_refuses_what_is_missing(
+    monkeypatch: pytest.MonkeyPatch, preferred: Any
+) -> None:
+    monkeypatch.setattr(providers, "onnxruntime", lambda: fake_onnxruntime([CPU]))
+    with pytest.raises(ProviderError):
+        providers.choose_providers(preferred)
+
+
+def test_missing_onnxruntime_names_the_extras(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # makes the import fail
+    with pytest.raises(ProviderError, match=r"bertrec\[cpu\].*bertrec\[gpu\]"):
+        providers.choose_providers()
+    assert issubclass(ProviderError, BertrecError)
+
+
+def test_make_session_notices_a_silent_cpu_fallback(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(providers, "onnxruntime", lambda: fake_onnxruntime([CUDA, CPU]))
+    with pytest.raises(ProviderError, match="fell back"):
+        providers.make_session(b"model", [CUDA])
+    session = providers.make_session(b"model", [CUDA, CPU])
+    assert providers.session_provider(session) == CPU
+    assert "not the preferred" in caplog.text
+
+
+def test_make_session_on_the_real_runtime(encoder_onnx: Path) -> None:
+    session = providers.make_session(encoder_onnx, [CPU], intra_op_threads=1)
+    assert providers.session_provider(session) == CPU

@@ -50,23 +50,21 @@ def integer_queries(batch: int, dim: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(-2, 3, (batch, dim)).astype(np.float32)
 
 
-@pytest.mark.parametrize("partitions", [1, 3])
 @pytest.mark.parametrize("n", [5, 64, 3000])
 @pytest.mark.parametrize("batch", [1, 4])
 @pytest.mark.parametrize("k", [1, 10, 100])
-def test_topk_matches_full_sort_with_ties(partitions: int, n: int, batch: int, k: int) -> None:
+def test_topk_matches_full_sort_with_ties(n: int, batch: int, k: int) -> None:
     items, bias = integer_catalogue(n, 6, seed=n)
     queries = integer_queries(batch, 6, seed=batch)
-    rows, scores = Ranker(items, bias, partitions=partitions).topk(queries, k)
+    rows, scores = Ranker(items, bias).topk(queries, k)
     want_rows, want_scores = reference(items, bias, queries, k)
     np.testing.assert_array_equal(rows, want_rows)
     np.testing.assert_array_equal(scores, want_scores)
     assert rows.dtype == np.int64 and scores.dtype == np.float32
 
 
-@pytest.mark.parametrize("partitions", [1, 2])
 @pytest.mark.parametrize("fetch_limit", [0, 7, 10_000])  # mask all, mask heavy, fetch all
-def test_exclusions_and_allow_lists(partitions: int, fetch_limit: int) -> None:
+def test_exclusions_and_allow_lists(fetch_limit: int) -> None:
     n, k = 500, 20
     items, bias = integer_catalogue(n, 5, seed=1)
     queries = integer_queries(6, 5, seed=2)
@@ -87,7 +85,7 @@ def test_exclusions_and_allow_lists(partitions: int, fetch_limit: int) -> None:
         np.array([9, 1, 3, 3, 400, 2, 9]),  # unsorted, duplicates, excluded rows
         np.array([], dtype=np.int64),  # nothing allowed
     ]
-    ranker = Ranker(items, bias, partitions=partitions, exclude_fetch_limit=fetch_limit)
+    ranker = Ranker(items, bias, exclude_fetch_limit=fetch_limit)
     rows, scores = ranker.topk(queries, k, exclude=exclude, allow=allow)
     want_rows, want_scores = reference(items, bias, queries, k, exclude, allow)
     np.testing.assert_array_equal(rows, want_rows)
@@ -97,39 +95,35 @@ def test_exclusions_and_allow_lists(partitions: int, fetch_limit: int) -> None:
     assert (rows[5] == PAD_ROW).all()
 
 
-@pytest.mark.parametrize("partitions", [1, 4])
-def test_k_beyond_catalogue_is_padded(partitions: int) -> None:
+@pytest.mark.parametrize("fetch_limit", [0, 1024])
+def test_k_beyond_catalogue_is_padded(fetch_limit: int) -> None:
     items, bias = integer_catalogue(7, 3, seed=4)
     queries = integer_queries(2, 3, seed=5)
-    rows, scores = Ranker(items, bias, partitions=partitions).topk(
-        queries, 12, exclude=[np.array([0, 6]), None]
-    )
+    ranker = Ranker(items, bias, exclude_fetch_limit=fetch_limit)
+    rows, scores = ranker.topk(queries, 12, exclude=[np.array([0, 6]), None])
     want_rows, want_scores = reference(items, bias, queries, 12, [np.array([0, 6]), None])
     np.testing.assert_array_equal(rows, want_rows)
     np.testing.assert_array_equal(scores, want_scores)
     assert (rows[0, 5:] == PAD_ROW).all() and (rows[1, 7:] == PAD_ROW).all()
 
 
-def test_equal_scores_resolve_to_lower_rows_across_partitions() -> None:
+def test_equal_scores_resolve_to_lower_rows() -> None:
     items = np.zeros((1000, 4), dtype=np.float32)
     bias = np.zeros(1000, dtype=np.float32)
     bias[[3, 500, 999]] = 1.0
-    for partitions in (1, 2, 7):
-        rows, scores = Ranker(items, bias, partitions=partitions).topk(np.ones((1, 4)), 6)
-        assert rows.tolist() == [[3, 500, 999, 0, 1, 2]]
-        assert scores.tolist() == [[1, 1, 1, 0, 0, 0]]
+    rows, scores = Ranker(items, bias).topk(np.ones((1, 4)), 6)
+    assert rows.tolist() == [[3, 500, 999, 0, 1, 2]]
+    assert scores.tolist() == [[1, 1, 1, 0, 0, 0]]
 
 
 def test_onnxruntime_topk_breaks_ties_by_lower_index() -> None:
     """The graph relies on ONNX TopK's rule: of equal values, the lower index comes first."""
-    session = make_session(build_topk_graph(2, [0]), [CPU])
-    items = np.array([[0, 0], [1, 0], [0, 0], [1, 0], [1, 0], [0, 0]], dtype=np.float32)
+    session = make_session(build_topk_graph(), [CPU])
+    items = np.array([[0, 1, 0, 1, 1, 0], [0, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0]], np.float32)
     feed = {
-        "queries": np.array([[1, 0], [0, 1]], dtype=np.float32),
-        "items0": items,
-        "bias0": np.zeros(6, dtype=np.float32),
+        "queries": np.array([[1, 0, 1], [0, 1, 1]], dtype=np.float32),  # (B, d + 1)
+        "items": items,  # (d + 1, n): factors transposed, bias row last
         "k": np.array([4], dtype=np.int64),
-        "k0": np.array([4], dtype=np.int64),
     }
     scores, rows = session.run(["scores", "rows"], feed)
     assert rows.tolist() == [[1, 3, 4, 0], [0, 1, 2, 3]]
@@ -141,7 +135,7 @@ def test_random_floats_against_float64() -> None:
     items = rng.standard_normal((20_000, 16), dtype=np.float32)
     bias = rng.standard_normal(20_000, dtype=np.float32)
     queries = rng.standard_normal((3, 16), dtype=np.float32)
-    rows, scores = Ranker(items, bias, partitions=2).topk(queries, 50)
+    rows, scores = Ranker(items, bias).topk(queries, 50)
     want_rows, want_scores = reference(items, bias, queries, 50)
     np.testing.assert_array_equal(rows, want_rows)
     np.testing.assert_allclose(scores, want_scores, rtol=1e-5, atol=1e-5)
