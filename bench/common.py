@@ -135,7 +135,7 @@ class ReadProbe:
     conditions."""
 
     def __init__(self, size_bytes: int) -> None:
-        self._data = np.ones((1024, size_bytes // 4096), dtype=np.float32)
+        self._data = np.ones((1024, max(size_bytes // 4096, 1)), dtype=np.float32)
         self._ones = np.ones(1024, dtype=np.float32)
         self.nbytes = self._data.nbytes
 
