@@ -195,3 +195,12 @@ def test_bad_arguments() -> None:
         ranker.scores_for(q, np.array([[10]]))
     with pytest.raises(ValueError, match="item_bias"):
         Ranker(items, bias[:5])
+
+
+def test_member_matches_isin_for_sorted_and_unsorted_exclusions() -> None:
+    from bertrec.server.ranking import _member
+
+    rng = np.random.default_rng(3)
+    rows = rng.integers(0, 500, size=200)
+    for excluded in (np.sort(rng.choice(500, 80, replace=False)), rng.integers(0, 500, 50)):
+        np.testing.assert_array_equal(_member(rows, excluded), np.isin(rows, excluded))
