@@ -36,6 +36,15 @@ class Call:
     deadline_s: float  # time.monotonic() value
     on_done: Callable[[Callable[[], object]], bool] | None = None
 
+    @staticmethod
+    def from_context(context: Any, default_timeout_s: float) -> Call:
+        """The call behind a grpc `ServicerContext`; calls without a deadline (or a longer
+        one) get `default_timeout_s`."""
+        remaining = context.time_remaining()
+        if remaining is None or remaining > default_timeout_s:
+            remaining = default_timeout_s
+        return Call(time.monotonic() + remaining, context.add_callback)
+
 
 @dataclass(frozen=True)
 class ModelRef:

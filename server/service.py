@@ -7,7 +7,6 @@ until the model is loaded and warmed up.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 
 import grpc
@@ -100,10 +99,7 @@ class RecommenderServicer(pb_grpc.RecommenderServiceServicer):
         )
 
     def _call(self, context: grpc.ServicerContext) -> Call:
-        remaining = context.time_remaining()
-        if remaining is None or remaining > self._timeout_s:
-            remaining = self._timeout_s
-        return Call(time.monotonic() + remaining, context.add_callback)
+        return Call.from_context(context, self._timeout_s)
 
 
 def model_ref(ref: ModelRef) -> pb.ModelRef:

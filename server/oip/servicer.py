@@ -12,7 +12,6 @@ shapes; FAILED_PRECONDITION while the model is loading; the rest as for the nati
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from importlib import metadata
 
@@ -120,10 +119,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return engine, model
 
     def _call(self, context: grpc.ServicerContext) -> Call:
-        remaining = context.time_remaining()
-        if remaining is None or remaining > self._timeout_s:
-            remaining = self._timeout_s
-        return Call(time.monotonic() + remaining, context.add_callback)
+        return Call.from_context(context, self._timeout_s)
 
 
 def set_serving(servicer: health.HealthServicer, serving: bool) -> None:
