@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bertrec.export.artifacts import FactorArrays
+
 MODEL = "synthetic"
 WORDS = [
     "quiet",
@@ -57,7 +59,7 @@ def build_synthetic_repo(root: Path, n_items: int, n_users: int, dim: int, seed:
 
 
 def _write_version(out: Path, n_items: int, n_users: int, dim: int, seed: int) -> None:
-    from bertrec.export.artifacts import ENCODER_ONNX, ITEM_TEXTS, TOKENIZER, FactorArrays
+    from bertrec.export.artifacts import ENCODER_ONNX, ITEM_TEXTS, TOKENIZER
     from bertrec.export.manifest import (
         Dims,
         EncoderInfo,
@@ -71,20 +73,15 @@ def _write_version(out: Path, n_items: int, n_users: int, dim: int, seed: int) -
     from bertrec.text import TextTokenizer
 
     rng = np.random.default_rng(seed)
-    scale = 1.0 / np.sqrt(dim)
     per_user = 20
     rated = np.sort(rng.integers(0, n_items, size=(n_users, per_user)), axis=1)
-    FactorArrays(
+    random_factor_arrays(
+        rng,
         user_ids=np.array([f"u{i:07d}" for i in range(n_users)]),
         item_ids=np.array([f"i{i:08d}" for i in range(n_items)]),
-        user_factors=rng.normal(0, scale, (n_users, dim)),
-        item_factors=rng.normal(0, scale, (n_items, dim)),
-        user_bias=rng.normal(0, 0.3, n_users),
-        item_bias=rng.normal(0, 0.3, n_items),
-        item_rank_bias=rng.normal(0, 0.1, n_items),
-        text_to_user=rng.normal(0, scale, (dim, dim)),
         rated_indptr=np.arange(n_users + 1) * per_user,
         rated_indices=rated.ravel(),
+        dim=dim,
         global_mean=3.5,
     ).save(out)
     with (out / ITEM_TEXTS).open("w") as fh:
@@ -159,3 +156,30 @@ def _tiny_encoder(vocab: int, dim: int, rng: np.random.Generator) -> bytes:
     graph = helper.make_graph(nodes, "tiny_encoder", inputs, [output], initializers)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     return bytes(model.SerializeToString())
+
+
+def random_factor_arrays(
+    rng: np.random.Generator,
+    user_ids: np.ndarray,
+    item_ids: np.ndarray,
+    rated_indptr: np.ndarray,
+    rated_indices: np.ndarray,
+    dim: int,
+    global_mean: float,
+) -> FactorArrays:
+    """Random but well-scaled factors and biases around given ids and rated-item lists."""
+    scale = 1.0 / np.sqrt(dim)
+    n_users, n_items = len(user_ids), len(item_ids)
+    return FactorArrays(
+        user_ids=user_ids,
+        item_ids=item_ids,
+        user_factors=rng.normal(0, scale, (n_users, dim)),
+        item_factors=rng.normal(0, scale, (n_items, dim)),
+        user_bias=rng.normal(0, 0.3, n_users),
+        item_bias=rng.normal(0, 0.3, n_items),
+        item_rank_bias=rng.normal(0, 0.1, n_items),
+        text_to_user=rng.normal(0, scale, (dim, dim)),
+        rated_indptr=rated_indptr,
+        rated_indices=rated_indices,
+        global_mean=global_mean,
+    )

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bertrec.bench.synthetic import random_factor_arrays
 from bertrec.export.artifacts import FactorArrays
 from bertrec.train.checkpoint import TrainInfo, save_encoder, save_factors
 
@@ -69,17 +70,12 @@ def _random_factors(rng: np.random.Generator, n_users: int, n_items: int, dim: i
         np.sort(rng.choice(n_items, size=rng.integers(1, 8), replace=False)) for _ in range(n_users)
     ]
     indptr = np.concatenate([[0], np.cumsum([len(r) for r in rated])])
-    scale = 1.0 / np.sqrt(dim)
-    return FactorArrays(
+    return random_factor_arrays(
+        rng,
         user_ids=np.array([f"u{i:04d}" for i in range(n_users)]),
         item_ids=np.array([f"item-{i:05d}" for i in range(n_items)]),
-        user_factors=rng.normal(0, scale, (n_users, dim)),
-        item_factors=rng.normal(0, scale, (n_items, dim)),
-        user_bias=rng.normal(0, 0.3, n_users),
-        item_bias=rng.normal(0, 0.3, n_items),
-        item_rank_bias=rng.normal(0, 0.1, n_items),
-        text_to_user=rng.normal(0, scale, (dim, dim)),
         rated_indptr=indptr,
         rated_indices=np.concatenate(rated) if rated else np.zeros(0, np.int32),
+        dim=dim,
         global_mean=3.6,
     )

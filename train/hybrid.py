@@ -14,6 +14,8 @@ so that the text path alone must learn to produce useful factors.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -98,52 +100,48 @@ def train_hybrid(
     Runs on one thread: the matrices are small enough that thread hand-offs cost more than
     they save, and a single thread makes training bit-for-bit reproducible.
     """
+    with _one_thread():
+        gen = torch.Generator().manual_seed(cfg.seed)
+        torch.manual_seed(cfg.seed)
+        text_t = torch.from_numpy(text).float() if (cfg.use_text and text is not None) else None
+        model = HybridMF(n_users, n_items, text_t, cfg)
+        mu = float(data.ratings.mean())
+        users = torch.from_numpy(data.users)
+        items = torch.from_numpy(data.items)
+        ratings = torch.from_numpy(data.ratings)
+        opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+        steps_per_epoch = max(1, len(data) // cfg.batch_size)
+        sched = torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch
+        )
+        for epoch in range(cfg.epochs):
+            perm = torch.randperm(len(data), generator=gen)
+            total = 0.0
+            for step in range(steps_per_epoch):
+                rows = perm[step * cfg.batch_size : (step + 1) * cfg.batch_size]
+                loss = _batch_loss(
+                    model, users[rows], items[rows], ratings[rows], mu, n_warm_items, cfg, gen
+                )
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                total += float(loss.detach())
+            if progress:
+                log.info(
+                    "hybrid epoch %d/%d loss %.4f", epoch + 1, cfg.epochs, total / steps_per_epoch
+                )
+        return _export_factors(model, n_warm_items, mu)
+
+
+@contextmanager
+def _one_thread() -> Iterator[None]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _train(data, n_users, n_items, n_warm_items, text, cfg, progress)
+        yield
     finally:
         torch.set_num_threads(threads)
-
-
-def _train(
-    data: Interactions,
-    n_users: int,
-    n_items: int,
-    n_warm_items: int,
-    text: np.ndarray | None,
-    cfg: HybridConfig,
-    progress: bool,
-) -> HybridFactors:
-    gen = torch.Generator().manual_seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    text_t = torch.from_numpy(text).float() if (cfg.use_text and text is not None) else None
-    model = HybridMF(n_users, n_items, text_t, cfg)
-    mu = float(data.ratings.mean())
-    users = torch.from_numpy(data.users)
-    items = torch.from_numpy(data.items)
-    ratings = torch.from_numpy(data.ratings)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    steps_per_epoch = max(1, len(data) // cfg.batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch
-    )
-    for epoch in range(cfg.epochs):
-        perm = torch.randperm(len(data), generator=gen)
-        total = 0.0
-        for step in range(steps_per_epoch):
-            rows = perm[step * cfg.batch_size : (step + 1) * cfg.batch_size]
-            loss = _batch_loss(
-                model, users[rows], items[rows], ratings[rows], mu, n_warm_items, cfg, gen
-            )
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += float(loss.detach())
-        if progress:
-            log.info("hybrid epoch %d/%d loss %.4f", epoch + 1, cfg.epochs, total / steps_per_epoch)
-    return _export_factors(model, n_warm_items, mu)
 
 
 def _batch_loss(
