@@ -39,14 +39,31 @@ _FACTORIES = {
 }
 
 
-class _Rpc:
-    """Bookkeeping of one call: labels, start time, and recording its outcome once."""
+class _MethodSeries:
+    """The series of one method, bound to its labels once: `.labels()` costs microseconds a call."""
 
     def __init__(self, metrics: ServerMetrics, labels: dict[str, str]) -> None:
-        self.metrics, self.labels = metrics, labels
-        metrics.grpc_started.labels(**labels).inc()
-        metrics.in_flight.inc()
-        self.start_s = time.monotonic()
+        self.method = labels["grpc_method"]
+        self.started = metrics.grpc_started.labels(**labels)
+        self.handling_s = metrics.grpc_handling_s.labels(**labels)
+        self.in_flight = metrics.in_flight
+        self._metrics, self._labels = metrics, labels
+        self._handled: dict[grpc.StatusCode, Any] = {}
+
+    def begin(self) -> float:
+        self.started.inc()
+        self.in_flight.inc()
+        return time.monotonic()
+
+    def end(self, start_s: float, context: grpc.ServicerContext) -> None:
+        code = context.code() or grpc.StatusCode.OK
+        handled = self._handled.get(code)
+        if handled is None:  # bound on first use, so only codes that happened are exported
+            handled = self._metrics.grpc_handled.labels(**self._labels, grpc_code=code.name)
+            self._handled[code] = handled
+        handled.inc()
+        self.handling_s.observe(time.monotonic() - start_s)
+        self.in_flight.dec()
 
     def fail(self, exc: Exception, context: grpc.ServicerContext) -> None:
         """Abort the call with the status `exc` maps to (re-raise a handler's own abort)."""
@@ -54,76 +71,76 @@ class _Rpc:
             aborted = context.code()
             if aborted is not None and aborted != grpc.StatusCode.OK:
                 raise exc  # the handler called context.abort(); its status stands
-            log.error("unexpected error in %s", self.labels["grpc_method"], exc_info=exc)
+            log.error("unexpected error in %s", self.method, exc_info=exc)
         code, message = to_status(exc)
         context.abort(code, message)
 
-    def finish(self, context: grpc.ServicerContext) -> None:
-        code = context.code() or grpc.StatusCode.OK
-        m, labels = self.metrics, self.labels
-        m.grpc_handled.labels(**labels, grpc_code=code.name).inc()
-        m.grpc_handling_s.labels(**labels).observe(time.monotonic() - self.start_s)
-        m.in_flight.dec()
-
 
 class MetricsAndErrorsInterceptor(grpc.ServerInterceptor):
-    """Records the standard grpc_server_* series and maps exceptions to status codes."""
+    """Records the standard grpc_server_* series and maps exceptions to status codes.
+
+    grpc asks the interceptor for a handler on every call; the wrapped handler of each method
+    is built once and reused (handlers are fixed once the server has started).
+    """
 
     def __init__(self, metrics: ServerMetrics) -> None:
         self._metrics = metrics
+        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
 
     def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler | None:
+        method_path = handler_call_details.method
+        wrapped = self._wrapped.get(method_path)
+        if wrapped is not None:
+            return wrapped
         handler = continuation(handler_call_details)
         if handler is None:
             return None
         grpc_type = _TYPES[(handler.request_streaming, handler.response_streaming)]
-        service, _, method = handler_call_details.method.lstrip("/").rpartition("/")
+        service, _, method = method_path.lstrip("/").rpartition("/")
         labels = {"grpc_type": grpc_type, "grpc_service": service, "grpc_method": method}
         behavior = (
             handler.unary_unary or handler.unary_stream or handler.stream_unary
             or handler.stream_stream
         )  # fmt: skip
         wrap = _wrap_streaming if handler.response_streaming else _wrap_unary
-        return _FACTORIES[grpc_type](
-            wrap(behavior, self._metrics, labels),
+        wrapped = _FACTORIES[grpc_type](
+            wrap(behavior, _MethodSeries(self._metrics, labels)),
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
+        # Two threads may build the same method's handler at once; either result is equivalent.
+        return self._wrapped.setdefault(method_path, wrapped)
 
 
 def _wrap_unary(
-    behavior: Callable[[Any, grpc.ServicerContext], Any],
-    metrics: ServerMetrics,
-    labels: dict[str, str],
+    behavior: Callable[[Any, grpc.ServicerContext], Any], series: _MethodSeries
 ) -> Callable[[Any, grpc.ServicerContext], Any]:
     def handle(request: Any, context: grpc.ServicerContext) -> Any:
-        rpc = _Rpc(metrics, labels)
+        start_s = series.begin()
         try:
             return behavior(request, context)
         except Exception as exc:
-            rpc.fail(exc, context)
+            series.fail(exc, context)
         finally:
-            rpc.finish(context)
+            series.end(start_s, context)
 
     return handle
 
 
 def _wrap_streaming(
-    behavior: Callable[[Any, grpc.ServicerContext], Iterator[Any]],
-    metrics: ServerMetrics,
-    labels: dict[str, str],
+    behavior: Callable[[Any, grpc.ServicerContext], Iterator[Any]], series: _MethodSeries
 ) -> Callable[[Any, grpc.ServicerContext], Iterator[Any]]:
     def handle(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-        rpc = _Rpc(metrics, labels)
+        start_s = series.begin()
         try:
             yield from behavior(request, context)
         except Exception as exc:
-            rpc.fail(exc, context)
+            series.fail(exc, context)
         finally:
-            rpc.finish(context)
+            series.end(start_s, context)
 
     return handle
