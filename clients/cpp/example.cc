@@ -1,0 +1,244 @@
+// Example bertrec client: checks health, asks for recommendations and embeds one text, then
+// prints the three answers as one JSON document on stdout. Diagnostics go to stderr.
+//
+//   bertrec-example --user-id U [--target HOST:PORT] [--text T] [--k K] [--timeout-s S]
+//
+// Exit status: 0 on success, 1 when an RPC fails, 2 on bad usage.
+#include <grpcpp/grpcpp.h>
+
+#include <charconv>
+#include <chrono>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <iostream>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <system_error>
+
+#include "bertrec/v1/recommender.grpc.pb.h"
+#include "grpc/health/v1/health.grpc.pb.h"
+#include "json_writer.h"
+
+namespace {
+
+namespace health = ::grpc::health::v1;
+namespace rec = ::bertrec::v1;
+using bertrec_example::JsonWriter;
+
+constexpr int kExitRpcError = 1;
+constexpr int kExitUsage = 2;
+
+constexpr char kUsage[] =
+    "usage: bertrec-example --user-id U [--target HOST:PORT] [--text T] [--k K] "
+    "[--timeout-s S]\n"
+    "  --target HOST:PORT  server address (default 127.0.0.1:50051)\n"
+    "  --user-id U         user to recommend for (required)\n"
+    "  --text T            text to embed (default: a sample sentence)\n"
+    "  --k K               number of recommendations (default 10)\n"
+    "  --timeout-s S       deadline of each RPC in seconds (default 10)\n";
+
+struct Options {
+  std::string target = "127.0.0.1:50051";
+  std::string user_id;
+  std::string text = "a quiet film about an old friendship and a long road trip";
+  std::int32_t k = 10;
+  double timeout_s = 10.0;
+};
+
+// Parses a whole string as a number; nullopt if anything is left over or out of range.
+template <typename T>
+std::optional<T> ParseNumber(std::string_view s) {
+  T value{};
+  const char* end = s.data() + s.size();
+  const auto [ptr, ec] = std::from_chars(s.data(), end, value);
+  if (ec != std::errc() || ptr != end) return std::nullopt;
+  return value;
+}
+
+// Accepts "--flag value" and "--flag=value". Prints the problem and returns nullopt on bad
+// usage; exits 0 after printing help for -h/--help.
+std::optional<Options> ParseArgs(int argc, char** argv) {
+  Options opts;
+  for (int i = 1; i < argc; ++i) {
+    std::string_view arg = argv[i];
+    if (arg == "-h" || arg == "--help") {
+      std::cout << kUsage;
+      std::exit(0);
+    }
+    std::string_view name = arg;
+    std::optional<std::string_view> value;
+    if (const auto eq = arg.find('='); arg.rfind("--", 0) == 0 && eq != std::string_view::npos) {
+      name = arg.substr(0, eq);
+      value = arg.substr(eq + 1);
+    } else if (i + 1 < argc) {
+      value = argv[++i];
+    }
+    auto fail = [&](std::string_view why) {
+      std::cerr << "error: " << name << ": " << why << "\n" << kUsage;
+      return std::nullopt;
+    };
+    if (name != "--target" && name != "--user-id" && name != "--text" && name != "--k" &&
+        name != "--timeout-s") {
+      return fail("unknown flag");
+    }
+    if (!value) return fail("needs a value");
+
+    if (name == "--target") {
+      opts.target = *value;
+    } else if (name == "--user-id") {
+      opts.user_id = *value;
+    } else if (name == "--text") {
+      opts.text = *value;
+    } else if (name == "--k") {
+      const auto k = ParseNumber<std::int32_t>(*value);
+      if (!k || *k <= 0) return fail("must be a positive integer");
+      opts.k = *k;
+    } else {  // --timeout-s
+      const auto t = ParseNumber<double>(*value);
+      // The upper bound keeps the conversion to a clock duration far from overflow.
+      if (!t || !std::isfinite(*t) || *t <= 0 || *t > 1e6) {
+        return fail("must be a number of seconds in (0, 1e6]");
+      }
+      opts.timeout_s = *t;
+    }
+  }
+  if (opts.user_id.empty()) {
+    std::cerr << "error: --user-id is required\n" << kUsage;
+    return std::nullopt;
+  }
+  return opts;
+}
+
+// The canonical name of a status code, as every gRPC implementation spells it.
+const char* CodeName(grpc::StatusCode code) {
+  switch (code) {
+    case grpc::StatusCode::OK: return "OK";
+    case grpc::StatusCode::CANCELLED: return "CANCELLED";
+    case grpc::StatusCode::UNKNOWN: return "UNKNOWN";
+    case grpc::StatusCode::INVALID_ARGUMENT: return "INVALID_ARGUMENT";
+    case grpc::StatusCode::DEADLINE_EXCEEDED: return "DEADLINE_EXCEEDED";
+    case grpc::StatusCode::NOT_FOUND: return "NOT_FOUND";
+    case grpc::StatusCode::ALREADY_EXISTS: return "ALREADY_EXISTS";
+    case grpc::StatusCode::PERMISSION_DENIED: return "PERMISSION_DENIED";
+    case grpc::StatusCode::RESOURCE_EXHAUSTED: return "RESOURCE_EXHAUSTED";
+    case grpc::StatusCode::FAILED_PRECONDITION: return "FAILED_PRECONDITION";
+    case grpc::StatusCode::ABORTED: return "ABORTED";
+    case grpc::StatusCode::OUT_OF_RANGE: return "OUT_OF_RANGE";
+    case grpc::StatusCode::UNIMPLEMENTED: return "UNIMPLEMENTED";
+    case grpc::StatusCode::INTERNAL: return "INTERNAL";
+    case grpc::StatusCode::UNAVAILABLE: return "UNAVAILABLE";
+    case grpc::StatusCode::DATA_LOSS: return "DATA_LOSS";
+    case grpc::StatusCode::UNAUTHENTICATED: return "UNAUTHENTICATED";
+    default: return "UNKNOWN";
+  }
+}
+
+// Runs one unary RPC under its own deadline. `call` receives a fresh ClientContext (one per
+// call, as gRPC requires) and returns the call's Status. On failure prints the error line and
+// returns false.
+template <typename Call>
+bool Invoke(std::string_view rpc, double timeout_s, Call&& call) {
+  grpc::ClientContext context;
+  const auto timeout = std::chrono::duration_cast<std::chrono::system_clock::duration>(
+      std::chrono::duration<double>(timeout_s));
+  context.set_deadline(std::chrono::system_clock::now() + timeout);
+  const grpc::Status status = call(&context);
+  if (!status.ok()) {
+    std::cerr << "error: " << rpc << " failed: " << CodeName(status.error_code()) << ": "
+              << status.error_message() << "\n";
+    return false;
+  }
+  return true;
+}
+
+void WriteModel(JsonWriter& json, const rec::ModelRef& model) {
+  json.Key("model").BeginObject();
+  json.Key("name").String(model.name());
+  json.Key("version").Int(model.version());
+  json.EndObject();
+}
+
+int Run(const Options& opts) {
+  // One channel carries all three calls; stubs are cheap views onto it.
+  const auto channel = grpc::CreateChannel(opts.target, grpc::InsecureChannelCredentials());
+  const auto health_stub = health::Health::NewStub(channel);
+  const auto recommender = rec::RecommenderService::NewStub(channel);
+
+  health::HealthCheckRequest health_request;
+  health_request.set_service("");  // "" = the server as a whole
+  health::HealthCheckResponse health_response;
+  if (!Invoke("Health/Check", opts.timeout_s, [&](grpc::ClientContext* ctx) {
+        return health_stub->Check(ctx, health_request, &health_response);
+      })) {
+    return kExitRpcError;
+  }
+
+  rec::RecommendRequest recommend_request;
+  recommend_request.set_user_id(opts.user_id);
+  recommend_request.set_k(opts.k);
+  // exclude_rated stays unset so the server applies its default (true).
+  rec::RecommendResponse recommend_response;
+  if (!Invoke("Recommend", opts.timeout_s, [&](grpc::ClientContext* ctx) {
+        return recommender->Recommend(ctx, recommend_request, &recommend_response);
+      })) {
+    return kExitRpcError;
+  }
+
+  rec::EmbedTextRequest embed_request;
+  embed_request.add_texts(opts.text);
+  rec::EmbedTextResponse embed_response;
+  if (!Invoke("EmbedText", opts.timeout_s, [&](grpc::ClientContext* ctx) {
+        return recommender->EmbedText(ctx, embed_request, &embed_response);
+      })) {
+    return kExitRpcError;
+  }
+  if (embed_response.embeddings_size() != 1) {
+    std::cerr << "error: EmbedText failed: returned " << embed_response.embeddings_size()
+              << " embeddings for 1 text\n";
+    return kExitRpcError;
+  }
+
+  // Open enums can carry values this build does not know; show those by number.
+  std::string status_name = health::HealthCheckResponse::ServingStatus_Name(
+      health_response.status());
+  if (status_name.empty()) status_name = std::to_string(health_response.status());
+
+  JsonWriter json;
+  json.BeginObject();
+  json.Key("health").String(status_name);
+
+  json.Key("recommend").BeginObject();
+  WriteModel(json, recommend_response.model());
+  json.Key("items").BeginArray();
+  for (const rec::RankedItem& item : recommend_response.items()) {
+    json.BeginObject();
+    json.Key("item_id").String(item.item_id());
+    json.Key("score").Float(item.score());
+    json.Key("predicted_rating").Float(item.predicted_rating());
+    json.Key("rank").Int(item.rank());
+    json.EndObject();
+  }
+  json.EndArray();
+  json.EndObject();
+
+  json.Key("embed").BeginObject();
+  WriteModel(json, embed_response.model());
+  json.Key("values").BeginArray();
+  for (const float v : embed_response.embeddings(0).values()) json.Float(v);
+  json.EndArray();
+  json.EndObject();
+
+  json.EndObject();
+  std::cout << json.str() << std::endl;
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const std::optional<Options> opts = ParseArgs(argc, argv);
+  if (!opts) return kExitUsage;
+  return Run(*opts);
+}

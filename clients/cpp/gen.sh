@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Regenerate the C++ message and gRPC stubs from the .proto files into OUT_DIR.
+#
+#   clients/cpp/gen.sh OUT_DIR
+#
+# Generated code is never committed: it is rebuilt from proto/ on every build so it cannot
+# drift from the API. Exits 3 when protoc or the gRPC C++ plugin is not installed.
+set -euo pipefail
+
+if [[ $# -ne 1 ]]; then
+  echo "usage: $0 OUT_DIR" >&2
+  exit 2
+fi
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+root="$(cd "$here/../.." && pwd)"
+out="$1"
+
+missing() {
+  echo "missing toolchain: $1 (install: $2)" >&2
+  exit 3
+}
+
+command -v protoc >/dev/null 2>&1 || missing protoc protobuf-compiler
+plugin="$(command -v grpc_cpp_plugin)" || missing grpc_cpp_plugin protobuf-compiler-grpc
+
+mkdir -p "$out"
+# Import paths mirror the proto packages, so the headers land at bertrec/v1/... and
+# grpc/health/v1/... under OUT_DIR.
+protoc \
+  -I "$root/proto" \
+  -I "$root/clients/proto" \
+  --cpp_out="$out" \
+  --grpc_out="$out" \
+  --plugin=protoc-gen-grpc="$plugin" \
+  "$root/proto/bertrec/v1/recommender.proto" \
+  "$root/clients/proto/grpc/health/v1/health.proto"

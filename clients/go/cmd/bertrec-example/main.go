@@ -1,0 +1,282 @@
+// Command bertrec-example calls a bertrec server once per RPC and prints the answers as one
+// JSON document on stdout:
+//
+//  1. grpc.health.v1.Health/Check for the whole server (service ""),
+//  2. bertrec.v1.RecommenderService/Recommend for --user-id,
+//  3. bertrec.v1.RecommenderService/EmbedText for --text.
+//
+// Diagnostics go to stderr. Exit status: 0 on success, 1 when an RPC fails (the message names
+// the RPC and its gRPC status code), 2 on bad flags.
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"math"
+	"os"
+	"os/signal"
+	"syscall"
+	"time"
+
+	bertrecv1 "bertrec.dev/clients/go/gen/bertrec/v1"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/status"
+)
+
+const (
+	exitRPCError = 1
+	exitUsage    = 2
+	defaultText  = "a heartwarming story about friendship and adventure"
+)
+
+// Full method names, used in error messages so they match server logs and grpcurl.
+const (
+	rpcHealthCheck = "grpc.health.v1.Health/Check"
+	rpcRecommend   = "bertrec.v1.RecommenderService/Recommend"
+	rpcEmbedText   = "bertrec.v1.RecommenderService/EmbedText"
+)
+
+// The output document. Scores and vector values stay float32, as on the wire: encoding/json
+// writes a float32 in its shortest form that parses back to the same float32, so nothing is
+// lost or invented by widening to float64.
+type output struct {
+	Health    string          `json:"health"`
+	Recommend recommendOutput `json:"recommend"`
+	Embed     embedOutput     `json:"embed"`
+}
+
+type modelOutput struct {
+	Name    string `json:"name"`
+	Version int64  `json:"version"`
+}
+
+type itemOutput struct {
+	ItemID          string  `json:"item_id"`
+	Score           float32 `json:"score"`
+	PredictedRating float32 `json:"predicted_rating"`
+	Rank            int32   `json:"rank"`
+}
+
+type recommendOutput struct {
+	Model modelOutput  `json:"model"`
+	Items []itemOutput `json:"items"`
+}
+
+type embedOutput struct {
+	Model  modelOutput `json:"model"`
+	Values []float32   `json:"values"`
+}
+
+// errFlagsReported means the flag package has already printed the problem and the usage.
+var errFlagsReported = errors.New("invalid flags")
+
+type options struct {
+	target  string
+	userID  string
+	text    string
+	k       int32
+	timeout time.Duration
+}
+
+// rpcError is a failed call, reported as "<rpc> failed: <CODE>: <message>".
+type rpcError struct {
+	rpc string
+	st  *status.Status
+}
+
+func (e *rpcError) Error() string {
+	return fmt.Sprintf("%s failed: %s: %s", e.rpc, codeName(e.st.Code()), e.st.Message())
+}
+
+func wrapRPC(rpc string, err error) error {
+	return &rpcError{rpc: rpc, st: status.Convert(err)}
+}
+
+// canonicalCodes are the status code names of the gRPC specification (codes.Code.String()
+// gives Go-style names such as "DeadlineExceeded", which other languages do not print).
+var canonicalCodes = [...]string{
+	codes.OK:                 "OK",
+	codes.Canceled:           "CANCELLED",
+	codes.Unknown:            "UNKNOWN",
+	codes.InvalidArgument:    "INVALID_ARGUMENT",
+	codes.DeadlineExceeded:   "DEADLINE_EXCEEDED",
+	codes.NotFound:           "NOT_FOUND",
+	codes.AlreadyExists:      "ALREADY_EXISTS",
+	codes.PermissionDenied:   "PERMISSION_DENIED",
+	codes.ResourceExhausted:  "RESOURCE_EXHAUSTED",
+	codes.FailedPrecondition: "FAILED_PRECONDITION",
+	codes.Aborted:            "ABORTED",
+	codes.OutOfRange:         "OUT_OF_RANGE",
+	codes.Unimplemented:      "UNIMPLEMENTED",
+	codes.Internal:           "INTERNAL",
+	codes.Unavailable:        "UNAVAILABLE",
+	codes.DataLoss:           "DATA_LOSS",
+	codes.Unauthenticated:    "UNAUTHENTICATED",
+}
+
+func codeName(c codes.Code) string {
+	if int(c) < len(canonicalCodes) {
+		return canonicalCodes[c]
+	}
+	return fmt.Sprintf("CODE(%d)", uint32(c))
+}
+
+func main() {
+	os.Exit(run())
+}
+
+// run does the work and returns the exit status, so deferred cleanup runs before os.Exit.
+func run() int {
+	opts, err := parseFlags(os.Args[1:])
+	switch {
+	case errors.Is(err, flag.ErrHelp):
+		return 0
+	case errors.Is(err, errFlagsReported):
+		return exitUsage
+	case err != nil:
+		fmt.Fprintf(os.Stderr, "error: %v\n", err)
+		return exitUsage
+	}
+
+	// Ctrl-C or SIGTERM cancels the call in flight; it then fails with CANCELLED and the
+	// program exits through the usual error path, closing the connection.
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+
+	// Dial does not block: connection problems surface as UNAVAILABLE on the first call.
+	// grpc-go 1.33 has no credentials/insecure package; WithInsecure is its plaintext option.
+	conn, err := grpc.Dial(opts.target, grpc.WithInsecure())
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "error: cannot open a channel to %s: %v\n", opts.target, err)
+		return exitRPCError
+	}
+	defer conn.Close()
+
+	doc, err := callAll(ctx, conn, opts)
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "error: %v\n", err)
+		return exitRPCError
+	}
+
+	enc := json.NewEncoder(os.Stdout)
+	enc.SetEscapeHTML(false) // ids and names are data, not HTML
+	if err := enc.Encode(doc); err != nil {
+		// Only non-finite floats (NaN, ±Inf) can fail here; JSON has no spelling for them.
+		fmt.Fprintf(os.Stderr, "error: cannot write the answer as JSON: %v\n", err)
+		return exitRPCError
+	}
+	return 0
+}
+
+func parseFlags(args []string) (options, error) {
+	fs := flag.NewFlagSet("bertrec-example", flag.ContinueOnError)
+	fs.SetOutput(os.Stderr)
+	target := fs.String("target", "127.0.0.1:50051", "server address, HOST:PORT")
+	userID := fs.String("user-id", "", "user to recommend for (required)")
+	text := fs.String("text", defaultText, "text to embed")
+	k := fs.Int("k", 10, "number of items to recommend")
+	timeoutS := fs.Float64("timeout-s", 10, "deadline of each call, in seconds")
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return options{}, err
+		}
+		return options{}, errFlagsReported
+	}
+
+	switch {
+	case fs.NArg() > 0:
+		return options{}, fmt.Errorf("unexpected argument %q", fs.Arg(0))
+	case *userID == "":
+		return options{}, errors.New("--user-id is required")
+	case *k < 1 || *k > math.MaxInt32:
+		return options{}, fmt.Errorf("--k must be between 1 and %d, got %d", math.MaxInt32, *k)
+	// The upper bound keeps the Duration conversion from overflowing (about 292 years).
+	case !(*timeoutS > 0) || *timeoutS > math.MaxInt64/float64(time.Second):
+		return options{}, fmt.Errorf("--timeout-s must be a positive number of seconds, got %v", *timeoutS)
+	}
+	return options{
+		target:  *target,
+		userID:  *userID,
+		text:    *text,
+		k:       int32(*k),
+		timeout: time.Duration(*timeoutS * float64(time.Second)),
+	}, nil
+}
+
+// callAll makes the three calls in order, each under its own deadline so a slow call cannot
+// eat into the next one's time, and stops at the first failure.
+func callAll(ctx context.Context, conn *grpc.ClientConn, opts options) (*output, error) {
+	health := healthpb.NewHealthClient(conn)
+	recommender := bertrecv1.NewRecommenderServiceClient(conn)
+
+	healthStatus, err := checkHealth(ctx, health, opts.timeout)
+	if err != nil {
+		return nil, err
+	}
+	rec, err := recommend(ctx, recommender, opts)
+	if err != nil {
+		return nil, err
+	}
+	emb, err := embed(ctx, recommender, opts)
+	if err != nil {
+		return nil, err
+	}
+	return &output{Health: healthStatus, Recommend: rec, Embed: emb}, nil
+}
+
+func checkHealth(ctx context.Context, client healthpb.HealthClient, timeout time.Duration) (string, error) {
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	// Service "" asks about the server as a whole.
+	resp, err := client.Check(ctx, &healthpb.HealthCheckRequest{Service: ""})
+	if err != nil {
+		return "", wrapRPC(rpcHealthCheck, err)
+	}
+	return resp.GetStatus().String(), nil
+}
+
+func recommend(ctx context.Context, client bertrecv1.RecommenderServiceClient, opts options) (recommendOutput, error) {
+	ctx, cancel := context.WithTimeout(ctx, opts.timeout)
+	defer cancel()
+	// ExcludeRated stays nil (unset), so the server applies its default (true).
+	resp, err := client.Recommend(ctx, &bertrecv1.RecommendRequest{UserId: opts.userID, K: opts.k})
+	if err != nil {
+		return recommendOutput{}, wrapRPC(rpcRecommend, err)
+	}
+	out := recommendOutput{Model: model(resp.GetModel()), Items: make([]itemOutput, 0, len(resp.GetItems()))}
+	for _, it := range resp.GetItems() {
+		out.Items = append(out.Items, itemOutput{
+			ItemID:          it.GetItemId(),
+			Score:           it.GetScore(),
+			PredictedRating: it.GetPredictedRating(),
+			Rank:            it.GetRank(),
+		})
+	}
+	return out, nil
+}
+
+func embed(ctx context.Context, client bertrecv1.RecommenderServiceClient, opts options) (embedOutput, error) {
+	ctx, cancel := context.WithTimeout(ctx, opts.timeout)
+	defer cancel()
+	resp, err := client.EmbedText(ctx, &bertrecv1.EmbedTextRequest{Texts: []string{opts.text}})
+	if err != nil {
+		return embedOutput{}, wrapRPC(rpcEmbedText, err)
+	}
+	if n := len(resp.GetEmbeddings()); n != 1 {
+		return embedOutput{}, fmt.Errorf("%s: expected 1 embedding for 1 text, got %d", rpcEmbedText, n)
+	}
+	values := resp.GetEmbeddings()[0].GetValues()
+	if values == nil {
+		values = []float32{} // print [] rather than null
+	}
+	return embedOutput{Model: model(resp.GetModel()), Values: values}, nil
+}
+
+func model(m *bertrecv1.ModelRef) modelOutput {
+	return modelOutput{Name: m.GetName(), Version: m.GetVersion()}
+}

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Run the example client built by build.sh.
+#
+#   clients/go/run.sh OUT_DIR [--target HOST:PORT] --user-id U [--text T] [--k K] [--timeout-s S]
+set -euo pipefail
+
+if [[ $# -lt 1 ]]; then
+  echo "usage: $0 OUT_DIR [--target HOST:PORT] --user-id U [--text T] [--k K] [--timeout-s S]" >&2
+  exit 2
+fi
+bin="$1/bertrec-example"
+shift
+if [[ ! -x "$bin" ]]; then
+  echo "error: $bin not found; build it first: $(dirname "${BASH_SOURCE[0]}")/build.sh OUT_DIR" >&2
+  exit 2
+fi
+exec "$bin" "$@"

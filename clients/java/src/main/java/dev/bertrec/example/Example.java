@@ -1,0 +1,309 @@
+package dev.bertrec.example;
+
+import com.google.gson.Gson;
+import com.google.gson.GsonBuilder;
+import com.google.gson.JsonArray;
+import com.google.gson.JsonObject;
+import dev.bertrec.v1.EmbedTextRequest;
+import dev.bertrec.v1.EmbedTextResponse;
+import dev.bertrec.v1.ModelRef;
+import dev.bertrec.v1.RankedItem;
+import dev.bertrec.v1.RecommendRequest;
+import dev.bertrec.v1.RecommendResponse;
+import dev.bertrec.v1.RecommenderServiceGrpc;
+import io.grpc.Grpc;
+import io.grpc.InsecureChannelCredentials;
+import io.grpc.ManagedChannel;
+import io.grpc.MethodDescriptor;
+import io.grpc.Status;
+import io.grpc.StatusRuntimeException;
+import io.grpc.health.v1.HealthCheckRequest;
+import io.grpc.health.v1.HealthCheckResponse;
+import io.grpc.health.v1.HealthGrpc;
+import java.io.FileDescriptor;
+import java.io.FileOutputStream;
+import java.io.PrintStream;
+import java.nio.charset.StandardCharsets;
+import java.util.Set;
+import java.util.concurrent.TimeUnit;
+import java.util.function.Supplier;
+import java.util.logging.Level;
+import java.util.logging.Logger;
+
+/**
+ * Example bertrec client: checks health, asks for recommendations for one user and embeds one
+ * text, then prints the three answers as one JSON document on stdout.
+ *
+ * <p>Usage: {@code Example --user-id U [--target HOST:PORT] [--text T] [--k K] [--timeout-s S]}.
+ * Exit status: 0 on success, 1 when an RPC fails (the status is printed on stderr), 2 on bad
+ * arguments.
+ */
+public final class Example {
+  private static final String DEFAULT_TARGET = "127.0.0.1:50051";
+  private static final String DEFAULT_TEXT = "a quiet film about family, memory and the sea";
+  private static final int DEFAULT_K = 10;
+  private static final double DEFAULT_TIMEOUT_S = 10.0;
+  private static final long SHUTDOWN_GRACE_MS = 2_000;
+
+  private static final String USAGE =
+      "usage: Example --user-id U [--target HOST:PORT] [--text T] [--k K] [--timeout-s S]\n"
+          + "  --target     server address (default " + DEFAULT_TARGET + ")\n"
+          + "  --user-id    user to recommend for (required)\n"
+          + "  --text       text to embed (default: a sample sentence)\n"
+          + "  --k          number of recommendations (default " + DEFAULT_K + ")\n"
+          + "  --timeout-s  deadline of each call in seconds (default " + DEFAULT_TIMEOUT_S + ")";
+
+  // System.out/err encode with the platform charset, which is ASCII under LANG=C; JSON is UTF-8.
+  private static final PrintStream OUT =
+      new PrintStream(new FileOutputStream(FileDescriptor.out), false, StandardCharsets.UTF_8);
+  private static final PrintStream ERR =
+      new PrintStream(new FileOutputStream(FileDescriptor.err), true, StandardCharsets.UTF_8);
+
+  // Compact output; no HTML escaping, so ids such as "a<b" print as written.
+  private static final Gson GSON = new GsonBuilder().disableHtmlEscaping().create();
+
+  // Every failed call is reported once, on one stderr line, by this program. grpc-java would also
+  // log some failures (e.g. an unresolvable host) as WARNINGs carrying a stack trace, so its
+  // logging is limited to SEVERE unless a java.util.logging config is given (see README.md).
+  // The field keeps the logger alive: java.util.logging holds loggers only weakly.
+  private static final Logger GRPC_LOGGER = Logger.getLogger("io.grpc");
+
+  private Example() {}
+
+  /** Command-line settings, validated. */
+  record Options(String target, String userId, String text, int k, long timeoutMs) {
+    private static final Set<String> FLAGS =
+        Set.of("--target", "--user-id", "--text", "--k", "--timeout-s");
+
+    static Options parse(String[] args) throws UsageException {
+      String target = DEFAULT_TARGET;
+      String userId = null;
+      String text = DEFAULT_TEXT;
+      int k = DEFAULT_K;
+      double timeoutS = DEFAULT_TIMEOUT_S;
+      for (int i = 0; i < args.length; i++) {
+        String arg = args[i];
+        if (arg.equals("-h") || arg.equals("--help")) {
+          throw new UsageException(null);
+        }
+        // Both "--flag value" and "--flag=value".
+        int eq = arg.startsWith("--") ? arg.indexOf('=') : -1;
+        String flag = eq > 0 ? arg.substring(0, eq) : arg;
+        if (!FLAGS.contains(flag)) {
+          throw new UsageException("unknown argument " + arg);
+        }
+        String value;
+        if (eq > 0) {
+          value = arg.substring(eq + 1);
+        } else if (i + 1 < args.length) {
+          value = args[++i];
+        } else {
+          throw new UsageException("missing value for " + flag);
+        }
+        switch (flag) {
+          case "--target" -> target = value;
+          case "--user-id" -> userId = value;
+          case "--text" -> text = value;
+          case "--k" -> k = parseInt(flag, value);
+          case "--timeout-s" -> timeoutS = parseDouble(flag, value);
+          default -> throw new AssertionError(flag); // FLAGS and this switch list the same flags
+        }
+      }
+      if (userId == null || userId.isEmpty()) {
+        throw new UsageException("--user-id is required");
+      }
+      if (target.isEmpty()) {
+        throw new UsageException("--target must not be empty");
+      }
+      if (k <= 0) {
+        throw new UsageException("--k must be positive, got " + k);
+      }
+      if (!(timeoutS > 0) || Double.isInfinite(timeoutS)) {
+        throw new UsageException("--timeout-s must be a positive number of seconds");
+      }
+      return new Options(target, userId, text, k, Math.max(1, Math.round(timeoutS * 1000)));
+    }
+
+    private static int parseInt(String flag, String value) throws UsageException {
+      try {
+        return Integer.parseInt(value);
+      } catch (NumberFormatException e) {
+        throw new UsageException(flag + " wants an integer, got '" + value + "'");
+      }
+    }
+
+    private static double parseDouble(String flag, String value) throws UsageException {
+      try {
+        return Double.parseDouble(value);
+      } catch (NumberFormatException e) {
+        throw new UsageException(flag + " wants a number, got '" + value + "'");
+      }
+    }
+  }
+
+  /** Bad command line; a null message means help was asked for. */
+  static final class UsageException extends Exception {
+    private static final long serialVersionUID = 1L;
+
+    UsageException(String message) {
+      super(message, null, false, false);
+    }
+  }
+
+  /** A failed RPC, named by its full gRPC method name (e.g. "grpc.health.v1.Health/Check"). */
+  static final class RpcFailure extends Exception {
+    private static final long serialVersionUID = 1L;
+
+    RpcFailure(String method, Status status) {
+      super(method + " failed: " + status.getCode().name() + ": " + describe(status), null, false,
+          false);
+    }
+
+    private static String describe(Status status) {
+      String description = status.getDescription() == null ? "" : status.getDescription().strip();
+      // Transport failures say only "io exception"; the cause says what went wrong
+      // (e.g. "Connection refused: /127.0.0.1:50051").
+      Throwable cause = status.getCause();
+      if (cause != null && cause.getMessage() != null) {
+        description = description.isEmpty()
+            ? cause.getMessage()
+            : description + " (" + cause.getMessage() + ")";
+      }
+      return description;
+    }
+  }
+
+  public static void main(String[] args) {
+    if (System.getProperty("java.util.logging.config.file") == null) {
+      GRPC_LOGGER.setLevel(Level.SEVERE);
+    }
+    int code = run(args);
+    OUT.flush();
+    ERR.flush();
+    System.exit(code);
+  }
+
+  static int run(String[] args) {
+    Options options;
+    try {
+      options = Options.parse(args);
+    } catch (UsageException e) {
+      if (e.getMessage() == null) {
+        OUT.println(USAGE);
+        return 0;
+      }
+      ERR.println("error: " + e.getMessage());
+      ERR.println(USAGE);
+      return 2;
+    }
+
+    ManagedChannel channel =
+        Grpc.newChannelBuilder(options.target(), InsecureChannelCredentials.create()).build();
+    try {
+      JsonObject document = callAll(channel, options);
+      String json;
+      try {
+        json = GSON.toJson(document);
+      } catch (IllegalArgumentException e) { // NaN or infinity: strict JSON has no spelling
+        ERR.println("error: answer is not representable as JSON: " + e.getMessage());
+        return 1;
+      }
+      OUT.println(json);
+      return 0;
+    } catch (RpcFailure e) {
+      ERR.println("error: " + e.getMessage());
+      return 1;
+    } finally {
+      // shutdownNow: every call has finished (or failed), so there is nothing to drain.
+      channel.shutdownNow();
+      try {
+        channel.awaitTermination(SHUTDOWN_GRACE_MS, TimeUnit.MILLISECONDS);
+      } catch (InterruptedException e) {
+        Thread.currentThread().interrupt();
+      }
+    }
+  }
+
+  private static JsonObject callAll(ManagedChannel channel, Options options) throws RpcFailure {
+    HealthGrpc.HealthBlockingStub health = HealthGrpc.newBlockingStub(channel);
+    RecommenderServiceGrpc.RecommenderServiceBlockingStub recommender =
+        RecommenderServiceGrpc.newBlockingStub(channel);
+    long timeoutMs = options.timeoutMs();
+
+    // withDeadlineAfter is applied right before each call so every RPC gets the full budget.
+    HealthCheckResponse status =
+        call(HealthGrpc.getCheckMethod(),
+            () -> health.withDeadlineAfter(timeoutMs, TimeUnit.MILLISECONDS)
+                .check(HealthCheckRequest.newBuilder().setService("").build()));
+
+    // exclude_rated is left unset: the server's default (true) applies.
+    RecommendResponse recommended =
+        call(RecommenderServiceGrpc.getRecommendMethod(),
+            () -> recommender.withDeadlineAfter(timeoutMs, TimeUnit.MILLISECONDS)
+                .recommend(RecommendRequest.newBuilder()
+                    .setUserId(options.userId())
+                    .setK(options.k())
+                    .build()));
+
+    EmbedTextResponse embedded =
+        call(RecommenderServiceGrpc.getEmbedTextMethod(),
+            () -> recommender.withDeadlineAfter(timeoutMs, TimeUnit.MILLISECONDS)
+                .embedText(EmbedTextRequest.newBuilder().addTexts(options.text()).build()));
+    if (embedded.getEmbeddingsCount() != 1) {
+      throw new RpcFailure(RecommenderServiceGrpc.getEmbedTextMethod().getFullMethodName(),
+          Status.INTERNAL.withDescription(
+              "expected 1 embedding, got " + embedded.getEmbeddingsCount()));
+    }
+
+    JsonObject document = new JsonObject();
+    document.addProperty("health", status.getStatus().name());
+    document.add("recommend", toJson(recommended));
+    document.add("embed", toJson(embedded));
+    return document;
+  }
+
+  /** Runs one blocking call, turning its failure status into an RpcFailure naming the method. */
+  private static <T> T call(MethodDescriptor<?, ?> method, Supplier<T> rpc) throws RpcFailure {
+    try {
+      return rpc.get();
+    } catch (StatusRuntimeException e) {
+      throw new RpcFailure(method.getFullMethodName(), e.getStatus());
+    }
+  }
+
+  private static JsonObject toJson(ModelRef model) {
+    JsonObject json = new JsonObject();
+    json.addProperty("name", model.getName());
+    json.addProperty("version", model.getVersion());
+    return json;
+  }
+
+  // Floats stay boxed as Float: Gson prints them with Float.toString, the shortest decimal that
+  // reads back as the same float32 (widening to double first would print float noise digits).
+  private static JsonObject toJson(RecommendResponse response) {
+    JsonArray items = new JsonArray();
+    for (RankedItem item : response.getItemsList()) {
+      JsonObject json = new JsonObject();
+      json.addProperty("item_id", item.getItemId());
+      json.addProperty("score", item.getScore());
+      json.addProperty("predicted_rating", item.getPredictedRating());
+      json.addProperty("rank", item.getRank());
+      items.add(json);
+    }
+    JsonObject json = new JsonObject();
+    json.add("model", toJson(response.getModel()));
+    json.add("items", items);
+    return json;
+  }
+
+  private static JsonObject toJson(EmbedTextResponse response) {
+    JsonArray values = new JsonArray();
+    for (Float value : response.getEmbeddings(0).getValuesList()) {
+      values.add(value);
+    }
+    JsonObject json = new JsonObject();
+    json.add("model", toJson(response.getModel()));
+    json.add("values", values);
+    return json;
+  }
+}

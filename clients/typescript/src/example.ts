@@ -1,0 +1,232 @@
+/**
+ * bertrec example client (TypeScript, Node): checks the server's health, asks for one user's
+ * recommendations and embeds one text, then prints a single JSON document on stdout.
+ *
+ *   node dist/example.js --user-id U [--target HOST:PORT] [--text T] [--k K] [--timeout-s S]
+ *
+ * Exit status: 0 on success, 1 when an RPC fails (`error: <RPC> failed: <CODE>: <message>` on
+ * stderr), 2 on bad flags. Nothing but the JSON document is written to stdout.
+ */
+import { parseArgs } from "node:util";
+
+import {
+  type CallOptions,
+  type ClientUnaryCall,
+  credentials,
+  Metadata,
+  type ServiceError,
+  status,
+} from "@grpc/grpc-js";
+
+import {
+  EmbedTextRequest,
+  type ModelRef,
+  RecommendRequest,
+  RecommenderServiceClient,
+} from "./gen/bertrec/v1/recommender.js";
+import {
+  HealthCheckRequest,
+  healthCheckResponse_ServingStatusToJSON,
+  HealthClient,
+} from "./gen/grpc/health/v1/health.js";
+
+const DEFAULT_TARGET = "127.0.0.1:50051";
+const DEFAULT_TEXT = "a heartfelt drama about a family reunited after many years";
+const DEFAULT_K = 10;
+const DEFAULT_TIMEOUT_S = 10;
+const MAX_INT32 = 2 ** 31 - 1;
+
+const USAGE = `usage: example --user-id U [--target HOST:PORT] [--text T] [--k K] [--timeout-s S]
+
+  --target HOST:PORT  server address (default ${DEFAULT_TARGET})
+  --user-id U         user to recommend for (required)
+  --text T            text to embed (default: a sample sentence)
+  --k K               number of recommendations (default ${DEFAULT_K})
+  --timeout-s S       deadline of each RPC in seconds (default ${DEFAULT_TIMEOUT_S})`;
+
+interface Options {
+  target: string;
+  userId: string;
+  text: string;
+  k: number;
+  timeoutS: number;
+}
+
+/** Bad command-line flags: reported with the usage text, exit status 2. */
+class UsageError extends Error {}
+
+/** A failed RPC, named by its full gRPC method name. */
+class RpcError extends Error {
+  constructor(
+    readonly rpc: string,
+    readonly code: status,
+    readonly details: string,
+  ) {
+    // status[code] is the canonical name (e.g. "NOT_FOUND"); keep the number if it is unknown.
+    super(`${rpc} failed: ${status[code] ?? String(code)}: ${details}`);
+  }
+}
+
+function parseOptions(argv: readonly string[]): Options | "help" {
+  let values;
+  try {
+    ({ values } = parseArgs({
+      args: [...argv],
+      strict: true,
+      allowPositionals: false,
+      options: {
+        target: { type: "string", default: DEFAULT_TARGET },
+        "user-id": { type: "string" },
+        text: { type: "string", default: DEFAULT_TEXT },
+        k: { type: "string", default: String(DEFAULT_K) },
+        "timeout-s": { type: "string", default: String(DEFAULT_TIMEOUT_S) },
+        help: { type: "boolean", short: "h", default: false },
+      },
+    }));
+  } catch (error) {
+    // parseArgs throws TypeErrors (unknown flag, missing value): a usage problem, not a bug.
+    throw new UsageError(error instanceof Error ? error.message : String(error));
+  }
+  if (values.help) {
+    return "help";
+  }
+  const userId = values["user-id"];
+  if (userId === undefined || userId === "") {
+    throw new UsageError("--user-id is required");
+  }
+  // k is an int32 on the wire; the server checks it against its own max_k.
+  const k = Number(values.k);
+  if (!/^\d+$/.test(values.k) || k < 1 || k > MAX_INT32) {
+    throw new UsageError(`--k must be a positive integer, got ${JSON.stringify(values.k)}`);
+  }
+  const timeoutS = Number(values["timeout-s"]);
+  if (values["timeout-s"].trim() === "" || !Number.isFinite(timeoutS) || timeoutS <= 0) {
+    throw new UsageError(`--timeout-s must be a positive number, got ${JSON.stringify(values["timeout-s"])}`);
+  }
+  return { target: values.target, userId, text: values.text, k, timeoutS };
+}
+
+/** The last (fullest) overload of a generated unary client method. */
+type UnaryMethod<Req, Res> = (
+  request: Req,
+  metadata: Metadata,
+  options: Partial<CallOptions>,
+  callback: (error: ServiceError | null, response: Res) => void,
+) => ClientUnaryCall;
+
+/** Calls a unary RPC with a deadline and turns its callback into a promise. */
+function callUnary<Req, Res>(
+  rpc: string,
+  method: UnaryMethod<Req, Res>,
+  request: Req,
+  timeoutS: number,
+): Promise<Res> {
+  return new Promise((resolve, reject) => {
+    // A deadline rather than a timeout: it bounds connecting and queueing too, and grpc-js
+    // propagates it to the server, which drops work whose caller has already given up.
+    const deadline = new Date(Date.now() + timeoutS * 1000);
+    method(request, new Metadata(), { deadline }, (error, response) => {
+      if (error) {
+        reject(new RpcError(rpc, error.code, error.details));
+      } else {
+        resolve(response);
+      }
+    });
+  });
+}
+
+interface ModelJson {
+  name: string;
+  version: number;
+}
+
+/** An unset message field decodes as undefined; proto3 reads it as the default (empty) value. */
+function modelJson(model: ModelRef | undefined): ModelJson {
+  return { name: model?.name ?? "", version: model?.version ?? 0 };
+}
+
+async function run(options: Options): Promise<unknown> {
+  const recommender = new RecommenderServiceClient(options.target, credentials.createInsecure());
+  // The health client borrows the recommender's channel: one connection serves every call.
+  const health = new HealthClient(options.target, credentials.createInsecure(), {
+    channelOverride: recommender.getChannel(),
+  });
+  try {
+    const healthResponse = await callUnary(
+      "grpc.health.v1.Health/Check",
+      health.check.bind(health),
+      HealthCheckRequest.fromPartial({ service: "" }),
+      options.timeoutS,
+    );
+
+    // exclude_rated stays unset, so the server applies its default (true).
+    const recommendation = await callUnary(
+      "bertrec.v1.RecommenderService/Recommend",
+      recommender.recommend.bind(recommender),
+      RecommendRequest.fromPartial({ userId: options.userId, k: options.k }),
+      options.timeoutS,
+    );
+
+    const embedRpc = "bertrec.v1.RecommenderService/EmbedText";
+    const embedding = await callUnary(
+      embedRpc,
+      recommender.embedText.bind(recommender),
+      EmbedTextRequest.fromPartial({ texts: [options.text] }),
+      options.timeoutS,
+    );
+    const vector = embedding.embeddings[0];
+    if (embedding.embeddings.length !== 1 || vector === undefined) {
+      throw new Error(`${embedRpc} returned ${embedding.embeddings.length} vectors for 1 text`);
+    }
+
+    // float32 fields arrive as JS numbers holding the exact float32 value; JSON.stringify
+    // prints the shortest decimal that reads back to that value.
+    return {
+      health: healthCheckResponse_ServingStatusToJSON(healthResponse.status),
+      recommend: {
+        model: modelJson(recommendation.model),
+        items: recommendation.items.map((item) => ({
+          item_id: item.itemId,
+          score: item.score,
+          predicted_rating: item.predictedRating,
+          rank: item.rank,
+        })),
+      },
+      embed: { model: modelJson(embedding.model), values: vector.values },
+    };
+  } finally {
+    // Closes the shared channel, so the process can exit once the event loop drains.
+    recommender.close();
+  }
+}
+
+async function main(argv: readonly string[]): Promise<number> {
+  let options: Options | "help";
+  try {
+    options = parseOptions(argv);
+  } catch (error) {
+    if (error instanceof UsageError) {
+      process.stderr.write(`error: ${error.message}\n${USAGE}\n`);
+      return 2;
+    }
+    throw error;
+  }
+  if (options === "help") {
+    process.stdout.write(`${USAGE}\n`);
+    return 0;
+  }
+  const document = await run(options);
+  process.stdout.write(`${JSON.stringify(document)}\n`);
+  return 0;
+}
+
+main(process.argv.slice(2)).then(
+  (code) => {
+    process.exitCode = code;
+  },
+  (error: unknown) => {
+    // One line, no stack trace: RPC failures carry their method, status code and message.
+    process.stderr.write(`error: ${error instanceof Error ? error.message : String(error)}\n`);
+    process.exitCode = 1;
+  },
+);
