@@ -12,6 +12,12 @@ Both send Recommend only (k=10, random known users), closed loop, `--users` call
 a generated gRPC user class (gevent-patched grpcio, pre-serialised requests, no think time),
 one process, stats reset once all users are spawned. The two throughputs should agree within
 10% unless one generator saturates its core (both CPU figures are printed).
+
+On a 2-core machine the generators compete with the server for CPU, and locust spends more CPU
+per call than `bertrec loadtest`, so with a saturated server the tool that uses less CPU measures
+more throughput. `--client-cpu N` pins both generators to core N (locust inherits the
+affinity); start the server pinned to the other core (`taskset -c 0 bertrec serve ...`) so
+each tool gets the same server.
 """
 
 from __future__ import annotations
@@ -107,7 +113,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--users", type=int, default=8, help="concurrency of both tools")
     parser.add_argument("--duration-s", type=float, default=20.0)
     parser.add_argument("--locust", default="/tmp/locust-venv/bin/locust")
+    parser.add_argument("--client-cpu", type=int, default=None,
+                        help="pin both load generators to this CPU core")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.client_cpu is not None:
+        os.sched_setaffinity(0, {args.client_cpu})
 
     from bertrec.bench.loadtest.recorder import summarize
     from bertrec.bench.loadtest.runner import LoadSpec, run_step
@@ -132,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
           f"client CPU {theirs['client_cpu_percent']:.0f}%")  # fmt: skip
     within = abs(ratio - 1) <= 0.10
     print(f"ratio loadtest/locust: {ratio:.3f} ({'within' if within else 'OUTSIDE'} 10%)")
-    print(f"load average: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(f"load average: {' '.join(f'{x:.2f}' for x in os.getloadavg())}; "
+          f"generators on CPUs {sorted(os.sched_getaffinity(0))}")  # fmt: skip
     return 0 if within else 1
 
 
