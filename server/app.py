@@ -1,28 +1,26 @@
 """Build, start, wait for and stop one bertrec server.
 
 Server style: synchronous grpcio (a thread pool of handlers, one batcher thread per model
-part), chosen after measuring both styles on this workload with `python -m bertrec.bench.server`
-(Recommend, 100k x 64 catalogue, k=10, loopback, client on the same 2 cores; results/server.json).
-The development machine was shared with other jobs throughout (load average 5-9 on 2 cores),
-so absolute numbers are low and noisy; every cell is the best of 4 interleaved rounds.
+part), chosen by measuring both styles on this workload with `python -m bertrec.bench.server`
+(Recommend, 100k x 64 catalogue, k=10, loopback, client on the same 2 cores;
+bench/results/server.json, best of 2 interleaved rounds):
 
     q/s (p99 ms)                     c=1          c=16         c=64
-    bare echo, sync grpcio          1144 (1.8)   2285 (25)    1937 (67)
-    bare echo, grpc.aio             1256 (2.2)   2306 (11)    2455 (35)
-    Recommend, sync, batching on     180 (12)     431 (60)     654 (140)
-    Recommend, aio,  batching on     181 (9.4)    415 (71)     632 (207)
-    Recommend, sync, batching off    185 (7.1)    212 (100)    231 (329)
+    bare echo, sync grpcio          1308 (0.9)   2699 (9.7)   3287 (33)
+    bare echo, grpc.aio             1408 (1.1)   2387 (9.4)   2914 (31)
+    Recommend, sync, batching on     247 (5.7)    545 (54)     966 (102)
+    Recommend, aio,  batching on     222 (5.3)    554 (42)     901 (99)
+    Recommend, sync, batching off    297 (5.6)    490 (41)     439 (176)
 
-Over seven runs (batching settings tuned between them), Recommend at c=64 was a tie on
-throughput (sync/aio 0.80-2.39, median 1.06) while the sync server's p99 was lower in six of
-them. On this workload the ranker, not the transport, takes most of the CPU (~1.5 ms of server
-CPU per call at c=64 against ~0.5 ms for a bare echo), so the transport gap PERF-NOTES measured
-on a quiet machine (sync 6.0k vs aio 3.8k q/s, 170 vs 280 us CPU per call) did not show
-through. Sync wins the tie: its tail latency, the quiet-machine transport numbers, and a simpler
-hand-off (handler threads block on a `concurrent.futures.Future` that the batcher thread
-resolves; no event loop to keep free). Blocked handler threads cost no CPU, so the pool is
-sized to the concurrency to batch over (`grpc_max_workers`). Dynamic batching gave 2.8x at
-c=64 here (batching off scans the whole catalogue once per call).
+Across runs the two styles tie on Recommend throughput (sync/aio at c=64 between 0.75 and 1.07),
+while the bare sync transport is consistently faster (1.13-1.66x) and its CPU per call lower
+(313 vs 376 us). On this workload the catalogue scan and the per-call Python path, not the
+transport, take most of the CPU (~1.4 ms per call at c=64 against ~0.3 ms for a bare echo).
+Sync wins the tie: the faster transport, and a simpler hand-off (handler threads block on a
+`concurrent.futures.Future` that the batcher thread resolves; no event loop to keep free).
+Blocked handler threads cost no CPU, so the pool is sized to the concurrency to batch over
+(`grpc_max_workers`). Dynamic batching gave 2.2x at c=64 (batching off scans the whole
+catalogue once per call).
 
 Use:
     server = Server(config)
