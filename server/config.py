@@ -140,6 +140,8 @@ def _coerce(name: str, value: Any, source: str) -> Any:
     try:
         if value is None:
             return None
+        if hint == int | None and isinstance(value, str) and not value.strip():
+            return None  # e.g. BERTREC_VERSION="" from a templated manifest: the default (newest)
         if hint in (int, int | None):
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise ValueError(value)

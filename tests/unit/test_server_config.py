@@ -93,6 +93,14 @@ def test_invalid_env_value_names_the_variable(tmp_path: Path) -> None:
         load_config({"model_repo": str(tmp_path), "model": "m"}, env=env)
 
 
+def test_empty_optional_env_value_means_unset(tmp_path: Path) -> None:
+    required = {"model_repo": str(tmp_path), "model": "m"}
+    assert load_config(required, env={"BERTREC_VERSION": ""}).version is None
+    assert load_config(required, env={"BERTREC_VERSION": "4"}).version == 4
+    with pytest.raises(ConfigError, match=r"grpc_port='' \(from BERTREC_GRPC_PORT\)"):
+        load_config(required, env={"BERTREC_GRPC_PORT": ""})
+
+
 def test_missing_required_and_missing_repo(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="model_repo is required"):
         load_config({"model": "m"}, env={})
