@@ -1,4 +1,4 @@
-"""Read ratings and item texts from CSV/TSV/JSON Lines files and MovieLens folders.
+"""Read ratings and item texts from CSV/TSV/JSON Lines files (MovieLens folders: movielens.py).
 
 Every user mistake becomes a `DataError` naming the file and the 1-based line, so the CLI can
 print one actionable line instead of a traceback. Rows are collected into plain lists and turned
@@ -26,11 +26,6 @@ log = logging.getLogger(__name__)
 
 _DELIMITERS = {".csv": ",", ".tsv": "\t"}
 _JSON_LINES = (".jsonl", ".ndjson")
-ML100K_GENRES = (
-    "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime",
-    "Documentary", "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance",
-    "Sci-Fi", "Thriller", "War", "Western",
-)  # fmt: skip
 _NO_GENRES = "(no genres listed)"
 
 Row = Any  # list[str] from the csv module, or dict[str, Any] from json
@@ -147,7 +142,8 @@ def _as_text(value: object) -> str:
     return "" if value is None else str(value).strip()
 
 
-def _genres(value: object) -> list[str]:
+def parse_genres(value: object) -> list[str]:
+    """Genres from "A|B" text or a JSON list, without MovieLens's "(no genres listed)"."""
     parts = value if isinstance(value, list) else _as_text(value).split("|")
     return [g for g in map(_as_text, parts) if g and g != _NO_GENRES]
 
@@ -255,35 +251,11 @@ def _json_records(path: Path, fh: Iterable[str], schema: _Schema) -> Iterator[Re
         raise DataError(str(path), "file is empty")
 
 
-def _split_lines(
-    path: Path, lines: Iterable[str], sep: str, width: int
-) -> Iterator[tuple[int, list[str]]]:
-    """(line, fields) of a header-less MovieLens file whose rows all have `width` fields."""
-    for line, raw in enumerate(lines, 1):
-        fields = raw.rstrip("\r\n").split(sep)
-        if len(fields) != width:
-            if not raw.strip():
-                continue
-            message = f"expected {width} fields separated by {sep!r}, found {len(fields)}"
-            raise DataError(str(path), message, line)
-        yield line, fields
-
-
-def _legacy_lines(path: Path) -> list[str]:
-    """Old MovieLens item files are latin-1; try UTF-8 first so re-encoded copies read right."""
-    data = path.read_bytes()
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        text = data.decode("latin-1")
-    return text.split("\n")  # not splitlines(): latin-1 "\x85" would count as a line break
-
-
 # ---------------------------------------------------------------------------------- ratings
 
 
 @contextmanager
-def _gc_paused() -> Generator[None, None, None]:
+def gc_paused() -> Generator[None, None, None]:
     """Pause the cyclic GC while loading: millions of new rows (lists, dicts) but no garbage,
     and the collector would keep rescanning them (a third of ml-1m's load time)."""
     was_enabled = gc.isenabled()
@@ -320,7 +292,7 @@ def _column(
     return out
 
 
-def _ratings(path: Path, lines: list[int], columns: tuple[list[Any], ...]) -> Ratings:
+def ratings_from_columns(path: Path, lines: list[int], columns: tuple[list[Any], ...]) -> Ratings:
     """Ratings from raw per-row values, with `lines` locating each row for error messages."""
     if not lines:
         raise DataError(str(path), "no ratings in the file")
@@ -353,7 +325,7 @@ def load_ratings(path: Path) -> Ratings:
     lines: list[int] = []
     columns: tuple[list[Any], ...] = ([], [], [], [], [])
     users, items, ratings, reviews, stamps = columns
-    with _gc_paused():
+    with gc_paused():
         for line, row, (user, item, rating, review, ts) in _records(path, _RATINGS):
             lines.append(line)
             users.append(row[user])
@@ -361,29 +333,14 @@ def load_ratings(path: Path) -> Ratings:
             ratings.append(row[rating])
             reviews.append(None if review is None else row[review])
             stamps.append(None if ts is None else row[ts])
-        return _ratings(path, lines, columns)
-
-
-def _plain_ratings(path: Path, sep: str) -> Ratings:
-    """Header-less user, item, rating, timestamp rows (MovieLens u.data, ratings.dat)."""
-    lines: list[int] = []
-    columns: tuple[list[Any], ...] = ([], [], [], [], [])
-    users, items, ratings, reviews, stamps = columns
-    with _gc_paused(), path.open(encoding="latin-1") as fh:  # ASCII; latin-1 can't fail
-        for line, (user, item, rating, ts) in _split_lines(path, fh, sep, 4):
-            lines.append(line)
-            users.append(user)
-            items.append(item)
-            ratings.append(rating)
-            stamps.append(ts)
-        reviews.extend([None] * len(lines))
-        return _ratings(path, lines, columns)
+        return ratings_from_columns(path, lines, columns)
 
 
 # ------------------------------------------------------------------------------- item texts
 
 
-def _item_id(path: Path, line: int, value: object) -> str:
+def parse_item_id(path: Path, line: int, value: object) -> str:
+    """An item id cell, or a `DataError` located at `path:line`."""
     try:
         return _as_id(value, "item id")
     except ValueError as exc:
@@ -404,8 +361,10 @@ def load_item_texts(path: Path) -> dict[str, str]:
     repeated = blank = 0
     for line, row, keys in _records(path, _ITEMS):
         item, text, title, description, genres = (None if k is None else row[k] for k in keys)
-        item = _item_id(path, line, item)
-        text = _as_text(text) or item_text(_as_text(title), _as_text(description), _genres(genres))
+        item = parse_item_id(path, line, item)
+        text = _as_text(text) or item_text(
+            _as_text(title), _as_text(description), parse_genres(genres)
+        )
         if not text:
             blank += 1
             continue
@@ -418,71 +377,7 @@ def load_item_texts(path: Path) -> dict[str, str]:
     return texts
 
 
-def _ml100k_items(path: Path, genre_file: Path) -> dict[str, str]:
-    genres: Sequence[str] = ML100K_GENRES
-    if genre_file.is_file():  # "name|index" lines, in index order
-        genres = [
-            name
-            for _, (name, _index) in _split_lines(genre_file, _legacy_lines(genre_file), "|", 2)
-        ]
-    texts = {}
-    for line, fields in _split_lines(path, _legacy_lines(path), "|", 5 + len(genres)):
-        flags = fields[5:]  # after id, title, release date, video release date, IMDb URL
-        if any(flag not in ("0", "1") for flag in flags):
-            raise DataError(str(path), "genre flags must be 0 or 1", line)
-        chosen = [genre for genre, flag in zip(genres, flags, strict=True) if flag == "1"]
-        texts[_item_id(path, line, fields[0])] = item_text(fields[1].strip(), genres=chosen)
-    return texts
-
-
-def _ml1m_items(path: Path) -> dict[str, str]:
-    return {
-        _item_id(path, line, movie): item_text(title.strip(), genres=_genres(genres))
-        for line, (movie, title, genres) in _split_lines(path, _legacy_lines(path), "::", 3)
-    }
-
-
 # ------------------------------------------------------------------------------------ datasets
-
-
-def _ml100k(folder: Path) -> Dataset:
-    texts = _ml100k_items(folder / "u.item", folder / "u.genre")
-    return Dataset(_plain_ratings(folder / "u.data", "\t"), texts)
-
-
-def _ml1m(folder: Path) -> Dataset:
-    return Dataset(_plain_ratings(folder / "ratings.dat", "::"), _ml1m_items(folder / "movies.dat"))
-
-
-def _ml_csv(folder: Path) -> Dataset:
-    return Dataset(load_ratings(folder / "ratings.csv"), load_item_texts(folder / "movies.csv"))
-
-
-_LAYOUTS: tuple[tuple[str, str, str, Callable[[Path], Dataset]], ...] = (
-    ("ml-100k", "u.data", "u.item", _ml100k),
-    ("ml-1m, ml-10m", "ratings.dat", "movies.dat", _ml1m),
-    ("ml-latest, ml-20m, ml-25m", "ratings.csv", "movies.csv", _ml_csv),
-)
-
-
-def load_movielens(folder: Path) -> Dataset:
-    """A MovieLens folder as unzipped: ml-100k, ml-1m/10m or ml-latest/20m/25m layout.
-
-    Item texts read "Title (Year). Genres: A, B".
-
-    Raises:
-        DataError: the folder matches no layout, or one of its files is malformed.
-    """
-    if not folder.is_dir():
-        raise DataError(str(folder), "folder not found")
-    for name, ratings_file, items_file, load in _LAYOUTS:
-        if (folder / ratings_file).is_file():
-            if not (folder / items_file).is_file():
-                raise DataError(str(folder), f"has {ratings_file} but no {items_file} ({name})")
-            return load(folder)
-    expected = "; ".join(f"{r} + {i} ({name})" for name, r, i, _ in _LAYOUTS)
-    found = ", ".join(sorted(p.name for p in folder.iterdir())[:20]) or "nothing"
-    raise DataError(str(folder), f"not a MovieLens folder: expected {expected}; found {found}")
 
 
 def load_dataset(ratings: Path, items: Path | None = None) -> Dataset:
@@ -494,6 +389,8 @@ def load_dataset(ratings: Path, items: Path | None = None) -> Dataset:
         DataError: from the loaders above.
     """
     if ratings.is_dir():
+        from bertrec.train.movielens import load_movielens  # it builds on this module
+
         dataset = load_movielens(ratings)
         if items is None:
             return dataset

@@ -12,12 +12,8 @@ import numpy as np
 import pytest
 
 from bertrec.errors import DataError
-from bertrec.train.loaders import (
-    load_dataset,
-    load_item_texts,
-    load_movielens,
-    load_ratings,
-)
+from bertrec.train.loaders import load_dataset, load_item_texts, load_ratings
+from bertrec.train.movielens import load_movielens
 
 
 def write(folder: Path, name: str, text: str, encoding: str = "utf-8") -> Path:
