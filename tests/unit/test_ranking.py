@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from bertrec.server.providers import CPU, make_session
-from bertrec.server.ranking import PAD_ROW, PAD_SCORE, Ranker, build_topk_graph
+from bertrec.server.ranking import GROUP_WIDTH, PAD_ROW, PAD_SCORE, Ranker, build_topk_graph
 
 Rows = list[np.ndarray | None]
 
@@ -119,15 +119,41 @@ def test_equal_scores_resolve_to_lower_rows() -> None:
 def test_onnxruntime_topk_breaks_ties_by_lower_index() -> None:
     """The graph relies on ONNX TopK's rule: of equal values, the lower index comes first."""
     session = make_session(build_topk_graph(), [CPU])
-    items = np.array([[0, 1, 0, 1, 1, 0], [0, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0]], np.float32)
+    items = np.zeros((3, GROUP_WIDTH), np.float32)  # (d + 1, n): factors transposed, bias last
+    items[0, [1, 3, 4]] = 1
+    items[2, 6:] = PAD_SCORE  # 6 items padded to one whole group
     feed = {
         "queries": np.array([[1, 0, 1], [0, 1, 1]], dtype=np.float32),  # (B, d + 1)
-        "items": items,  # (d + 1, n): factors transposed, bias row last
+        "items": items,
         "k": np.array([4], dtype=np.int64),
+        "k_groups": np.array([1], dtype=np.int64),
     }
     scores, rows = session.run(["scores", "rows"], feed)
     assert rows.tolist() == [[1, 3, 4, 0], [0, 1, 2, 3]]
     assert scores.tolist() == [[1, 1, 1, 0], [0, 0, 0, 0]]
+
+
+@pytest.mark.parametrize("k", [1, 7, 20, 60, 500])
+def test_two_stage_topk_is_exact_with_ties_across_groups(k: int) -> None:
+    """Scores from three values only: most groups tie on their maximum, and the k-th score ties
+    across many groups; the answer must still be the lowest rows among equals."""
+    rng = np.random.default_rng(k)
+    n = GROUP_WIDTH * 50 + 5  # a partly filled last group
+    items = np.zeros((n, 4), dtype=np.float32)
+    bias = rng.integers(0, 3, size=n).astype(np.float32)
+    rows, scores = Ranker(items, bias).topk(np.zeros((2, 4)), k)
+    want_rows, want_scores = reference(items, bias, np.zeros((2, 4), np.float32), k)
+    np.testing.assert_array_equal(rows, want_rows)
+    np.testing.assert_array_equal(scores, want_scores)
+
+
+def test_masked_scan_never_returns_group_padding() -> None:
+    items = np.eye(40, 4, dtype=np.float32)
+    bias = np.arange(40, dtype=np.float32)
+    ranker = Ranker(items, bias, exclude_fetch_limit=0)  # every exclusion takes the masked path
+    rows, scores = ranker.topk(np.ones((1, 4)), 10, exclude=[np.arange(3, 40)])
+    assert rows.tolist() == [[2, 1, 0] + [PAD_ROW] * 7]
+    assert scores[0, 3:].tolist() == [PAD_SCORE] * 7
 
 
 def test_random_floats_against_float64() -> None:
