@@ -6,20 +6,20 @@ part), chosen by measuring both styles on this workload with `python -m bertrec.
 bench/results/server.json, best of 2 interleaved rounds):
 
     q/s (p99 ms)                     c=1          c=16         c=64
-    bare echo, sync grpcio          1308 (0.9)   2699 (9.7)   3287 (33)
-    bare echo, grpc.aio             1408 (1.1)   2387 (9.4)   2914 (31)
-    Recommend, sync, batching on     247 (5.7)    545 (54)     966 (102)
-    Recommend, aio,  batching on     222 (5.3)    554 (42)     901 (99)
-    Recommend, sync, batching off    297 (5.6)    490 (41)     439 (176)
+    bare echo, sync grpcio          1419 (1.2)   3221 (9.3)   3357 (39)
+    bare echo, grpc.aio             1322 (1.3)   2643 (9.7)   2540 (36)
+    Recommend, sync, batching on     197 (6.2)    688 (43)    1085 (108)
+    Recommend, aio,  batching on     198 (7.9)    710 (32)    1002 (107)
+    Recommend, sync, batching off    203 (6.3)    652 (31)     573 (143)
 
-Across runs the two styles tie on Recommend throughput (sync/aio at c=64 between 0.75 and 1.07),
+Across runs the two styles tie on Recommend throughput (sync/aio at c=64 between 0.75 and 1.08),
 while the bare sync transport is consistently faster (1.13-1.66x) and its CPU per call lower
-(313 vs 376 us). On this workload the catalogue scan and the per-call Python path, not the
-transport, take most of the CPU (~1.4 ms per call at c=64 against ~0.3 ms for a bare echo).
+(310 vs 429 us). On this workload the catalogue scan and the per-call Python path, not the
+transport, take most of the CPU (~1.2 ms per call at c=64 against ~0.3 ms for a bare echo).
 Sync wins the tie: the faster transport, and a simpler hand-off (handler threads block on a
 `concurrent.futures.Future` that the batcher thread resolves; no event loop to keep free).
 Blocked handler threads cost no CPU, so the pool is sized to the concurrency to batch over
-(`grpc_max_workers`). Dynamic batching gave 2.2x at c=64 (batching off scans the whole
+(`grpc_max_workers`). Dynamic batching gave 1.9x at c=64 (batching off scans the whole
 catalogue once per call).
 
 Use:
