@@ -85,6 +85,24 @@ class FactorArrays:
             RATED_INDICES: np.ascontiguousarray(self.rated_indices, dtype=np.int32),
         }
 
+    def shape_mismatch(self, n_users: int, n_items: int, dim: int) -> str | None:
+        """The first array whose shape disagrees with the given sizes, described; else None."""
+        expected = {
+            "user_ids": (self.user_ids.shape, (n_users,)),
+            "item_ids": (self.item_ids.shape, (n_items,)),
+            "user_factors": (self.user_factors.shape, (n_users, dim)),
+            "item_factors": (self.item_factors.shape, (n_items, dim)),
+            "user_bias": (self.user_bias.shape, (n_users,)),
+            "item_bias": (self.item_bias.shape, (n_items,)),
+            "item_rank_bias": (self.item_rank_bias.shape, (n_items,)),
+            "text_to_user": (self.text_to_user.shape, (dim, dim)),
+            "rated_indptr": (self.rated_indptr.shape, (n_users + 1,)),
+        }
+        for name, (actual, want) in expected.items():
+            if tuple(actual) != want:
+                return f"{name} has shape {tuple(actual)}, expected {want}"
+        return None
+
     def save(self, directory: Path) -> None:
         for name, array in self.arrays().items():
             np.save(directory / name, array, allow_pickle=False)

@@ -135,20 +135,12 @@ def load_trained(trained: Path, max_seq_len: int | None = None) -> TrainedModel:
 
 
 def _check_shapes(trained: Path, info: TrainInfo, f: FactorArrays, texts: list[str]) -> None:
-    n_users, n_items, d = len(f.user_ids), len(f.item_ids), info.dim
-    expected = {
-        "user_factors": (f.user_factors.shape, (n_users, d)),
-        "item_factors": (f.item_factors.shape, (n_items, d)),
-        "user_bias": (f.user_bias.shape, (n_users,)),
-        "item_bias": (f.item_bias.shape, (n_items,)),
-        "item_rank_bias": (f.item_rank_bias.shape, (n_items,)),
-        "text_to_user": (f.text_to_user.shape, (d, d)),
-        "rated_indptr": (f.rated_indptr.shape, (n_users + 1,)),
-        "item texts": ((len(texts),), (n_items,)),
-    }
-    for name, (actual, want) in expected.items():
-        if tuple(actual) != want:
-            raise ArtifactError(f"{trained}: {name} has shape {tuple(actual)}, expected {want}")
+    n_items = len(f.item_ids)
+    problem = f.shape_mismatch(len(f.user_ids), n_items, info.dim)
+    if problem is None and len(texts) != n_items:
+        problem = f"item texts has shape {(len(texts),)}, expected {(n_items,)}"
+    if problem is not None:
+        raise ArtifactError(f"{trained}: {problem}")
 
 
 def build_version(

@@ -48,7 +48,7 @@ from bertrec.server.interceptor import MetricsAndErrorsInterceptor
 from bertrec.server.lifecycle import HEALTH_SERVICE_NAME, SERVICE_NAME, Lifecycle
 from bertrec.server.metrics import ServerMetrics
 from bertrec.server.oip import SERVICE_NAME as OIP_SERVICE_NAME
-from bertrec.server.oip import InferenceServicer, set_serving
+from bertrec.server.oip import InferenceServicer
 from bertrec.server.service import RecommenderServicer
 from bertrec.v1 import recommender_pb2_grpc
 
@@ -93,7 +93,6 @@ class Server:
             RecommenderServicer(self.lifecycle.engine, c.request_timeout_s), server
         )
         health = self.lifecycle.health
-        set_serving(health, False)
         oip_grpc.add_GRPCInferenceServiceServicer_to_server(
             InferenceServicer(self.lifecycle.engine, health, c.model, c.request_timeout_s), server
         )
@@ -125,7 +124,6 @@ class Server:
             model.n_items, model.n_users,
         )  # fmt: skip
         self.lifecycle.ready(engine)
-        set_serving(self.lifecycle.health, True)
         log.info("serving %s version %d: health SERVING", model.name, model.version)
 
     def request_stop(self) -> None:

@@ -128,8 +128,7 @@ class Batcher(Generic[T, R]):
     def _purge_cancelled(self) -> None:
         """Free the slots of callers that left (called with the lock held, on a full queue)."""
         kept = [p for p in self._queue if not p.future.cancelled()]
-        for _ in range(len(self._queue) - len(kept)):
-            self._metrics.dropped_cancelled.inc()
+        self._metrics.dropped_cancelled.inc(len(self._queue) - len(kept))
         self._queue = deque(kept)
 
     def _work(self) -> None:

@@ -20,10 +20,11 @@ from pathlib import Path
 from typing import Any
 
 from bertrec.errors import BertrecError
+from bertrec.server.providers import CPU, CUDA
 
 ENV_PREFIX = "BERTREC_"
 CONFIG_ENV = "BERTREC_CONFIG"
-DEFAULT_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
+DEFAULT_PROVIDERS = (CUDA, CPU)
 
 
 class ConfigError(BertrecError):

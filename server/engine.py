@@ -16,6 +16,17 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from bertrec.results import (
+    Embeddings,
+    ModelInfo,
+    ModelRef,
+    RankedItem,
+    Recommendations,
+    ScoredItem,
+    Scores,
+    SimilarItem,
+    SimilarItems,
+)
 from bertrec.server.batcher import Batcher, BatcherConfig
 from bertrec.server.config import ServerConfig
 from bertrec.server.errors import Cancelled, DeadlineExceeded, InvalidArgument
@@ -47,77 +58,8 @@ class Call:
 
 
 @dataclass(frozen=True)
-class ModelRef:
-    name: str
-    version: int
-
-
-@dataclass(frozen=True)
-class RankedItem:
-    item_id: str
-    score: float
-    predicted_rating: float
-    rank: int
-
-
-@dataclass(frozen=True)
-class Ranked:
-    items: list[RankedItem]
-    model: ModelRef
-
-
-@dataclass(frozen=True)
-class ScoredItem:
-    item_id: str
-    predicted_rating: float
-
-
-@dataclass(frozen=True)
-class Scored:
-    items: list[ScoredItem]
-    model: ModelRef
-
-
-@dataclass(frozen=True)
-class SimilarItem:
-    item_id: str
-    similarity: float
-    rank: int
-
-
-@dataclass(frozen=True)
-class Similar:
-    items: list[SimilarItem]
-    model: ModelRef
-
-
-@dataclass(frozen=True)
-class Embeddings:
-    vectors: np.ndarray  # float32 (n, dim)
-    model: ModelRef
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    model: ModelRef
-    dim: int
-    user_count: int
-    item_count: int
-    execution_provider: str
-    encoder_file: str
-    max_seq_len: int
-    metrics: dict[str, float]
-    scoring: dict[str, str]
-    max_k: int
-    max_item_ids: int
-    max_texts: int
-    max_text_bytes: int
-    created_at: str
-
-
-@dataclass(frozen=True)
 class PendingRank:
-    """A queued ranking query and what is needed to turn its rows into a `Ranked`."""
+    """A queued ranking query and what is needed to turn its rows into `Recommendations`."""
 
     future: Future[RankResult]
     vector: np.ndarray
@@ -187,7 +129,7 @@ class Recommender:
         )
         return PendingRank(self.ranker.submit(query, deadline_s), vector, row)
 
-    def ranked(self, pending: PendingRank, result: RankResult) -> Ranked:
+    def ranked(self, pending: PendingRank, result: RankResult) -> Recommendations:
         """Assemble ranked items (with predicted ratings) from a finished ranking query."""
         ratings = self.model.predicted_ratings(pending.vector, result.rows, pending.user_row)
         ids = self.model.item_ids
@@ -198,7 +140,7 @@ class Recommender:
                 start=1,
             )
         ]
-        return Ranked(items, self.ref)
+        return Recommendations(items, self.ref)
 
     def recommend(
         self,
@@ -208,14 +150,14 @@ class Recommender:
         include_ids: Sequence[str],
         exclude_ids: Sequence[str],
         call: Call,
-    ) -> Ranked:
+    ) -> Recommendations:
         """Top-k items for a user by ranking score."""
         pending = self.submit_recommend(
             user_id, k, exclude_rated, include_ids, exclude_ids, call.deadline_s
         )
         return self.ranked(pending, wait(pending.future, call))
 
-    def recommend_for_text(self, text: str, k: int, call: Call) -> Ranked:
+    def recommend_for_text(self, text: str, k: int, call: Call) -> Recommendations:
         """Top-k items for a text folded into user space."""
         self._check_k(k)
         self._check_text(text, "text")
@@ -226,16 +168,16 @@ class Recommender:
         )
         return self.ranked(pending, wait(pending.future, call))
 
-    def score_items(self, user_id: str, item_ids: Sequence[str], call: Call) -> Scored:
+    def score_items(self, user_id: str, item_ids: Sequence[str], call: Call) -> Scores:
         """Predicted ratings for the given items, in the given order."""
         self._check_ids(item_ids, "item_ids", allow_empty=False)
         row = self.model.user_row(_nonempty(user_id, "user_id"))
         rows = self.model.item_rows(list(item_ids))
         ratings = self.model.predicted_ratings(self.model.user_vector(row), rows, row)
         items = [ScoredItem(i, float(r)) for i, r in zip(item_ids, ratings.tolist(), strict=True)]
-        return Scored(items, self.ref)
+        return Scores(items, self.ref)
 
-    def similar_items(self, item_id: str, k: int, call: Call) -> Similar:
+    def similar_items(self, item_id: str, k: int, call: Call) -> SimilarItems:
         """The k items with the most similar factor vectors (cosine), the item excluded."""
         self._check_k(k)
         row = int(self.model.item_rows([_nonempty(item_id, "item_id")])[0])
@@ -248,7 +190,7 @@ class Recommender:
                 zip(result.rows.tolist(), result.scores.tolist(), strict=True), start=1
             )
         ]
-        return Similar(items, self.ref)
+        return SimilarItems(items, self.ref)
 
     def embed_text(self, texts: Sequence[str], call: Call) -> Embeddings:
         """Encoder vectors for the texts, in order; texts join other calls' batches."""

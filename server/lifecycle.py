@@ -1,8 +1,9 @@
 """Readiness: the grpc.health.v1 status and the gate in front of the recommender.
 
 NOT_SERVING from the moment the port is bound until the model is loaded and warmed up, SERVING
-then, and NOT_SERVING for good once shutdown begins. Both the overall status ("") and the
-RecommenderService's own name are kept, so probes may ask for either.
+then, and NOT_SERVING for good once shutdown begins. The overall status ("") and each served
+API's own name (RecommenderService, the Open Inference Protocol's GRPCInferenceService, whose
+ServerReady/ModelReady read it) move together, so probes may ask for any of them.
 """
 
 from __future__ import annotations
@@ -11,10 +12,12 @@ from grpc_health.v1 import health, health_pb2
 
 from bertrec.server.engine import Recommender
 from bertrec.server.errors import NotReady
+from bertrec.server.oip import SERVICE_NAME as OIP_SERVICE_NAME
 from bertrec.v1 import recommender_pb2
 
 SERVICE_NAME: str = recommender_pb2.DESCRIPTOR.services_by_name["RecommenderService"].full_name
 HEALTH_SERVICE_NAME: str = health.SERVICE_NAME
+_REPORTED = ("", SERVICE_NAME, OIP_SERVICE_NAME)  # the names whose status this class sets
 
 
 class Lifecycle:
@@ -42,5 +45,5 @@ class Lifecycle:
         self.health.enter_graceful_shutdown()
 
     def _set(self, status: health_pb2.HealthCheckResponse.ServingStatus) -> None:
-        for name in ("", SERVICE_NAME):
+        for name in _REPORTED:
             self.health.set(name, status)

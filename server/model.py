@@ -74,8 +74,8 @@ class Model:
         self.encoder = encoder
         self.encoder_file = encoder_file
         self.item_ids: list[str] = [str(i) for i in arrays.item_ids.tolist()]
-        self._user_rows = _index(arrays.user_ids, "user", version_dir)
-        self._item_rows = _index(arrays.item_ids, "item", version_dir)
+        self._user_rows = _index([str(u) for u in arrays.user_ids.tolist()], "user", version_dir)
+        self._item_rows = _index(self.item_ids, "item", version_dir)
         self.ranker = Ranker(arrays.item_factors, arrays.item_rank_bias, threads=ranker_threads)
         norms = np.linalg.norm(arrays.item_factors, axis=1, keepdims=True)
         # A zero vector has no direction: its cosine with anything is taken as 0.
@@ -185,8 +185,8 @@ def _topk(ranker: Ranker, queries: list[RankQuery]) -> list[RankResult]:
     return results
 
 
-def _index(ids: np.ndarray, kind: str, where: Path) -> dict[str, int]:
-    index = {str(v): i for i, v in enumerate(ids.tolist())}
+def _index(ids: list[str], kind: str, where: Path) -> dict[str, int]:
+    index = {v: i for i, v in enumerate(ids)}
     if len(index) != len(ids):
         raise ArtifactError(f"{where}: {kind} ids are not unique")
     return index
@@ -208,10 +208,6 @@ def load_model(config: ServerConfig) -> Model:
     encoder_file = _encoder_file(manifest, config.encoder_variant, version_dir)
     tokenizer = TextTokenizer.from_file(version_dir / TOKENIZER, manifest.dims.max_seq_len)
     providers = choose_providers(list(config.providers))
-    if providers[0] != config.providers[0]:
-        log.warning(
-            "%s is not available here; falling back to %s", config.providers[0], providers[0]
-        )
     encoder = EncoderRuntime(
         version_dir / encoder_file,
         tokenizer,
@@ -249,20 +245,9 @@ def _encoder_file(manifest: Manifest, variant: str, version_dir: Path) -> str:
 
 
 def _check_shapes(version_dir: Path, manifest: Manifest, a: FactorArrays) -> None:
-    d, n_users, n_items = manifest.dims.factor_dim, manifest.dims.n_users, manifest.dims.n_items
-    expected: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
-        "user_ids": (a.user_ids.shape, (n_users,)),
-        "item_ids": (a.item_ids.shape, (n_items,)),
-        "user_factors": (a.user_factors.shape, (n_users, d)),
-        "item_factors": (a.item_factors.shape, (n_items, d)),
-        "user_bias": (a.user_bias.shape, (n_users,)),
-        "item_bias": (a.item_bias.shape, (n_items,)),
-        "item_rank_bias": (a.item_rank_bias.shape, (n_items,)),
-        "text_to_user": (a.text_to_user.shape, (d, d)),
-        "rated_indptr": (a.rated_indptr.shape, (n_users + 1,)),
-    }
-    for name, (actual, want) in expected.items():
-        if tuple(actual) != want:
-            raise ArtifactError(f"{version_dir}: {name} has shape {tuple(actual)}, expected {want}")
+    dims = manifest.dims
+    problem = a.shape_mismatch(dims.n_users, dims.n_items, dims.factor_dim)
+    if problem is not None:
+        raise ArtifactError(f"{version_dir}: {problem}")
     if a.rated_indptr[-1] != len(a.rated_indices):
         raise ArtifactError(f"{version_dir}: rated_indptr does not match rated_indices")

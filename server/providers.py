@@ -58,6 +58,8 @@ def choose_providers(preferred: str | Sequence[str] = "auto") -> list[str]:
     Raises:
         ProviderError: ONNX Runtime is missing, "cuda" was asked for and the build has no CUDA,
             or none of the listed providers is offered.
+
+    When the first listed provider is not offered, the fallback is logged as a warning.
     """
     available = available_providers()
     if isinstance(preferred, str):
@@ -74,6 +76,8 @@ def choose_providers(preferred: str | Sequence[str] = "auto") -> list[str]:
             f"none of the providers {list(preferred)} is available (this ONNX Runtime offers "
             f"{', '.join(available)}); install `bertrec[gpu]` for CUDA"
         )
+    if chosen[0] != wanted[0]:
+        log.warning("%s is not available here; falling back to %s", wanted[0], chosen[0])
     return chosen
 
 

@@ -11,7 +11,8 @@ from collections.abc import Callable
 
 import grpc
 
-from bertrec.server.engine import Call, ModelRef, Ranked, Recommender
+from bertrec.results import ModelRef, Recommendations
+from bertrec.server.engine import Call, Recommender
 from bertrec.v1 import recommender_pb2 as pb
 from bertrec.v1 import recommender_pb2_grpc as pb_grpc
 
@@ -106,7 +107,7 @@ def model_ref(ref: ModelRef) -> pb.ModelRef:
     return pb.ModelRef(name=ref.name, version=ref.version)
 
 
-def ranked_items(result: Ranked) -> list[pb.RankedItem]:
+def ranked_items(result: Recommendations) -> list[pb.RankedItem]:
     return [
         pb.RankedItem(
             item_id=i.item_id, score=i.score, predicted_rating=i.predicted_rating, rank=i.rank

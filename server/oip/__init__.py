@@ -4,6 +4,6 @@
 ranker to the protocol's tensors, and `tensors` decodes and encodes them (typed or raw).
 """
 
-from bertrec.server.oip.servicer import SERVICE_NAME, InferenceServicer, set_serving
+from bertrec.server.oip.servicer import SERVICE_NAME, InferenceServicer
 
-__all__ = ["SERVICE_NAME", "InferenceServicer", "set_serving"]
+__all__ = ["SERVICE_NAME", "InferenceServicer"]

@@ -20,13 +20,14 @@ from typing import Protocol
 
 import numpy as np
 
-from bertrec.server.engine import Call, PendingRank, Ranked, Recommender, wait
+from bertrec.results import Recommendations
+from bertrec.server.engine import Call, PendingRank, Recommender, wait
 from bertrec.server.errors import InvalidArgument
 from bertrec.server.oip.tensors import BYTES, FP32, INT32, INT64, Tensor
+from bertrec.server.ranking import PAD_SCORE
 
 DEFAULT_K = 10
 PAD_ID = b""
-PAD_SCORE = float("-inf")
 
 
 @dataclass(frozen=True)
@@ -122,7 +123,7 @@ def _submit(engine: Recommender, users: Sequence[str], k: int, call: Call) -> li
     return pending
 
 
-def _scores(ranked: Sequence[Ranked], k: int) -> np.ndarray:
+def _scores(ranked: Sequence[Recommendations], k: int) -> np.ndarray:
     scores = np.full((len(ranked), k), PAD_SCORE, dtype=np.float32)
     for row, result in enumerate(ranked):
         scores[row, : len(result.items)] = [i.score for i in result.items]

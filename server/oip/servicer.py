@@ -13,11 +13,11 @@ shapes; FAILED_PRECONDITION while the model is loading; the rest as for the nati
 from __future__ import annotations
 
 from collections.abc import Callable
-from importlib import metadata
 
 import grpc
 from grpc_health.v1 import health, health_pb2
 
+from bertrec import __version__
 from bertrec.oip.v2 import grpc_service_pb2 as pb
 from bertrec.oip.v2 import grpc_service_pb2_grpc as pb_grpc
 from bertrec.server.engine import Call, Recommender
@@ -75,7 +75,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def ServerMetadata(
         self, request: pb.ServerMetadataRequest, context: grpc.ServicerContext
     ) -> pb.ServerMetadataResponse:
-        return pb.ServerMetadataResponse(name="bertrec", version=_package_version())
+        return pb.ServerMetadataResponse(name="bertrec", version=__version__)
 
     def ModelMetadata(
         self, request: pb.ModelMetadataRequest, context: grpc.ServicerContext
@@ -120,12 +120,6 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     def _call(self, context: grpc.ServicerContext) -> Call:
         return Call.from_context(context, self._timeout_s)
-
-
-def set_serving(servicer: health.HealthServicer, serving: bool) -> None:
-    """Report this service as SERVING or NOT_SERVING (ignored once shutdown has begun)."""
-    status = health_pb2.HealthCheckResponse
-    servicer.set(SERVICE_NAME, status.SERVING if serving else status.NOT_SERVING)
 
 
 def _metadata(spec: TensorSpec) -> pb.ModelMetadataResponse.TensorMetadata:
@@ -178,10 +172,3 @@ def _wanted_outputs(model: V2Model, engine: Recommender, names: list[str]) -> li
     if len(set(names)) != len(names):
         raise InvalidArgument("an output is requested more than once")
     return names
-
-
-def _package_version() -> str:
-    try:
-        return metadata.version("bertrec")
-    except metadata.PackageNotFoundError:
-        return "unknown"

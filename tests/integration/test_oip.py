@@ -204,7 +204,8 @@ def test_ranker_pads_rows_with_fewer_than_k_items() -> None:
     # so a short list is produced by a stand-in engine.
     from concurrent.futures import Future
 
-    from bertrec.server.engine import Call, ModelRef, PendingRank, Ranked, RankedItem
+    from bertrec.results import ModelRef, RankedItem, Recommendations
+    from bertrec.server.engine import Call, PendingRank
     from bertrec.server.oip.models import RankerModel
     from bertrec.server.oip.tensors import Tensor
 
@@ -216,10 +217,10 @@ def test_ranker_pads_rows_with_fewer_than_k_items() -> None:
             future.set_result(user)
             return PendingRank(future, np.zeros(2, np.float32), None)
 
-        def ranked(self, pending: PendingRank, user: str) -> Ranked:
+        def ranked(self, pending: PendingRank, user: str) -> Recommendations:
             n = {"a": 3, "b": 1}[user]
             items = [RankedItem(f"{user}{r}", 1.0 - r, 0.0, r) for r in range(1, n + 1)]
-            return Ranked(items, ModelRef(MODEL, 1))
+            return Recommendations(items, ModelRef(MODEL, 1))
 
     users = Tensor("user_id", "BYTES", (2,), [b"a", b"b"])
     k = Tensor("k", "INT32", (1,), np.array([3], np.int32))
@@ -368,11 +369,11 @@ def test_readiness_follows_the_lifecycle(model_repo, tmp_path) -> None:
 def test_not_ready_once_draining() -> None:
     # Over the network a draining server refuses new calls, so ask the servicer directly.
     from bertrec.server.lifecycle import Lifecycle
-    from bertrec.server.oip import InferenceServicer, set_serving
+    from bertrec.server.oip import SERVICE_NAME, InferenceServicer
 
     lifecycle = Lifecycle()
     servicer = InferenceServicer(lifecycle.engine, lifecycle.health, MODEL, 5.0)
-    set_serving(lifecycle.health, True)
+    lifecycle.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
     assert servicer.ServerReady(pb.ServerReadyRequest(), None).ready  # type: ignore[arg-type]
     lifecycle.shutting_down()
     assert not servicer.ServerReady(pb.ServerReadyRequest(), None).ready  # type: ignore[arg-type]

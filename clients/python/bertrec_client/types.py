@@ -3,12 +3,37 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import grpc
 import numpy as np
 
+from bertrec.results import (
+    Embeddings,
+    ModelInfo,
+    ModelRef,
+    RankedItem,
+    Recommendations,
+    ScoredItem,
+    Scores,
+    SimilarItem,
+    SimilarItems,
+)
 from bertrec.v1 import recommender_pb2 as pb
+
+__all__ = [
+    "Embeddings",
+    "ModelInfo",
+    "ModelRef",
+    "RankedItem",
+    "Recommendations",
+    "RecommenderError",
+    "RetryPolicy",
+    "ScoredItem",
+    "Scores",
+    "SimilarItem",
+    "SimilarItems",
+]
 
 
 class RecommenderError(Exception):
@@ -37,79 +62,6 @@ class RetryPolicy:
     def backoff_s(self, attempt: int, rand: float) -> float:
         base = min(self.initial_backoff_s * self.multiplier ** (attempt - 1), self.max_backoff_s)
         return base * (1.0 - self.jitter * rand)
-
-
-@dataclass(frozen=True)
-class ModelRef:
-    name: str
-    version: int
-
-
-@dataclass(frozen=True)
-class RankedItem:
-    item_id: str
-    score: float  # ranking score (orders the list)
-    predicted_rating: float
-    rank: int  # 1-based
-
-
-@dataclass(frozen=True)
-class Recommendations:
-    items: list[RankedItem]
-    model: ModelRef
-
-    @property
-    def item_ids(self) -> list[str]:
-        return [i.item_id for i in self.items]
-
-
-@dataclass(frozen=True)
-class ScoredItem:
-    item_id: str
-    predicted_rating: float
-
-
-@dataclass(frozen=True)
-class Scores:
-    items: list[ScoredItem]
-    model: ModelRef
-
-
-@dataclass(frozen=True)
-class SimilarItem:
-    item_id: str
-    similarity: float  # cosine of item factors
-    rank: int
-
-
-@dataclass(frozen=True)
-class SimilarItems:
-    items: list[SimilarItem]
-    model: ModelRef
-
-
-@dataclass(frozen=True)
-class Embeddings:
-    vectors: np.ndarray  # float32 (n_texts, dim)
-    model: ModelRef
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    model: ModelRef
-    dim: int
-    user_count: int
-    item_count: int
-    execution_provider: str
-    encoder_file: str
-    max_seq_len: int
-    max_k: int
-    max_item_ids: int
-    max_texts: int
-    max_text_bytes: int
-    created_at: str
-    metrics: dict[str, float] = field(default_factory=dict)
-    scoring: dict[str, str] = field(default_factory=dict)
 
 
 def recommend_request(
