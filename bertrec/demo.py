@@ -36,20 +36,20 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from bertrec.export.artifacts import MANIFEST
     from bertrec.export.onnx_export import export_model
-    from bertrec.train.cli import training_config
+    from bertrec.train.cli import synthetic_config, training_config
     from bertrec.train.loaders import load_dataset
     from bertrec.train.pipeline import metrics_table, train
     from bertrec.train.split import split_dataset
-    from bertrec.train.synthetic import SyntheticConfig, generate
+    from bertrec.train.synthetic import generate
     from bertrec.train.writers import write_dataset
 
     started = time.monotonic()
     stages: dict[str, float] = {}
     work: Path = args.workdir
     _step(f"1/4 generate the synthetic catalogue -> {work / 'data'}")
-    synthetic = SyntheticConfig(n_users=args.users, n_items=args.items_count, seed=args.seed)
-    ratings_csv, items_csv = write_dataset(generate(synthetic)[0], work / "data")
+    ratings_csv, items_csv = write_dataset(generate(synthetic_config(args))[0], work / "data")
     dataset = load_dataset(ratings_csv, items_csv)
     stages["generate"] = _lap(started, stages)
 
@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
 
     _step(f"3/4 export to the model repository {work / 'models'}")
     version_dir = export_model(trained, work / "models", MODEL)
-    manifest = json.loads((version_dir / "manifest.json").read_text())
+    manifest = json.loads((version_dir / MANIFEST).read_text())
     print(f"exported {version_dir}")
     print("encoder parity: " + json.dumps(manifest.get("encoder", {}).get("variants", {}))[:600])
     stages["export"] = _lap(started, stages)
@@ -117,9 +117,11 @@ def _serve_and_query(
 def _query(client: Any, version_dir: Path, cold_items: frozenset[str]) -> None:
     import numpy as np
 
+    from bertrec.export.artifacts import RATED_INDPTR, USER_IDS
+
     texts = _item_texts(version_dir)
-    user_ids = np.load(version_dir / "user_ids.npy")
-    indptr = np.load(version_dir / "rated_indptr.npy")
+    user_ids = np.load(version_dir / USER_IDS)
+    indptr = np.load(version_dir / RATED_INDPTR)
     user = str(user_ids[int(np.argmax(np.diff(indptr)))])  # the most active user
     info = client.model_info()
     print(
@@ -154,9 +156,12 @@ def _query(client: Any, version_dir: Path, cold_items: frozenset[str]) -> None:
 
 
 def _item_texts(version_dir: Path) -> dict[str, str]:
-    with (version_dir / "item_texts.jsonl").open(encoding="utf-8") as fh:
-        rows = [json.loads(line) for line in fh if line.strip()]
-    return {r["item_id"]: r["text"] for r in rows}
+    import numpy as np
+
+    from bertrec.export.artifacts import ITEM_IDS, ITEM_TEXTS, load_item_texts
+
+    ids = [str(i) for i in np.load(version_dir / ITEM_IDS).tolist()]
+    return dict(zip(ids, load_item_texts(version_dir / ITEM_TEXTS), strict=True))
 
 
 def _short(texts: dict[str, str], item_id: str, cold: frozenset[str]) -> str:

@@ -6,6 +6,7 @@ A version lives at `<repo>/<model>/<version>/` and holds the files named below p
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,9 @@ ITEM_IDS = "item_ids.npy"  # unicode (n_items,): row -> external id
 RATED_INDPTR = "rated_indptr.npy"  # int64 (n_users + 1,): CSR of each user's rated items
 RATED_INDICES = "rated_indices.npy"  # int32 (nnz,): item rows, sorted within each user
 ITEM_TEXTS = "item_texts.jsonl"  # {"item_id", "text"} per line, row order
+ENCODER_OPTIMIZED_ONNX = "encoder.opt.onnx"  # optional: ORT transformer-optimised fp32 graph
+PARITY_TEXTS = "parity_texts.json"  # {"max_seq_len": int, "batches": [[text, ...], ...]}
+PARITY_EXPECTED = "parity_expected.npy"  # float32 (n_texts, dim): PyTorch outputs, batch order
 
 ARRAY_FILES = (
     USER_FACTORS,
@@ -128,3 +132,16 @@ class FactorArrays:
             rated_indices=get(RATED_INDICES),
             global_mean=global_mean,
         )
+
+
+def save_item_texts(path: Path, item_ids: list[str], texts: list[str]) -> None:
+    """Write ITEM_TEXTS: one {"item_id", "text"} object per line, in catalogue row order."""
+    with path.open("w", encoding="utf-8") as fh:
+        for item_id, text in zip(item_ids, texts, strict=True):
+            fh.write(json.dumps({"item_id": item_id, "text": text}, ensure_ascii=False) + "\n")
+
+
+def load_item_texts(path: Path) -> list[str]:
+    """Texts in row order (as saved with `save_item_texts`)."""
+    with path.open(encoding="utf-8") as fh:
+        return [json.loads(line)["text"] for line in fh if line.strip()]

@@ -21,17 +21,14 @@ from bertrec.export.artifacts import (
     ENCODER_ONNX,
     ITEM_TEXTS,
     MANIFEST,
+    PARITY_EXPECTED,
+    PARITY_TEXTS,
     RANKING_SCORE,
     RATING_SCORE,
     SCHEMA_VERSION,
     TEXT_QUERY_SCORE,
     TOKENIZER,
 )
-
-# Files of a version that artifacts.py does not name (yet).
-ENCODER_OPTIMIZED_ONNX = "encoder.opt.onnx"  # optional: ORT transformer-optimised fp32 graph
-PARITY_TEXTS = "parity_texts.json"  # {"max_seq_len": int, "batches": [[text, ...], ...]}
-PARITY_EXPECTED = "parity_expected.npy"  # float32 (n_texts, dim): PyTorch outputs, batch order
 
 REQUIRED_FILES = (ENCODER_ONNX, TOKENIZER, ITEM_TEXTS, PARITY_TEXTS, PARITY_EXPECTED, *ARRAY_FILES)
 LIBRARIES = ("torch", "transformers", "onnx", "onnxruntime", "numpy", "tokenizers")

@@ -23,12 +23,13 @@ from bertrec.export.artifacts import (
     ARRAY_FILES,
     ENCODER_INT8_ONNX,
     ENCODER_ONNX,
+    ENCODER_OPTIMIZED_ONNX,
     ITEM_TEXTS,
     TOKENIZER,
     FactorArrays,
+    load_item_texts,
 )
 from bertrec.export.manifest import (
-    ENCODER_OPTIMIZED_ONNX,
     Dims,
     EncoderInfo,
     EncoderVariant,
@@ -53,7 +54,6 @@ from bertrec.train.checkpoint import (
     PROJECTION,
     TrainInfo,
     load_encoder,
-    load_item_texts,
 )
 
 log = logging.getLogger(__name__)

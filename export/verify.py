@@ -16,10 +16,8 @@ from typing import Any
 import numpy as np
 
 from bertrec.errors import ArtifactError
-from bertrec.export.artifacts import TOKENIZER
+from bertrec.export.artifacts import PARITY_EXPECTED, PARITY_TEXTS, TOKENIZER
 from bertrec.export.manifest import (
-    PARITY_EXPECTED,
-    PARITY_TEXTS,
     EncoderVariant,
     Manifest,
     Parity,

@@ -14,7 +14,13 @@ from pathlib import Path
 from typing import Any
 
 from bertrec.errors import ArtifactError
-from bertrec.export.artifacts import ITEM_TEXTS, TOKENIZER, FactorArrays
+from bertrec.export.artifacts import (
+    ITEM_TEXTS,
+    TOKENIZER,
+    FactorArrays,
+    load_item_texts,
+    save_item_texts,
+)
 
 TRAIN_INFO = "train_info.json"
 ENCODER_DIR = "encoder"
@@ -45,18 +51,6 @@ class TrainInfo:
         raw = json.loads(path.read_text())
         raw["rating_range"] = tuple(raw.get("rating_range", (1.0, 5.0)))
         return TrainInfo(**raw)
-
-
-def save_item_texts(path: Path, item_ids: list[str], texts: list[str]) -> None:
-    with path.open("w", encoding="utf-8") as fh:
-        for item_id, text in zip(item_ids, texts, strict=True):
-            fh.write(json.dumps({"item_id": item_id, "text": text}, ensure_ascii=False) + "\n")
-
-
-def load_item_texts(path: Path) -> list[str]:
-    """Texts in row order (as saved with `save_item_texts`)."""
-    with path.open(encoding="utf-8") as fh:
-        return [json.loads(line)["text"] for line in fh if line.strip()]
 
 
 def save_encoder(out: Path, encoder: Any, tokenizer: Any) -> None:

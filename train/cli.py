@@ -11,6 +11,7 @@ from bertrec.errors import BertrecError
 
 if TYPE_CHECKING:
     from bertrec.train.pipeline import TrainConfig
+    from bertrec.train.synthetic import SyntheticConfig
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -92,13 +93,18 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def synthetic_config(args: argparse.Namespace) -> SyntheticConfig:
+    """The catalogue asked for with the flags of `add_synthetic_args`."""
+    from bertrec.train.synthetic import SyntheticConfig
+
+    return SyntheticConfig(n_users=args.users, n_items=args.items_count, seed=args.seed)
+
+
 def run_generate(args: argparse.Namespace) -> int:
-    from bertrec.train.synthetic import SyntheticConfig, generate
+    from bertrec.train.synthetic import generate
     from bertrec.train.writers import write_dataset
 
-    dataset, _ = generate(
-        SyntheticConfig(n_users=args.users, n_items=args.items_count, seed=args.seed)
-    )
+    dataset, _ = generate(synthetic_config(args))
     ratings, items = write_dataset(dataset, args.out)
     print(
         f"wrote {len(dataset.ratings)} ratings to {ratings} and "

@@ -105,9 +105,14 @@ def evaluate(
     cold_test: Interactions,
     cold_rows: np.ndarray,
     k: int = 10,
+    train_csr: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> dict[str, dict[str, float]]:
-    """Warm and cold-start metrics for one scorer."""
-    indptr, indices = train.csr(index.n_users)
+    """Warm and cold-start metrics for one scorer.
+
+    `train_csr` is `train.csr(index.n_users)`, when the caller has it already (it costs a
+    sort of every training pair).
+    """
+    indptr, indices = train_csr if train_csr is not None else train.csr(index.n_users)
     warm = EvalSet(test, np.arange(index.n_warm_items), indptr, indices)
     cold = EvalSet(cold_test, cold_rows, indptr, indices)
     return {

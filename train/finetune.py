@@ -36,7 +36,9 @@ def rating_pairs(
     ratings: Ratings, item_texts: dict[str, str], n: int, rng: np.random.Generator
 ) -> tuple[list[str], np.ndarray]:
     """Up to `n` (text, rating) pairs: half reviews (where present), the rest item texts."""
-    has_review = np.flatnonzero(np.char.str_len(ratings.reviews.astype(str)) > 0)
+    # bool() per review: a fixed-width str copy of the column would be as wide as its longest one.
+    reviews = ratings.reviews
+    has_review = np.flatnonzero(np.fromiter(map(bool, reviews), dtype=bool, count=len(reviews)))
     n_reviews = min(len(has_review), n // 2 if item_texts else n)
     rows = rng.choice(has_review, size=n_reviews, replace=False) if n_reviews else has_review[:0]
     texts = [str(t) for t in ratings.reviews[rows]]

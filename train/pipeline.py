@@ -89,7 +89,7 @@ def train(dataset: Dataset, split: Split, cfg: TrainConfig, out: Path) -> TrainR
     text = np.zeros((index.n_items, encoder.hidden_size), dtype=np.float32)
     if has_text.any():
         text[has_text] = embed_texts(
-            encoder.to(device),
+            encoder,
             tokenizer,
             [t for t in item_texts if t],
             device,
@@ -109,13 +109,13 @@ def train(dataset: Dataset, split: Split, cfg: TrainConfig, out: Path) -> TrainR
     )
     timer.lap("hybrid")
 
-    metrics = _evaluate_all(split, index, train_rows, factors, cfg)
+    indptr, indices = train_rows.csr(index.n_users)
+    metrics = _evaluate_all(split, index, train_rows, (indptr, indices), factors, cfg)
     timer.lap("evaluate")
     metrics["finetune"] = ft_metrics
 
     with torch.no_grad():
         encoder.projection.weight.copy_(torch.from_numpy(factors.text_projection.T))
-    indptr, indices = train_rows.csr(index.n_users)
     arrays = FactorArrays(
         user_ids=index.user_ids,
         item_ids=index.item_ids,
@@ -157,9 +157,10 @@ def fit_text_to_user(
     """Ridge map M (d, d) from the mean text vector of a user's rated items to the user's
     factor: a text describing what someone likes becomes a user vector M @ enc(text)."""
     counts = np.diff(indptr)
-    rows = np.repeat(np.arange(len(counts)), counts)
     q = np.zeros((len(counts), item_text_vectors.shape[1]), dtype=np.float64)
-    np.add.at(q, rows, item_text_vectors[indices])
+    rated = counts > 0  # reduceat needs non-empty segments; CSR rows are grouped by user
+    vectors = item_text_vectors[indices].astype(np.float64)
+    q[rated] = np.add.reduceat(vectors, indptr[:-1][rated], axis=0)
     q /= np.maximum(counts, 1)[:, None]
     u = factors.user_factors.astype(np.float64)
     gram = q.T @ q + reg * np.eye(q.shape[1])
@@ -170,6 +171,7 @@ def _evaluate_all(
     split: Split,
     index: IdIndex,
     train_rows: Interactions,
+    train_csr: tuple[np.ndarray, np.ndarray],
     factors: HybridFactors,
     cfg: TrainConfig,
 ) -> dict[str, Any]:
@@ -192,7 +194,10 @@ def _evaluate_all(
             )
         else:
             log.warning("baseline implicit_als skipped: install the `implicit` package")
-    results = {s.name: evaluate(s, index, train_rows, test, cold, cold_rows) for s in scorers}
+    results = {
+        s.name: evaluate(s, index, train_rows, test, cold, cold_rows, train_csr=train_csr)
+        for s in scorers
+    }
     return {
         "models": results,
         "ranking_score": RANKING_SCORE,
