@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -151,14 +152,27 @@ def environment() -> dict[str, Any]:
         "python": platform.python_version(),
         "numpy": np.__version__,
         "blas_env": {name: os.environ.get(name) for name in BLAS_ENV},
-        "loadavg_start": _loadavg(),
+        "loadavg_start": loadavg(),
     }
-    for module in ("onnxruntime", "faiss", "torch"):
-        try:
-            info[module] = __import__(module).__version__
-        except ImportError:
-            info[module] = None
+    # Versions from package metadata: importing torch just to read one would cost seconds and
+    # load a second threading runtime into the process being measured.
+    for name, distributions in _LIBRARIES.items():
+        info[name] = next(filter(None, map(_installed_version, distributions)), None)
     return info
+
+
+_LIBRARIES = {
+    "onnxruntime": ("onnxruntime", "onnxruntime-gpu"),
+    "faiss": ("faiss-cpu", "faiss-gpu", "faiss"),
+    "torch": ("torch",),
+}
+
+
+def _installed_version(distribution: str) -> str | None:
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return None
 
 
 def _cpu_model() -> str:
@@ -171,7 +185,8 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def _loadavg() -> list[float] | None:
+def loadavg() -> list[float] | None:
+    """The 1/5/15-minute load averages, rounded (None where the OS has none)."""
     try:
         return [round(x, 2) for x in os.getloadavg()]
     except OSError:

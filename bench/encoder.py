@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import os
 import sys
 import tempfile
 import time
@@ -37,7 +36,14 @@ from typing import Any
 
 import numpy as np
 
-from bertrec.bench.common import environment, markdown_table, time_parts_in_turns, write_json
+from bertrec.bench.common import (
+    environment,
+    loadavg,
+    markdown_table,
+    time_parts_in_turns,
+    write_json,
+)
+from bertrec.export.verify import measure_parity
 from bertrec.server.encoder_runtime import EncoderRuntime
 from bertrec.server.providers import CPU, make_session
 from bertrec.text import TextTokenizer, TokenBatch
@@ -142,11 +148,6 @@ def ort_padded_method(
     return encode
 
 
-def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    dot = (a * b).sum(axis=1)
-    return dot / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
-
-
 def measure(plan: Plan, threads: int, seed: int) -> dict[str, Any]:
     import torch
 
@@ -183,7 +184,7 @@ def measure(plan: Plan, threads: int, seed: int) -> dict[str, Any]:
             name: encode_all(EncoderRuntime(path, tokenizer, [CPU], threads).encode, texts)
             for name, path in pooled_graphs.items()
         }
-    tokens = [int(n) for n in tokenizer(texts).attention_mask.sum(axis=1)]
+    tokens = tokenizer.lengths(texts)
     return {
         "cells": cells,
         "cosine_vs_fp32": {
@@ -239,8 +240,8 @@ def _cosine_stats(outputs: dict[str, np.ndarray]) -> dict[str, dict[str, float]]
     stats = {}
     for name in (ORT_INT8, ORT_U8U8):
         if name in outputs:
-            c = cosines(outputs[name], outputs[ORT_FP32])
-            stats[name] = {"mean": float(c.mean()), "min": float(c.min())}
+            parity = measure_parity(outputs[name], outputs[ORT_FP32])
+            stats[name] = {"mean": parity.cos_mean, "min": parity.cos_min}
     return stats
 
 
@@ -301,7 +302,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name, c in variants.items():
             print(f"  {output}, {name}: mean {c['mean']:.4f}, min {c['min']:.4f}")
     print("targets:", {name: t["met"] for name, t in targets.items()})
-    env["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    env["loadavg_end"] = loadavg()
     write_json(
         args.out,
         {"benchmark": "encoder", "quick": args.quick, "threads": args.threads,

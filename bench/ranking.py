@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -28,6 +27,7 @@ import numpy as np
 from bertrec.bench.common import (
     ReadProbe,
     environment,
+    loadavg,
     markdown_table,
     memory_read_bandwidth,
     time_in_turns,
@@ -225,7 +225,6 @@ def summarise(cells: list[dict[str, Any]], bandwidth: float) -> tuple[str, dict[
     """The results table and the targets. A batch-1 scan is compared with the best of the
     up-front bandwidth probe and the probe timed in turn with it (noise on a shared machine
     can only lower a measured bandwidth, so the larger is the truer)."""
-    """The results table, plus the issue's two targets, measured against this run."""
     faiss_qps = {(c["catalogue"], c["batch"]): c["queries_per_s"] for c in cells
                  if c["method"] == FAISS}  # fmt: skip
     rows = []
@@ -301,7 +300,7 @@ def main(argv: Sequence[str] | None = None) -> int:
              for c in exclusions],
         ))  # fmt: skip
     print("\ntargets:", {name: t["met"] for name, t in targets.items()})
-    env["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    env["loadavg_end"] = loadavg()
     write_json(
         args.out,
         {"benchmark": "ranking", "quick": args.quick, "k": args.k, "threads": args.threads,

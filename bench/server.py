@@ -255,8 +255,8 @@ class Spawned:
                 return int(match.group(1) or match.group(2))
         raise RuntimeError(f"{self.name} exited: {self.log.read_text()[-2000:]}")
 
-    def wait_ready(self, timeout_s: float = 300.0) -> None:
-        """Block until a `bertrec serve` process prints its ready line."""
+    def wait_ready(self) -> None:
+        """Block until a `bertrec serve` process prints its ready line (or exits)."""
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
             if "ready" in line:
@@ -327,7 +327,7 @@ def recommend_payloads(n_users: int, count: int = 4096, k: int = 10) -> list[byt
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from bertrec.bench.common import environment, markdown_table
+    from bertrec.bench.common import environment, loadavg, markdown_table
 
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     with tempfile.TemporaryDirectory(prefix="bertrec-bench-server-") as tmp:
@@ -359,7 +359,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "rounds": [asdict(c) for c in measured],
         "summary": _summary(measured, max(concurrencies)),
         "table": table,
-        "loadavg_end": os.getloadavg(),
+        "loadavg_end": loadavg(),
     }
 
 

@@ -7,12 +7,17 @@ loads through exactly the same path (`resolve_version`, manifest, hashes) as an 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
-from bertrec.export.artifacts import FactorArrays
+from bertrec.export.artifacts import (
+    ENCODER_ONNX,
+    ITEM_TEXTS,
+    TOKENIZER,
+    FactorArrays,
+    save_item_texts,
+)
 
 MODEL = "synthetic"
 WORDS = [
@@ -59,7 +64,6 @@ def build_synthetic_repo(root: Path, n_items: int, n_users: int, dim: int, seed:
 
 
 def _write_version(out: Path, n_items: int, n_users: int, dim: int, seed: int) -> None:
-    from bertrec.export.artifacts import ENCODER_ONNX, ITEM_TEXTS, TOKENIZER
     from bertrec.export.manifest import (
         Dims,
         EncoderInfo,
@@ -75,19 +79,18 @@ def _write_version(out: Path, n_items: int, n_users: int, dim: int, seed: int) -
     rng = np.random.default_rng(seed)
     per_user = 20
     rated = np.sort(rng.integers(0, n_items, size=(n_users, per_user)), axis=1)
+    item_ids = np.array([f"i{i:08d}" for i in range(n_items)])
     random_factor_arrays(
         rng,
         user_ids=np.array([f"u{i:07d}" for i in range(n_users)]),
-        item_ids=np.array([f"i{i:08d}" for i in range(n_items)]),
+        item_ids=item_ids,
         rated_indptr=np.arange(n_users + 1) * per_user,
         rated_indices=rated.ravel(),
         dim=dim,
         global_mean=3.5,
     ).save(out)
-    with (out / ITEM_TEXTS).open("w") as fh:
-        for i in range(n_items):
-            text = " ".join(rng.choice(WORDS, size=6))
-            fh.write(json.dumps({"item_id": f"i{i:08d}", "text": text}) + "\n")
+    texts = [" ".join(rng.choice(WORDS, size=6)) for _ in range(n_items)]
+    save_item_texts(out / ITEM_TEXTS, [str(i) for i in item_ids], texts)
     max_len = 32
     _write_tokenizer(out / TOKENIZER)
     (out / ENCODER_ONNX).write_bytes(_tiny_encoder(len(WORDS) + 4, dim, rng))

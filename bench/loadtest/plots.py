@@ -25,21 +25,21 @@ def _pyplot():  # type: ignore[no-untyped-def]
 
 
 def write_plots(
-    steps: Sequence[StepResult], folder: Path, slo_ms: float | None = None, title: str = ""
+    steps: Sequence[StepResult], folder: Path, slo_ms: float | None = None
 ) -> list[Path]:
     """Latency percentiles over time and latency CDF; plus the throughput-latency curve when
     there are several steps. Returns the files written."""
     folder.mkdir(parents=True, exist_ok=True)
     paths = [
-        _time_plot(steps, folder / TIME_PLOT, title),
-        _cdf_plot(steps, folder / CDF_PLOT, title),
+        _time_plot(steps, folder / TIME_PLOT),
+        _cdf_plot(steps, folder / CDF_PLOT),
     ]
     if len(steps) > 1:
-        paths.append(_curve_plot(steps, folder / CURVE_PLOT, slo_ms, title))
+        paths.append(_curve_plot(steps, folder / CURVE_PLOT, slo_ms))
     return paths
 
 
-def _time_plot(steps: Sequence[StepResult], path: Path, title: str) -> Path:
+def _time_plot(steps: Sequence[StepResult], path: Path) -> Path:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4), dpi=80)
     if len(steps) == 1:
@@ -54,13 +54,13 @@ def _time_plot(steps: Sequence[StepResult], path: Path, title: str) -> Path:
             ax.plot([b.t_s for b in buckets], [b.percentiles_ms["p99"] for b in buckets],
                     marker=".", label=f"p99 {step.spec.label}")  # fmt: skip
     ax.set(xlabel="seconds into the measured window", ylabel="latency (ms)", yscale="log",
-           title=title or "latency percentiles per second")  # fmt: skip
+           title="latency percentiles per second")  # fmt: skip
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize="small")
     return _save(fig, path)
 
 
-def _cdf_plot(steps: Sequence[StepResult], path: Path, title: str) -> Path:
+def _cdf_plot(steps: Sequence[StepResult], path: Path) -> Path:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4), dpi=80)
     for step in steps:
@@ -68,13 +68,13 @@ def _cdf_plot(steps: Sequence[StepResult], path: Path, title: str) -> Path:
         if latency.size:
             ax.plot(latency, np.arange(1, latency.size + 1) / latency.size, label=step.spec.label)
     ax.set(xlabel="latency (ms)", ylabel="fraction of calls at or below", xscale="log",
-           title=title or "latency CDF")  # fmt: skip
+           title="latency CDF")  # fmt: skip
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize="small")
     return _save(fig, path)
 
 
-def _curve_plot(steps: Sequence[StepResult], path: Path, slo_ms: float | None, title: str) -> Path:
+def _curve_plot(steps: Sequence[StepResult], path: Path, slo_ms: float | None) -> Path:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4), dpi=80)
     points = [(summarize(s.calls, s.window_s), s.spec.label) for s in steps if s.calls.code.size]
@@ -88,7 +88,7 @@ def _curve_plot(steps: Sequence[StepResult], path: Path, slo_ms: float | None, t
     if slo_ms is not None:
         ax.axhline(slo_ms, color="red", linestyle="--", label=f"p99 SLO {slo_ms:g} ms")
     ax.set(xlabel="throughput (OK answers/s)", ylabel="latency (ms)", yscale="log",
-           title=title or "throughput vs latency")  # fmt: skip
+           title="throughput vs latency")  # fmt: skip
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize="small")
     return _save(fig, path)

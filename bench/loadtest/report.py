@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from typing import Any
 
-from bertrec.bench.common import markdown_table
+from bertrec.bench.common import loadavg, markdown_table
 from bertrec.bench.loadtest.recorder import Summary, per_rpc, summarize, timeline
 from bertrec.bench.loadtest.runner import StepResult
 from bertrec.bench.loadtest.search import SearchResult, Slo
@@ -51,7 +51,7 @@ def build_report(
         "environment": {
             "cpus": os.cpu_count(),
             "python": platform.python_version(),
-            "loadavg": [round(x, 2) for x in os.getloadavg()],
+            "loadavg": loadavg(),
         },
         "steps": [step_report(s) for s in steps],
         "search": None,

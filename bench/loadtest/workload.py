@@ -10,7 +10,6 @@ Inputs come from, in order of preference:
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from bertrec.errors import BertrecError
+from bertrec.export.artifacts import ITEM_IDS, ITEM_TEXTS, USER_IDS, load_item_texts
 
 SERVICE = "/bertrec.v1.RecommenderService/"
 # Mix keys (CLI spelling) -> gRPC method names.
@@ -96,13 +96,10 @@ def parse_id_list(value: str | None) -> tuple[str, ...]:
 
 def inputs_from_version(version_dir: Path, limits: Limits) -> Inputs:
     """Users, items and item texts of one exported model version."""
-    users = np.load(version_dir / "user_ids.npy", allow_pickle=False)
-    items = np.load(version_dir / "item_ids.npy", allow_pickle=False)
-    texts: list[str] = []
-    texts_file = version_dir / "item_texts.jsonl"
-    if texts_file.exists():
-        with texts_file.open() as lines:
-            texts = [str(json.loads(line)["text"]) for line in lines if line.strip()]
+    users = np.load(version_dir / USER_IDS, allow_pickle=False)
+    items = np.load(version_dir / ITEM_IDS, allow_pickle=False)
+    texts_file = version_dir / ITEM_TEXTS
+    texts = [str(t) for t in load_item_texts(texts_file)] if texts_file.exists() else []
     return Inputs(
         user_ids=tuple(str(u) for u in users),
         item_ids=tuple(str(i) for i in items),
