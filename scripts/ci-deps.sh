@@ -81,17 +81,7 @@ install_apt() {
 
 # npm packages of the TypeScript client, exactly as its package-lock.json pins them.
 install_npm() {
-  local dir=clients/typescript
-  local stamp=$dir/node_modules/.ci-deps-stamp
-  local want
-  want=$(sha256sum "$dir/package-lock.json" | cut -c1-16)
-  if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
-    log "$dir/node_modules: up to date"
-    return
-  fi
-  log "npm ci in $dir"
-  (cd "$dir" && npm ci --no-audit --no-fund --loglevel=error)
-  printf '%s\n' "$want" >"$stamp"
+  bash clients/typescript/install.sh
 }
 
 # install_venv NAME REQ... : (re)install REQs into $CI_VENV/NAME unless its stamp says they are.

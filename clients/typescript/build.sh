@@ -35,19 +35,7 @@ if [[ "$here/" == "${out%/}/"* ]]; then
   exit 2
 fi
 
-# npm ci when the installed tree does not match the lockfile. The stamp holds a hash of the
-# package-lock.json it was installed from (content, not mtime: git checkouts do not keep
-# mtimes); scripts/ci-deps.sh writes the same stamp, so CI installs once. Install scripts are
-# skipped: none is needed (buf's only checks that npm installed its platform binary package,
-# which bin/buf finds by itself).
-stamp="$here/node_modules/.ci-deps-stamp"
-want="$(sha256sum "$here/package-lock.json" | cut -c1-16)"
-have="$(cat "$stamp" 2>/dev/null || true)"
-if [[ "$have" != "$want" ]]; then
-  echo "build.sh: npm ci in $here" >&2
-  (cd "$here" && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error) >&2
-  printf '%s\n' "$want" >"$stamp"
-fi
+"$here/install.sh"
 
 rm -rf "$out/src" "$out/dist"
 mkdir -p "$out/src"

@@ -13,20 +13,6 @@ from bertrec.client import RecommenderClient
 
 
 @pytest.fixture(scope="session")
-def model_repo(tmp_path_factory: pytest.TempPathFactory, tiny_bert_dir: Path) -> Path:
-    """A model repository holding version 1 of `tiny`, exported from a fake training output."""
-    from fakes import make_trained_output
-
-    from bertrec.export.onnx_export import export_model
-
-    root = tmp_path_factory.mktemp("serving")
-    trained = make_trained_output(root / "trained", tiny_bert_dir)
-    repo = root / "repo"
-    export_model(trained, repo, MODEL)
-    return repo
-
-
-@pytest.fixture(scope="session")
 def version_dir(model_repo: Path) -> Path:
     return model_repo / MODEL / "1"
 

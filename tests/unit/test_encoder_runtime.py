@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-import warnings
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -32,29 +31,17 @@ TEXTS = [
 
 @pytest.fixture(scope="module")
 def encoder_onnx(tiny_bert_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny BERT as a TextEncoder (projection to DIM), exported with the legacy exporter."""
+    """The tiny BERT as a TextEncoder (projection to DIM), exported as `bertrec export` does."""
     import torch
 
+    from bertrec.export.onnx_export import export_encoder
     from bertrec.train.encoder import TextEncoder, load_bert
 
     torch.manual_seed(0)
     bert, _, _ = load_bert(tiny_bert_dir)
-    encoder = TextEncoder(bert, DIM).eval()
     sample = tokenizer_for(tiny_bert_dir)(["a padded sample batch", "of two"])
-    names = ["input_ids", "attention_mask", "token_type_ids"]
     path = tmp_path_factory.mktemp("encoder") / "encoder.onnx"
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            encoder,
-            tuple(torch.from_numpy(a) for a in sample.as_feed().values()),
-            str(path),
-            dynamo=False,
-            opset_version=17,
-            input_names=names,
-            output_names=["embedding"],
-            dynamic_axes={**{n: {0: "batch", 1: "sequence"} for n in names}, "embedding": {0: "b"}},
-        )
+    export_encoder(TextEncoder(bert, DIM).eval(), sample, path)
     return path
 
 
