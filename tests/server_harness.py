@@ -85,10 +85,19 @@ class ServerProcess:
 
 
 def start_server(
-    repo: Path, log_dir: Path, *flags: str, import_time: bool = False
+    repo: Path,
+    log_dir: Path,
+    *flags: str,
+    import_time: bool = False,
+    python: str = sys.executable,
+    cwd: Path | None = None,
 ) -> ServerProcess:
-    """Start `python -m bertrec serve` on free loopback ports; returns once the ports are known."""
-    command = [sys.executable]
+    """Start `python -m bertrec serve` on free loopback ports; returns once the ports are known.
+
+    `python` and `cwd` let a test serve from another environment (an installed wheel) and from a
+    folder outside the source tree, so nothing is imported from the checkout by accident.
+    """
+    command = [python]
     if import_time:
         command += ["-X", "importtime"]
     command += [
@@ -102,7 +111,7 @@ def start_server(
     env = {k: v for k, v in os.environ.items() if not k.startswith("BERTREC_")}
     with stderr_path.open("w") as stderr:
         proc = subprocess.Popen(
-            command, stdout=subprocess.PIPE, stderr=stderr, text=True, env=env, bufsize=1
+            command, stdout=subprocess.PIPE, stderr=stderr, text=True, env=env, bufsize=1, cwd=cwd
         )
     server = ServerProcess(proc, stderr_path)
     threading.Thread(target=_pump, args=(proc, server.stdout_lines), daemon=True).start()

@@ -80,7 +80,7 @@ def test_images_copy_every_package_pyproject_installs(dockerfile: Path) -> None:
     folders = set(pyproject["tool"]["setuptools"]["package-dir"].values())
     copied = {shlex.split(i.args)[0] for i in parse_dockerfile(dockerfile) if i.keyword == "COPY"}
     assert folders <= copied, f"not copied: {sorted(folders - copied)}"
-    assert {"pyproject.toml", "README.md", "constraints.txt"} <= set(
+    assert {"pyproject.toml", "setup.py", "LICENSE", "README.md", "constraints.txt"} <= set(
         w for i in parse_dockerfile(dockerfile) if i.keyword == "COPY" for w in i.args.split()
     )
 
