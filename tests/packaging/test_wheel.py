@@ -102,7 +102,8 @@ def test_installed_wheel_serves_verifies_and_answers_the_light_client(
 ) -> None:
     outside = tmp_path / "elsewhere"
     outside.mkdir()
-    where = _run(serve_python, "-c", "import bertrec.server.oip as m; print(m.__file__)", cwd=outside)
+    probe = "import bertrec.server.oip as m; print(m.__file__)"
+    where = _run(serve_python, "-c", probe, cwd=outside)
     assert "site-packages" in where and str(ROOT) not in where
 
     verify = _run(
