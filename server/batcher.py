@@ -7,9 +7,15 @@ first item, then for at most `max_queue_delay_us` measured from that item's arri
 Inference therefore never runs on a request thread, and numpy/ONNX Runtime release the GIL while
 they compute, so request threads keep accepting work meanwhile.
 
-Before computing, items whose caller went away (cancelled future) or whose deadline passed are
-dropped and counted. The queue is bounded: `submit` raises `ResourceExhausted` at once when it
-is full. A batch that raises fails every one of its callers; no future is ever left pending.
+Admission sheds load early. The batcher learns how long its batches take (`service_time.py`)
+and `submit` raises `ResourceExhausted` at once when the queue's expected wait exceeds the
+caller's remaining time, so under overload the excess is refused in microseconds instead of
+queueing until its deadline and then being computed for nobody; the queue also has a hard
+bound (`max_queue_size`). An item whose deadline has already passed is refused with
+`DeadlineExceeded`. Items whose caller went away (cancelled future) or whose deadline passed
+while queued are skipped when a batch is formed (so the batch fills with live work), checked
+again right before it runs, and counted. A batch that raises fails every one of its callers;
+no future is ever left pending.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from typing import Generic, TypeVar
 
 from bertrec.server.errors import DeadlineExceeded, InternalError, NotReady, ResourceExhausted
 from bertrec.server.metrics import BatcherMetrics, ServerMetrics
+from bertrec.server.service_time import ServiceTime, expected_wait_s
 
 log = logging.getLogger(__name__)
 
@@ -34,11 +41,15 @@ R = TypeVar("R")
 
 @dataclass(frozen=True)
 class BatcherConfig:
-    """Batching window and admission limit of one batcher."""
+    """Batching window and admission limits of one batcher.
+
+    `shed`: refuse at once an item whose expected wait exceeds its caller's remaining time.
+    """
 
     max_batch_size: int
     max_queue_delay_us: int
     max_queue_size: int
+    shed: bool = True
 
 
 @dataclass
@@ -74,6 +85,8 @@ class Batcher(Generic[T, R]):
         self._queue: deque[_Pending[T, R]] = deque()
         self._cond = threading.Condition()
         self._closed = False
+        self._service_time = ServiceTime()  # written by the worker, read by submit (lock held)
+        self._running_until = 0.0  # expected end (monotonic) of the batch running now, or 0
         self._thread = threading.Thread(target=self._work, name=f"batcher-{name}", daemon=True)
 
     def start(self) -> None:
@@ -91,17 +104,12 @@ class Batcher(Generic[T, R]):
             NotReady: the batcher is closed (shutting down).
         """
         future: Future[R] = Future()
-        pending = _Pending(item, future, deadline_s, time.monotonic())
+        now = time.monotonic()
+        pending = _Pending(item, future, deadline_s, now)
         with self._cond:
             if self._closed:
                 raise NotReady(f"{self.name} is shutting down")
-            if len(self._queue) >= self._config.max_queue_size:
-                self._purge_cancelled()
-            if len(self._queue) >= self._config.max_queue_size:
-                self._metrics.rejected.inc()
-                raise ResourceExhausted(
-                    f"{self.name} queue is full ({self._config.max_queue_size} items); retry later"
-                )
+            self._admit(deadline_s, now)
             self._queue.append(pending)
             depth = len(self._queue)
             # Wake the worker only when it has something new to decide on: the first item of a
@@ -110,6 +118,52 @@ class Batcher(Generic[T, R]):
                 self._cond.notify()
         self._metrics.queue_depth.set(depth)
         return future
+
+    def expected_wait_s(self) -> float:
+        """Seconds a call submitted now would wait for its result (0.0 until a batch ran)."""
+        with self._cond:
+            return self._expected_wait_s(time.monotonic())
+
+    def _admit(self, deadline_s: float, now: float) -> None:
+        """Raise unless an item due at `deadline_s` may join the queue (lock held)."""
+        if deadline_s <= now:
+            self._metrics.dropped_expired.inc()
+            raise DeadlineExceeded(f"deadline passed before the call reached the {self.name}")
+        if len(self._queue) >= self._config.max_queue_size:
+            self._purge_dead(now)
+        if len(self._queue) >= self._config.max_queue_size:
+            self._metrics.rejected.inc()
+            raise ResourceExhausted(
+                f"{self.name} queue is full ({self._config.max_queue_size} items); retry later"
+            )
+        if not self._config.shed or not self._service_time.known:
+            return
+        left_s = deadline_s - now
+        wait_s = self._expected_wait_s(now)
+        if wait_s > left_s:  # maybe only because of callers that left: count live work only
+            self._purge_dead(now)
+            wait_s = self._expected_wait_s(now)
+        if wait_s > left_s:
+            self._metrics.rejected.inc()
+            raise ResourceExhausted(
+                f"{self.name} is overloaded: expected wait {wait_s * 1e3:.0f} ms "
+                f"({len(self._queue)} queued) exceeds the call's remaining "
+                f"{left_s * 1e3:.0f} ms; retry later or with a longer deadline"
+            )
+
+    def _expected_wait_s(self, now: float) -> float:
+        """Expected wait of an item queued now behind the current queue (lock held)."""
+        running_left = max(self._running_until - now, 0.0)
+        if self._queue:
+            window_left = max(self._queue[0].enqueued_s + self._delay_s - now, 0.0)
+        else:
+            window_left = self._delay_s
+        if len(self._queue) >= self._config.max_batch_size:
+            window_left = 0.0
+        return expected_wait_s(
+            self._service_time, len(self._queue), self._config.max_batch_size,
+            running_left, window_left,
+        )  # fmt: skip
 
     def close(self, drain: bool = True, timeout_s: float | None = None) -> None:
         """Refuse new items, then finish (`drain`) or fail the queued ones and stop the worker."""
@@ -125,18 +179,38 @@ class Batcher(Generic[T, R]):
         if self._thread.is_alive():
             self._thread.join(timeout_s)
 
-    def _purge_cancelled(self) -> None:
-        """Free the slots of callers that left (called with the lock held, on a full queue)."""
-        kept = [p for p in self._queue if not p.future.cancelled()]
-        self._metrics.dropped_cancelled.inc(len(self._queue) - len(kept))
-        self._queue = deque(kept)
+    def _purge_dead(self, now: float) -> None:
+        """Free the slots of callers that left or ran out of time (lock held)."""
+        kept: deque[_Pending[T, R]] = deque()
+        for pending in self._queue:
+            if not self._resolve_dead(pending, now):
+                kept.append(pending)
+        self._queue = kept
+
+    def _resolve_dead(self, pending: _Pending[T, R], now: float) -> bool:
+        """Count and resolve an item nobody waits for any more; False if it is still wanted."""
+        if pending.future.cancelled():
+            self._metrics.dropped_cancelled.inc()
+            return True
+        if pending.deadline_s <= now:
+            self._metrics.dropped_expired.inc()
+            if pending.future.set_running_or_notify_cancel():
+                pending.future.set_exception(
+                    DeadlineExceeded(f"deadline passed while queued for the {self.name}")
+                )
+            return True
+        return False
 
     def _work(self) -> None:
         while True:
             batch = self._next_batch()
             if batch is None:
                 return
-            self._run(batch)
+            try:
+                self._run(batch)
+            finally:
+                with self._cond:
+                    self._running_until = 0.0
 
     def _next_batch(self) -> list[_Pending[T, R]] | None:
         """Block for the first item, then fill the batch until it is full or the window ends."""
@@ -151,10 +225,20 @@ class Batcher(Generic[T, R]):
                 if remaining <= 0:
                     break
                 self._cond.wait(remaining)
-            n = min(len(self._queue), self._config.max_batch_size)
-            batch = [self._queue.popleft() for _ in range(n)]
+            batch = self._take_live(time.monotonic())
             depth = len(self._queue)
+            if batch:
+                self._running_until = time.monotonic() + self._service_time.batch_s(len(batch))
         self._metrics.queue_depth.set(depth)
+        return batch
+
+    def _take_live(self, now: float) -> list[_Pending[T, R]]:
+        """Pop up to a batch of items, skipping those nobody waits for (lock held)."""
+        batch: list[_Pending[T, R]] = []
+        while self._queue and len(batch) < self._config.max_batch_size:
+            pending = self._queue.popleft()
+            if not self._resolve_dead(pending, now):
+                batch.append(pending)
         return batch
 
     def _live(self, batch: list[_Pending[T, R]]) -> list[_Pending[T, R]]:
@@ -181,7 +265,10 @@ class Batcher(Generic[T, R]):
         try:
             start = time.monotonic()
             results = self._run_batch([p.item for p in live])
-            self._metrics.inference_s.observe(time.monotonic() - start)
+            took_s = time.monotonic() - start
+            self._metrics.inference_s.observe(took_s)
+            with self._cond:
+                self._service_time.observe(len(live), took_s)
             self._metrics.batch_size.observe(len(live))
             if len(results) != len(live):
                 raise RuntimeError(f"{len(results)} results for {len(live)} items")

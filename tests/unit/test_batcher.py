@@ -1,4 +1,5 @@
-"""The dynamic batcher against a fake model: windows, sizes, drops, rejection, failures."""
+"""The dynamic batcher against a fake model: windows, sizes, drops, rejection, shedding,
+failures."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import pytest
 from bertrec.server.batcher import Batcher, BatcherConfig
 from bertrec.server.errors import DeadlineExceeded, InternalError, NotReady, ResourceExhausted
 from bertrec.server.metrics import ServerMetrics
+from bertrec.server.service_time import ServiceTime, expected_wait_s
 
 
 class FakeModel:
@@ -23,10 +25,12 @@ class FakeModel:
         self.gate.set()
         self.entered = threading.Event()
         self.fail_on: int | None = None
+        self.batch_s = 0.0  # simulated compute time per batch
 
     def __call__(self, items: list[int]) -> list[int]:
         self.entered.set()
         self.gate.wait(5)
+        time.sleep(self.batch_s)
         self.batches.append(list(items))
         if self.fail_on is not None and self.fail_on in items:
             raise ValueError("boom")
@@ -55,9 +59,10 @@ def make(
     max_batch_size: int = 8,
     delay_us: int = 50_000,
     queue: int = 100,
+    shed: bool = True,
 ) -> Batcher[int, int]:
     model, metrics, created = setup
-    config = BatcherConfig(max_batch_size, delay_us, queue)
+    config = BatcherConfig(max_batch_size, delay_us, queue, shed)
     batcher: Batcher[int, int] = Batcher("b", model, config, metrics.for_batcher("m", "b"))
     created.append(batcher)
     return batcher
@@ -243,3 +248,122 @@ def test_a_full_queue_first_frees_the_slots_of_cancelled_items(setup) -> None:
     batcher.start()
     assert (second.result(5), third.result(5)) == (4, 6)
     assert value(metrics, "bertrec_dropped_total", reason="cancelled") == 1
+
+
+# ---------------------------------------------------------------- shedding by expected wait
+
+
+def test_service_time_fits_a_fixed_cost_per_batch_plus_a_cost_per_item() -> None:
+    estimate = ServiceTime()
+    assert not estimate.known and estimate.batch_s(8) == 0.0
+    for size in (1, 8, 4, 2, 8, 1) * 20:
+        estimate.observe(size, 0.010 + 0.002 * size)
+    assert estimate.batch_s(4) == pytest.approx(0.018, rel=1e-6)
+    assert estimate.batch_s(32) == pytest.approx(0.074, rel=1e-6)
+
+
+def test_service_time_with_one_batch_size_charges_it_all_per_item() -> None:
+    estimate = ServiceTime()
+    for _ in range(5):
+        estimate.observe(4, 0.04)
+    assert estimate.batch_s(4) == pytest.approx(0.04)
+    assert estimate.batch_s(2) == pytest.approx(0.02)
+
+
+def test_expected_wait_counts_the_running_batch_full_batches_ahead_and_its_own() -> None:
+    estimate = ServiceTime()
+    estimate.observe(4, 0.04)  # 10 ms per item
+    # 9 queued at 4 per batch: two full batches ahead, then its own batch of 1 + 1.
+    assert expected_wait_s(estimate, 9, 4, 0.015, 0.0) == pytest.approx(0.015 + 0.08 + 0.02)
+    assert expected_wait_s(estimate, 0, 4, 0.0, 0.002) == pytest.approx(0.002 + 0.01)
+
+
+def learn(batcher: Batcher[int, int], batches: int, size: int) -> None:
+    """Run a few batches so the batcher knows its service time."""
+    for _ in range(batches):
+        futures = [batcher.submit(i, far()) for i in range(size)]
+        assert [f.result(5) for f in futures] == [2 * i for i in range(size)]
+
+
+def test_a_call_that_would_wait_past_its_deadline_is_refused_at_once(setup) -> None:
+    model, metrics, _ = setup
+    model.batch_s = 0.1
+    batcher = make(setup, max_batch_size=2, delay_us=0)
+    batcher.start()
+    learn(batcher, 2, 2)
+    model.gate.clear()
+    running = batcher.submit(0, far())
+    assert model.entered.wait(5)
+    queued = [batcher.submit(i, far()) for i in range(1, 7)]  # three batches: >= 0.3 s
+    assert batcher.expected_wait_s() >= 0.3
+    start = time.monotonic()
+    with pytest.raises(ResourceExhausted, match="overloaded"):
+        batcher.submit(9, time.monotonic() + 0.05)
+    assert time.monotonic() - start < 0.1
+    assert value(metrics, "bertrec_rejected_total") == 1
+    patient = batcher.submit(8, far())  # a caller with time to wait is still admitted
+    model.gate.set()
+    assert [f.result(5) for f in (running, *queued, patient)] == [2 * i for i in range(7)] + [16]
+
+
+def test_callers_that_left_do_not_count_toward_the_expected_wait(setup) -> None:
+    model, metrics, _ = setup
+    model.batch_s = 0.1
+    batcher = make(setup, max_batch_size=2, delay_us=0)
+    batcher.start()
+    learn(batcher, 2, 2)
+    model.gate.clear()
+    running = batcher.submit(0, far())
+    assert model.entered.wait(5)
+    gone = [batcher.submit(i, far()) for i in range(20)]  # ten batches: ~1 s if counted
+    for future in gone:
+        assert future.cancel()
+    admitted = batcher.submit(5, time.monotonic() + 0.8)
+    assert value(metrics, "bertrec_dropped_total", reason="cancelled") == 20
+    assert value(metrics, "bertrec_rejected_total") == 0
+    model.gate.set()
+    assert (running.result(5), admitted.result(5)) == (0, 10)
+
+
+def test_without_shedding_only_the_queue_bound_rejects(setup) -> None:
+    model, metrics, _ = setup
+    model.batch_s = 0.05
+    batcher = make(setup, max_batch_size=2, delay_us=0, shed=False)
+    batcher.start()
+    learn(batcher, 2, 2)
+    model.gate.clear()
+    futures = [batcher.submit(i, far()) for i in range(9)]
+    late = batcher.submit(9, time.monotonic() + 0.01)  # admitted; expires while queued
+    model.gate.set()
+    assert [f.result(5) for f in futures] == [2 * i for i in range(9)]
+    with pytest.raises(DeadlineExceeded):
+        late.result(5)
+    assert value(metrics, "bertrec_rejected_total") == 0
+
+
+def test_a_call_whose_deadline_has_passed_is_refused_as_expired(setup) -> None:
+    model, metrics, _ = setup
+    batcher = make(setup)
+    batcher.start()
+    with pytest.raises(DeadlineExceeded):
+        batcher.submit(1, time.monotonic() - 0.001)
+    assert value(metrics, "bertrec_dropped_total", reason="expired") == 1
+    assert model.batches == []
+
+
+def test_dead_items_are_skipped_when_a_batch_is_formed_so_it_fills_with_live_work(setup) -> None:
+    model, metrics, _ = setup
+    batcher = make(setup, max_batch_size=2, delay_us=0)  # worker not started yet
+    first = batcher.submit(1, far())
+    gone = batcher.submit(2, far())
+    late = batcher.submit(3, time.monotonic() + 0.02)
+    last = batcher.submit(4, far())
+    assert gone.cancel()
+    time.sleep(0.05)  # `late` expires while queued
+    batcher.start()
+    assert (first.result(5), last.result(5)) == (2, 8)
+    with pytest.raises(DeadlineExceeded):
+        late.result(5)
+    assert model.batches == [[1, 4]]
+    assert value(metrics, "bertrec_dropped_total", reason="cancelled") == 1
+    assert value(metrics, "bertrec_dropped_total", reason="expired") == 1
