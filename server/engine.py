@@ -35,6 +35,9 @@ from bertrec.server.model import Model, RankQuery, RankResult
 
 R = TypeVar("R")
 
+# k when a request leaves it unset (0, proto3's default): the same as the v2 API and the clients.
+DEFAULT_K = 10
+
 
 @dataclass(frozen=True)
 class Call:
@@ -114,8 +117,8 @@ class Recommender:
         exclude_ids: Sequence[str],
         deadline_s: float,
     ) -> PendingRank:
-        """Validate a Recommend request and queue its ranking query."""
-        self._check_k(k)
+        """Validate a Recommend request and queue its ranking query (k=0: `DEFAULT_K`)."""
+        k = self.resolve_k(k)
         self._check_ids(include_ids, "include_item_ids", allow_empty=True)
         self._check_ids(exclude_ids, "exclude_item_ids", allow_empty=True)
         row = self.model.user_row(_nonempty(user_id, "user_id"))
@@ -158,8 +161,8 @@ class Recommender:
         return self.ranked(pending, wait(pending.future, call))
 
     def recommend_for_text(self, text: str, k: int, call: Call) -> Recommendations:
-        """Top-k items for a text folded into user space."""
-        self._check_k(k)
+        """Top-k items for a text folded into user space (k=0: `DEFAULT_K`)."""
+        k = self.resolve_k(k)
         self._check_text(text, "text")
         text_vector = wait(self.encoder.submit(text, call.deadline_s), call)
         vector = self.model.fold_text(text_vector)
@@ -178,8 +181,11 @@ class Recommender:
         return Scores(items, self.ref)
 
     def similar_items(self, item_id: str, k: int, call: Call) -> SimilarItems:
-        """The k items with the most similar factor vectors (cosine), the item excluded."""
-        self._check_k(k)
+        """The k items with the most similar factor vectors (cosine), the item excluded.
+
+        k=0 means `DEFAULT_K`.
+        """
+        k = self.resolve_k(k)
         row = int(self.model.item_rows([_nonempty(item_id, "item_id")])[0])
         query = RankQuery(self.model.unit_item(row), k, exclude=np.array([row], np.int64))
         result = wait(self.similar.submit(query, call.deadline_s), call)
@@ -240,9 +246,17 @@ class Recommender:
             created_at=manifest.created_at,
         )
 
-    def _check_k(self, k: int) -> None:
+    def resolve_k(self, k: int) -> int:
+        """The k a request asks for: 0 (unset) means `DEFAULT_K` (capped at max_k).
+
+        Raises:
+            InvalidArgument: k is negative or above max_k.
+        """
+        if k == 0:
+            return min(DEFAULT_K, self.config.max_k)
         if not 1 <= k <= self.config.max_k:
             raise InvalidArgument(f"k must be in 1..{self.config.max_k}, got {k}")
+        return k
 
     def _check_text(self, text: str, name: str) -> None:
         if not text.strip():
