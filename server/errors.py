@@ -4,19 +4,42 @@ Every `ServiceError` carries the gRPC status code it maps to and a message a cal
 `to_status` is the single conversion table used by the interceptor: service errors keep their
 code and message; anything else is an unexpected fault and becomes INTERNAL with a generic
 message (the details go to the log), never UNKNOWN.
+
+Messages often echo what the caller sent (an unknown id, a model name). Every message is
+shortened here, in one place, to at most `MAX_MESSAGE_CHARS`: an echoed 20,000-character id
+would otherwise push the status past gRPC's 16 KB metadata limit, and the caller would get a
+transport error instead of the status the server counted.
 """
 
 from __future__ import annotations
 
 import grpc
 
+# Long enough for any message of ours with a short id in it; a few hundred bytes on the wire.
+MAX_MESSAGE_CHARS = 300
+_KEEP_END = 60  # an elided message keeps its end too: it often says what was expected
+
+
+def shorten(text: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    """`text`, or its start and end around a note of how much was cut when it is too long."""
+    if len(text) <= limit:
+        return text
+    widest_note = len(f"...[{len(text)} chars cut]...")
+    head = limit - _KEEP_END - widest_note
+    cut = len(text) - head - _KEEP_END
+    return f"{text[:head]}...[{cut} chars cut]...{text[len(text) - _KEEP_END :]}"
+
 
 class ServiceError(Exception):
-    """A request that cannot be answered; `code` is the gRPC status it maps to."""
+    """A request that cannot be answered; `code` is the gRPC status it maps to.
+
+    The message is shortened (see `shorten`), so raisers may echo client input freely.
+    """
 
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
 
     def __init__(self, message: str) -> None:
+        message = shorten(message)
         super().__init__(message)
         self.message = message
 
