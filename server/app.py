@@ -24,26 +24,29 @@ catalogue once per call).
 
 Use:
     server = Server(config)
-    server.start()        # binds ports; health NOT_SERVING
+    server.start()        # finds the model version, then binds ports; health NOT_SERVING
     server.load()         # loads, verifies and warms the model; health SERVING
     server.wait()         # returns after request_stop() (e.g. from a signal handler)
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import start_http_server
 
+from bertrec.export.manifest import read_manifest
+from bertrec.export.repository import resolve_version
 from bertrec.oip.v2 import grpc_service_pb2_grpc as oip_grpc
+from bertrec.server.admission import Admission, AdmissionLimits, handler_pools
 from bertrec.server.config import ConfigError, ServerConfig
 from bertrec.server.engine import Recommender
+from bertrec.server.http_endpoints import HttpEndpoints
 from bertrec.server.interceptor import MetricsAndErrorsInterceptor
 from bertrec.server.lifecycle import HEALTH_SERVICE_NAME, SERVICE_NAME, Lifecycle
 from bertrec.server.metrics import ServerMetrics
@@ -56,7 +59,10 @@ log = logging.getLogger(__name__)
 
 
 class Server:
-    """One gRPC server (recommender, Open Inference Protocol, health, reflection) + /metrics."""
+    """One gRPC server (recommender, Open Inference Protocol, health, reflection) + HTTP.
+
+    The HTTP port serves /metrics, /healthz and /readyz (see `http_endpoints.py`).
+    """
 
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
@@ -64,31 +70,33 @@ class Server:
         self.lifecycle = Lifecycle()
         self.port = 0
         self.metrics_port = 0
+        self.version = config.version
         self._grpc: grpc.Server | None = None
-        self._http: Any = None
+        self._http: HttpEndpoints | None = None
+        self._stream_pool: ThreadPoolExecutor | None = None
         self._engine: Recommender | None = None
         self._stop_requested = threading.Event()
         self._stop_lock = threading.Lock()
         self._stopped = False
 
     def start(self) -> None:
-        """Bind both ports and start serving; health is NOT_SERVING until `load` finishes.
+        """Find the model version, bind both ports and start serving.
+
+        Health is NOT_SERVING until `load` finishes. The version is found (and pinned, so a
+        version published meanwhile is not picked up halfway) before any port is bound: a
+        missing model fails before anything is announced.
 
         Raises:
+            ArtifactError: the model or version does not exist, or its manifest is unreadable.
             ConfigError: a port cannot be bound.
         """
         c = self.config
-        try:
-            self._http, _ = start_http_server(c.metrics_port, c.host, self.metrics.registry)
-        except OSError as exc:
-            raise ConfigError(f"cannot serve metrics on {c.host}:{c.metrics_port}: {exc}") from exc
-        self.metrics_port = int(self._http.server_port)
-        server = grpc.server(
-            ThreadPoolExecutor(c.grpc_max_workers, thread_name_prefix="grpc"),
-            interceptors=[MetricsAndErrorsInterceptor(self.metrics)],
-            options=[("grpc.so_reuseport", 0)],
-            maximum_concurrent_rpcs=c.max_concurrent_rpcs,
-        )
+        version_dir = resolve_version(c.model_repo, c.model, c.version)
+        read_manifest(version_dir)
+        self.version = int(version_dir.name)
+        self._http = _http(c, self.metrics, self.lifecycle)
+        self.metrics_port = self._http.port
+        server = self._grpc_server()
         recommender_pb2_grpc.add_RecommenderServiceServicer_to_server(
             RecommenderServicer(self.lifecycle.engine, c.request_timeout_s), server
         )
@@ -102,6 +110,7 @@ class Server:
         )
         self._grpc = server
         self.port = _bind(server, c.grpc_address)
+        self._http.start()
         server.start()
         log.info("gRPC on %s:%d, metrics on %s:%d", c.host, self.port, c.host, self.metrics_port)
 
@@ -114,7 +123,7 @@ class Server:
         from bertrec.server.model import load_model  # onnxruntime: only once we serve
 
         c = self.config
-        model = load_model(c)
+        model = load_model(dataclasses.replace(c, version=self.version))
         model.warm_up(c.warmup_iterations, c.ranker_max_batch_size, c.encoder_max_batch_size)
         engine = Recommender(model, c, self.metrics)
         engine.start()
@@ -154,10 +163,42 @@ class Server:
             self._grpc.stop(grace).wait()
         if self._engine is not None:
             self._engine.close(drain=True, timeout_s=grace)
+        if self._stream_pool is not None:
+            self._stream_pool.shutdown(wait=False)
         if self._http is not None:
-            self._http.shutdown()
-            self._http.server_close()
+            self._http.stop()
         log.info("stopped")
+
+    def _grpc_server(self) -> grpc.Server:
+        """The gRPC server with admission in its interceptor (not grpc's uncounted limit)."""
+        c = self.config
+        limits = AdmissionLimits(
+            max_calls=c.max_concurrent_rpcs,
+            max_request_bytes=c.max_inflight_request_bytes,
+            max_streams=c.max_streaming_rpcs,
+        )
+        admission = Admission(
+            limits, self.metrics.rejected_rpcs, self.metrics.in_flight_request_bytes
+        )
+        calls_pool, self._stream_pool = handler_pools(limits, c.grpc_max_workers)
+        interceptor = MetricsAndErrorsInterceptor(self.metrics, admission, self._stream_pool)
+        options = [
+            ("grpc.so_reuseport", 0),
+            ("grpc.max_receive_message_length", c.max_request_bytes),
+        ]
+        return grpc.server(calls_pool, interceptors=[interceptor], options=options)
+
+
+def _http(config: ServerConfig, metrics: ServerMetrics, lifecycle: Lifecycle) -> HttpEndpoints:
+    try:
+        return HttpEndpoints(
+            config.host, config.metrics_port, metrics.registry, lifecycle.serving,
+            config.http_timeout_s,
+        )  # fmt: skip
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot serve metrics on {config.host}:{config.metrics_port}: {exc}"
+        ) from exc
 
 
 def _bind(server: grpc.Server, address: str) -> int:

@@ -45,8 +45,30 @@ class ServerConfig:
     host: str = _opt("0.0.0.0", "address to bind the gRPC and metrics servers to")
     grpc_port: int = _opt(50051, "gRPC port; 0 picks a free port (printed at start)")
     metrics_port: int = _opt(9090, "Prometheus /metrics HTTP port; 0 picks a free port")
-    grpc_max_workers: int = _opt(128, "gRPC handler threads (calls handled at once)")
-    max_concurrent_rpcs: int = _opt(1024, "calls admitted at once; more get RESOURCE_EXHAUSTED")
+    grpc_max_workers: int = _opt(
+        128,
+        "gRPC handler threads for unary calls (raised to max_concurrent_rpcs + 8 if lower, so "
+        "an admitted call never waits for a thread and a refusal is answered at once)",
+    )
+    max_concurrent_rpcs: int = _opt(
+        1024, "unary calls admitted at once; more get RESOURCE_EXHAUSTED (counted)"
+    )
+    max_streaming_rpcs: int = _opt(
+        64,
+        "streaming calls (health Watch, reflection) open at once, on their own threads; "
+        "more get RESOURCE_EXHAUSTED",
+    )
+    max_request_bytes: int = _opt(
+        4 * 1024 * 1024, "largest serialized request (grpc.max_receive_message_length)"
+    )
+    max_inflight_request_bytes: int = _opt(
+        256 * 1024 * 1024,
+        "serialized request bytes of all unary calls in flight; a call that would pass it gets "
+        "RESOURCE_EXHAUSTED",
+    )
+    http_timeout_s: float = _opt(
+        5.0, "metrics/health HTTP: how long a connection may stay silent before it is closed"
+    )
     ranker_max_batch_size: int = _opt(
         64, "most ranking queries (Recommend, RecommendForText, SimilarItems) run as one batch"
     )
@@ -105,6 +127,10 @@ _RULES: dict[str, Callable[[Any], str | None]] = {
     "metrics_port": _port,
     "grpc_max_workers": _at_least(1),
     "max_concurrent_rpcs": _at_least(1),
+    "max_streaming_rpcs": _at_least(1),
+    "max_request_bytes": _at_least(1024),
+    "max_inflight_request_bytes": _at_least(1024),
+    "http_timeout_s": lambda v: None if v > 0 else "must be > 0",
     "ranker_max_batch_size": _at_least(1),
     "ranker_max_queue_delay_us": _at_least(0),
     "encoder_max_batch_size": _at_least(1),

@@ -1,6 +1,12 @@
-"""The one server interceptor: RPC metrics and the exception -> status mapping, for every RPC.
+"""The one server interceptor: admission, RPC metrics and the exception -> status mapping.
 
 It wraps each method handler (ours, health and reflection) so that
+- every request is decoded by a wrapper that never raises: a request that is not valid protobuf
+  (truncated, garbage, invalid UTF-8 in a string field) reaches the handler as a marker and is
+  answered INVALID_ARGUMENT, counted and logged in one line. grpc would otherwise answer INTERNAL
+  before any handler runs, log a traceback, and leave the call out of the metrics;
+- admission (`admission.py`) is asked before the handler runs, so a refused call is a counted
+  RESOURCE_EXHAUSTED like any other status; streaming calls run on their own thread pool;
 - `grpc_server_started_total`, `grpc_server_handled_total{grpc_code}`,
   `grpc_server_handling_seconds` and `bertrec_in_flight_requests` are recorded in one place;
 - any exception escaping a handler becomes a status via `errors.to_status`: service errors keep
@@ -8,7 +14,7 @@ It wraps each method handler (ours, health and reflection) so that
   with a generic message, so callers never see UNKNOWN.
 
 A wrapped handler loses grpc's experimental non-blocking marker, so health `Watch` streams run
-in their blocking form: one handler thread per open Watch (probes use `Check`, which is unary).
+in their blocking form: one thread of the streaming pool per open Watch, capped by admission.
 """
 
 from __future__ import annotations
@@ -16,11 +22,15 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
 
-from bertrec.server.errors import ServiceError, to_status
+from bertrec.server.admission import Admission
+from bertrec.server.errors import InvalidArgument, ServiceError, to_status
 from bertrec.server.metrics import ServerMetrics
 
 log = logging.getLogger(__name__)
@@ -37,6 +47,31 @@ _FACTORIES = {
     "CLIENT_STREAM": grpc.stream_unary_rpc_method_handler,
     "BIDI_STREAM": grpc.stream_stream_rpc_method_handler,
 }
+
+Behavior = Callable[[Any, grpc.ServicerContext], Any]
+Admit = Callable[[Any], AbstractContextManager[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class _Received:
+    """One request message as our decoder hands it over: the message, or why it is not one."""
+
+    message: Any
+    nbytes: int
+    error: str | None = None
+
+
+def _decoder(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], _Received]:
+    """Wrap grpc's request deserializer so it never raises (it runs before any handler)."""
+
+    def decode(raw: bytes) -> _Received:
+        try:
+            message = raw if deserializer is None else deserializer(raw)
+        except Exception as exc:  # protobuf's DecodeError, or any parser failure: bad input
+            return _Received(None, len(raw), str(exc) or type(exc).__name__)
+        return _Received(message, len(raw))
+
+    return decode
 
 
 class _MethodSeries:
@@ -65,6 +100,19 @@ class _MethodSeries:
         self.handling_s.observe(time.monotonic() - start_s)
         self.in_flight.dec()
 
+    def message(self, received: _Received) -> Any:
+        """The decoded request, or INVALID_ARGUMENT (logged in one line) for undecodable bytes."""
+        if received.error is None:
+            return received.message
+        log.info("undecodable %s request (%d bytes): %s", self.method, received.nbytes,
+                 received.error)  # fmt: skip
+        raise InvalidArgument(f"cannot decode the {self.method} request: {received.error}")
+
+    def messages(self, received: Iterator[_Received]) -> Iterator[Any]:
+        """The decoded messages of a request stream; INVALID_ARGUMENT at the first bad one."""
+        for one in received:
+            yield self.message(one)
+
     def fail(self, exc: Exception, context: grpc.ServicerContext) -> None:
         """Abort the call with the status `exc` maps to (re-raise a handler's own abort)."""
         if not isinstance(exc, ServiceError):
@@ -77,14 +125,26 @@ class _MethodSeries:
 
 
 class MetricsAndErrorsInterceptor(grpc.ServerInterceptor):
-    """Records the standard grpc_server_* series and maps exceptions to status codes.
+    """Admits calls, records the standard grpc_server_* series and maps exceptions to statuses.
 
     grpc asks the interceptor for a handler on every call; the wrapped handler of each method
     is built once and reused (handlers are fixed once the server has started).
+
+    Args:
+        metrics: the server's series.
+        admission: the call, byte and stream caps (None: admit everything).
+        stream_pool: the threads streaming calls run on (None: grpc's pool, shared with unary).
     """
 
-    def __init__(self, metrics: ServerMetrics) -> None:
+    def __init__(
+        self,
+        metrics: ServerMetrics,
+        admission: Admission | None = None,
+        stream_pool: ThreadPoolExecutor | None = None,
+    ) -> None:
         self._metrics = metrics
+        self._admission = admission
+        self._stream_pool = stream_pool
         self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
 
     def intercept_service(
@@ -99,30 +159,51 @@ class MetricsAndErrorsInterceptor(grpc.ServerInterceptor):
         handler = continuation(handler_call_details)
         if handler is None:
             return None
+        wrapped = self._wrap(method_path, handler)
+        # Two threads may build the same method's handler at once; either result is equivalent.
+        return self._wrapped.setdefault(method_path, wrapped)
+
+    def _wrap(self, method_path: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         grpc_type = _TYPES[(handler.request_streaming, handler.response_streaming)]
         service, _, method = method_path.lstrip("/").rpartition("/")
         labels = {"grpc_type": grpc_type, "grpc_service": service, "grpc_method": method}
+        series = _MethodSeries(self._metrics, labels)
         behavior = (
             handler.unary_unary or handler.unary_stream or handler.stream_unary
             or handler.stream_stream
         )  # fmt: skip
+        unpack = series.messages if handler.request_streaming else series.message
+        streaming = handler.request_streaming or handler.response_streaming
         wrap = _wrap_streaming if handler.response_streaming else _wrap_unary
-        wrapped = _FACTORIES[grpc_type](
-            wrap(behavior, _MethodSeries(self._metrics, labels)),
-            request_deserializer=handler.request_deserializer,
+        handle = wrap(behavior, series, unpack, self._admit(streaming))
+        if streaming and self._stream_pool is not None:
+            # grpc runs a behavior on the pool named by this attribute: open streams then never
+            # hold the threads unary calls need.
+            setattr(handle, "experimental_thread_pool", self._stream_pool)  # noqa: B010
+        return _FACTORIES[grpc_type](
+            handle,
+            request_deserializer=_decoder(handler.request_deserializer),
             response_serializer=handler.response_serializer,
         )
-        # Two threads may build the same method's handler at once; either result is equivalent.
-        return self._wrapped.setdefault(method_path, wrapped)
+
+    def _admit(self, streaming: bool) -> Admit:
+        admission = self._admission
+        if admission is None:
+            return lambda _request: nullcontext()
+        if streaming:
+            return lambda _request: admission.stream()
+        return lambda request: admission.call(request.nbytes)
 
 
 def _wrap_unary(
-    behavior: Callable[[Any, grpc.ServicerContext], Any], series: _MethodSeries
-) -> Callable[[Any, grpc.ServicerContext], Any]:
+    behavior: Behavior, series: _MethodSeries, unpack: Callable[[Any], Any], admit: Admit
+) -> Behavior:
     def handle(request: Any, context: grpc.ServicerContext) -> Any:
         start_s = series.begin()
         try:
-            return behavior(request, context)
+            message = unpack(request)
+            with admit(request):
+                return behavior(message, context)
         except Exception as exc:
             series.fail(exc, context)
         finally:
@@ -132,12 +213,14 @@ def _wrap_unary(
 
 
 def _wrap_streaming(
-    behavior: Callable[[Any, grpc.ServicerContext], Iterator[Any]], series: _MethodSeries
+    behavior: Behavior, series: _MethodSeries, unpack: Callable[[Any], Any], admit: Admit
 ) -> Callable[[Any, grpc.ServicerContext], Iterator[Any]]:
     def handle(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
         start_s = series.begin()
         try:
-            yield from behavior(request, context)
+            message = unpack(request)
+            with admit(request):
+                yield from behavior(message, context)
         except Exception as exc:
             series.fail(exc, context)
         finally:

@@ -26,6 +26,7 @@ class Lifecycle:
     def __init__(self) -> None:
         self.health = health.HealthServicer()
         self._engine: Recommender | None = None
+        self._shutting_down = False
         self._set(health_pb2.HealthCheckResponse.NOT_SERVING)
 
     def engine(self) -> Recommender:
@@ -35,6 +36,10 @@ class Lifecycle:
             raise NotReady("the model is still loading; retry when health reports SERVING")
         return engine
 
+    def serving(self) -> bool:
+        """Whether the model is loaded and warmed up and shutdown has not begun (SERVING)."""
+        return self._engine is not None and not self._shutting_down
+
     def ready(self, engine: Recommender) -> None:
         """Serve calls with `engine` and report SERVING."""
         self._engine = engine
@@ -42,6 +47,7 @@ class Lifecycle:
 
     def shutting_down(self) -> None:
         """Report NOT_SERVING from now on (later `set` calls are ignored)."""
+        self._shutting_down = True
         self.health.enter_graceful_shutdown()
 
     def _set(self, status: health_pb2.HealthCheckResponse.ServingStatus) -> None:

@@ -63,6 +63,19 @@ class ServerMetrics:
         self.in_flight = Gauge(
             "bertrec_in_flight_requests", "RPCs being handled right now.", registry=r
         )
+        self.rejected_rpcs = Counter(
+            "bertrec_rejected_rpcs_total",
+            "RPCs refused with RESOURCE_EXHAUSTED at admission: too many unary calls "
+            "(reason=calls), too many request bytes in flight (reason=bytes) or too many open "
+            "streams (reason=streams). Also counted in grpc_server_handled_total.",
+            ("reason",),
+            registry=r,
+        )
+        self.in_flight_request_bytes = Gauge(
+            "bertrec_in_flight_request_bytes",
+            "Serialized request bytes of the unary calls being handled right now.",
+            registry=r,
+        )
         self.batch_size = Histogram(
             "bertrec_batch_size",
             "Items per executed batch.",
