@@ -1,9 +1,11 @@
 """Python client for the bertrec gRPC API: `RecommenderClient` (blocking) and
 `AsyncRecommenderClient` (asyncio), returning typed results (frozen dataclasses).
 
-Every call takes an optional deadline (`timeout_s`, covering retries); UNAVAILABLE is retried
-with exponential backoff (`RetryPolicy`), any other failure raises `RecommenderError` with the
-gRPC status code.
+Every call takes an optional deadline (`timeout_s`, one for all its attempts). gRPC itself
+retries UNAVAILABLE, RESOURCE_EXHAUSTED and FAILED_PRECONDITION (server starting up) with
+exponential backoff, by the service config every bertrec client shares (`bertrec.client.retry`,
+`RetryPolicy` to change it, `channel_options()` for a channel of your own); any other failure,
+or the last attempt's, raises `RecommenderError` with the gRPC status code.
 
     from bertrec.client import RecommenderClient
 
@@ -13,6 +15,7 @@ gRPC status code.
 """
 
 from bertrec.client.aio import AsyncRecommenderClient
+from bertrec.client.retry import channel_options
 from bertrec.client.sync import RecommenderClient
 from bertrec.client.types import (
     Embeddings,
@@ -42,4 +45,5 @@ __all__ = [
     "Scores",
     "SimilarItem",
     "SimilarItems",
+    "channel_options",
 ]

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
@@ -11,7 +9,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bertrec.client import types as t
-from bertrec.client._retry import next_pause_s, remaining_s
+from bertrec.client.retry import channel_options
 from bertrec.v1 import recommender_pb2 as pb
 from bertrec.v1 import recommender_pb2_grpc as pb_grpc
 
@@ -32,11 +30,12 @@ class AsyncRecommenderClient:
         retry: t.RetryPolicy | None = None,
         channel: grpc.aio.Channel | None = None,
     ) -> None:
-        self._channel = channel or grpc.aio.insecure_channel(target)
+        self.retry = (retry or t.RetryPolicy()).resolved()
+        options = channel_options(retry)
+        self._channel = channel or grpc.aio.insecure_channel(target, options=options)
         self._stub = pb_grpc.RecommenderServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self.timeout_s = timeout_s
-        self.retry = retry or t.RetryPolicy()
 
     async def __aenter__(self) -> AsyncRecommenderClient:
         return self
@@ -104,11 +103,7 @@ class AsyncRecommenderClient:
     async def _invoke(
         self, rpc: Callable[..., Awaitable[R]], request: Any, timeout_s: float | None
     ) -> R:
-        deadline = time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
-        attempt = 1
-        while True:
-            try:
-                return await rpc(request, timeout=remaining_s(deadline))
-            except grpc.RpcError as error:
-                await asyncio.sleep(next_pause_s(error, attempt, self.retry, deadline))
-                attempt += 1
+        try:
+            return await rpc(request, timeout=self.timeout_s if timeout_s is None else timeout_s)
+        except grpc.RpcError as error:
+            raise t.RecommenderError.of(error) from error

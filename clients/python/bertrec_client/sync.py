@@ -10,7 +10,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bertrec.client import types as t
-from bertrec.client._retry import next_pause_s, remaining_s
+from bertrec.client.retry import channel_options
 from bertrec.v1 import recommender_pb2 as pb
 from bertrec.v1 import recommender_pb2_grpc as pb_grpc
 
@@ -22,9 +22,11 @@ class RecommenderClient:
 
     Args:
         target: "host:port".
-        timeout_s: default deadline of each call (including its retries).
-        retry: backoff policy; only UNAVAILABLE is retried.
-        channel: use this channel instead of opening an insecure one to `target`.
+        timeout_s: default deadline of each call (one deadline covers all its attempts).
+        retry: changes to the bundled retry policy (`bertrec.client.retry`: UNAVAILABLE,
+            RESOURCE_EXHAUSTED and FAILED_PRECONDITION, up to 5 attempts), which gRPC applies.
+        channel: use this channel instead of opening an insecure one to `target`; it retries
+            only if built with `channel_options()` (then `retry` is not used).
 
     Raises (every call):
         RecommenderError: the call failed; `.code` is the gRPC status.
@@ -38,11 +40,11 @@ class RecommenderClient:
         retry: t.RetryPolicy | None = None,
         channel: grpc.Channel | None = None,
     ) -> None:
-        self._channel = channel or grpc.insecure_channel(target)
+        self.retry = (retry or t.RetryPolicy()).resolved()
+        self._channel = channel or grpc.insecure_channel(target, options=channel_options(retry))
         self._stub = pb_grpc.RecommenderServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self.timeout_s = timeout_s
-        self.retry = retry or t.RetryPolicy()
 
     def __enter__(self) -> RecommenderClient:
         return self
@@ -105,23 +107,28 @@ class RecommenderClient:
         return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
 
     def wait_until_serving(self, timeout_s: float = 60.0, poll_s: float = 0.05) -> None:
-        """Poll health until SERVING. Raises RecommenderError(DEADLINE_EXCEEDED) on timeout."""
+        """Poll health until SERVING.
+
+        Raises:
+            RecommenderError: DEADLINE_EXCEEDED after `timeout_s`, naming the last answer seen
+                (e.g. NOT_SERVING, or UNAVAILABLE with "Connection refused").
+        """
         deadline = time.monotonic() + timeout_s
-        while True:
-            left = remaining_s(deadline)
+        last = "no answer"
+        while (left := deadline - time.monotonic()) > 0:
             try:
-                if self.health(timeout_s=min(1.0, left)) == "SERVING":
+                last = self.health(timeout_s=min(1.0, left))
+                if last == "SERVING":
                     return
-            except t.RecommenderError:
-                pass  # not up yet: refused connection or a check that timed out
-            time.sleep(poll_s)
+            except t.RecommenderError as exc:
+                last = str(exc)  # not up yet: a refused connection or a check that timed out
+            time.sleep(max(min(poll_s, deadline - time.monotonic()), 0.0))
+        raise t.RecommenderError(
+            grpc.StatusCode.DEADLINE_EXCEEDED, f"not SERVING after {timeout_s:g} s (last: {last})"
+        )
 
     def _invoke(self, rpc: Callable[..., R], request: Any, timeout_s: float | None) -> R:
-        deadline = time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
-        attempt = 1
-        while True:
-            try:
-                return rpc(request, timeout=remaining_s(deadline))
-            except grpc.RpcError as error:
-                time.sleep(next_pause_s(error, attempt, self.retry, deadline))
-                attempt += 1
+        try:
+            return rpc(request, timeout=self.timeout_s if timeout_s is None else timeout_s)
+        except grpc.RpcError as error:
+            raise t.RecommenderError.of(error) from error

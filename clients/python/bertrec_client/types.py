@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import grpc
 import numpy as np
 
+from bertrec.client.retry import RetryPolicy  # re-exported: it lived here before
 from bertrec.results import (
     Embeddings,
     ModelInfo,
@@ -44,24 +44,11 @@ class RecommenderError(Exception):
         self.code = code
         self.details = details
 
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """Exponential backoff for UNAVAILABLE (the only status retried: nothing ran).
-
-    Attempt n (n >= 1) waits `min(initial_backoff_s * multiplier**(n-1), max_backoff_s)`
-    scaled by a random factor in [1 - jitter, 1], and never past the call's deadline.
-    """
-
-    max_attempts: int = 4
-    initial_backoff_s: float = 0.05
-    max_backoff_s: float = 2.0
-    multiplier: float = 2.0
-    jitter: float = 0.2
-
-    def backoff_s(self, attempt: int, rand: float) -> float:
-        base = min(self.initial_backoff_s * self.multiplier ** (attempt - 1), self.max_backoff_s)
-        return base * (1.0 - self.jitter * rand)
+    @classmethod
+    def of(cls, error: grpc.RpcError) -> RecommenderError:
+        """The error of a failed grpc call (its code and details)."""
+        code: grpc.StatusCode = error.code()
+        return cls(code, error.details() or "")
 
 
 def recommend_request(

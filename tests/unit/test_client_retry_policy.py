@@ -1,0 +1,77 @@
+"""The one retry policy file, as the Python client reads, changes and hands it to gRPC."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import grpc
+import pytest
+
+from bertrec.client import RetryPolicy, channel_options
+from bertrec.client.retry import SERVICE, bundled_service_config, service_config
+
+ROOT = Path(__file__).resolve().parents[2]
+FILE = ROOT / "clients" / "service_config.json"
+
+
+def retry_policy(config: dict) -> dict | None:
+    (method,) = [m for m in config["methodConfig"] if {"service": SERVICE} in m["name"]]
+    return method.get("retryPolicy")
+
+
+def test_the_packaged_config_is_the_shared_file() -> None:
+    assert json.loads(bundled_service_config()) == json.loads(FILE.read_text())
+
+
+def test_the_bundled_policy_reads_the_file() -> None:
+    policy = retry_policy(json.loads(FILE.read_text()))
+    assert policy is not None
+    bundled = RetryPolicy.bundled()
+    assert bundled.max_attempts == policy["maxAttempts"]
+    assert f"{bundled.initial_backoff_s:g}s" == policy["initialBackoff"]
+    assert f"{bundled.max_backoff_s:g}s" == policy["maxBackoff"]
+    assert bundled.multiplier == policy["backoffMultiplier"]
+    assert [c.name for c in bundled.retryable_codes or ()] == policy["retryableStatusCodes"]
+    assert RetryPolicy().resolved() == bundled
+
+
+def test_no_policy_given_means_the_file_unchanged() -> None:
+    assert service_config() == json.loads(FILE.read_text())
+    assert service_config(RetryPolicy()) == json.loads(FILE.read_text())
+    options = dict(channel_options())
+    assert options["grpc.enable_retries"] == 1
+    assert json.loads(options["grpc.service_config"]) == json.loads(FILE.read_text())
+
+
+def test_a_policy_changes_only_the_fields_it_sets() -> None:
+    config = service_config(RetryPolicy(max_attempts=3, initial_backoff_s=0.025))
+    policy = retry_policy(config)
+    want = retry_policy(json.loads(FILE.read_text()))
+    assert policy == {**want, "maxAttempts": 3, "initialBackoff": "0.025s"}
+    assert config["retryThrottling"] == json.loads(FILE.read_text())["retryThrottling"]
+
+
+def test_one_attempt_drops_the_retry_policy() -> None:
+    assert retry_policy(service_config(RetryPolicy(max_attempts=1))) is None
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"max_attempts": 0},
+        {"max_attempts": 6},  # gRFC A6 caps attempts at 5
+        {"initial_backoff_s": 0.0},
+        {"max_backoff_s": -1.0},
+        {"multiplier": 0.0},
+        {"retryable_codes": (grpc.StatusCode.OK,)},
+    ],
+)
+def test_bad_policies_are_refused(kwargs: dict) -> None:
+    with pytest.raises(ValueError):
+        RetryPolicy(**kwargs)
+
+
+def test_jitter_is_accepted_but_deprecated() -> None:
+    with pytest.warns(DeprecationWarning, match="jitter"):
+        RetryPolicy(jitter=0.0)
