@@ -1,4 +1,4 @@
-"""`bertrec serve`: serve one model version over gRPC until SIGTERM/SIGINT."""
+"""`bertrec serve`: serve one model version over gRPC until SIGTERM/SIGINT/SIGHUP."""
 
 from __future__ import annotations
 
@@ -25,15 +25,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Start, print the bound ports, load the model, serve until a signal; exit code 0."""
-    import signal
-
     from bertrec.server.app import Server
     from bertrec.server.config import flags_from_args, load_config
+    from bertrec.server.drain import on_stop_signals
 
     config = load_config(flags_from_args(args), config_file=args.config)
     server = Server(config)
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: server.request_stop())
+    on_stop_signals(server.request_stop)  # SIGTERM, SIGINT, SIGHUP: drain, then exit 0
     try:
         server.start()
         print(
