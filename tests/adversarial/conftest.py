@@ -1,0 +1,71 @@
+"""The adversarial suite's server: the real `bertrec serve` on loopback, one per test module.
+
+A test module may define `SERVER_SETTINGS` (a dict of `serve` settings, e.g.
+`{"max_concurrent_rpcs": 4}`) to change its server's limits; they are laid over `DEFAULTS`,
+which keep the limits small (so "over the limit" is cheap to send) and the batching windows
+short (so thousands of fuzzed calls stay fast). Tests read the limits they attack from
+`AdversarialServer.settings`, never from copies, so the two cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+from server_harness import MODEL, ServerProcess, start_server
+
+DEFAULTS: Mapping[str, int] = {
+    "max_k": 50,
+    "max_item_ids": 20,
+    "max_texts": 12,
+    "max_text_bytes": 400,
+    "encoder_max_batch_size": 16,
+    "encoder_max_queue_size": 64,
+    "encoder_max_queue_delay_us": 2000,
+    "ranker_max_queue_delay_us": 2000,
+    "grpc_max_workers": 16,
+    "max_concurrent_rpcs": 64,
+}
+
+
+@dataclass(frozen=True)
+class AdversarialServer:
+    """A running server, where to reach it, and the settings it was started with."""
+
+    process: ServerProcess
+    settings: Mapping[str, int]
+    model: str = MODEL
+
+    @property
+    def target(self) -> str:
+        return self.process.target
+
+    def log(self) -> str:
+        """The server's stderr so far (its log)."""
+        return self.process.stderr()
+
+
+@pytest.fixture(scope="module")
+def adversarial_server(
+    request: pytest.FixtureRequest, model_repo: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[AdversarialServer]:
+    """A fresh server for this module, with `DEFAULTS` overridden by its `SERVER_SETTINGS`."""
+    settings = {**DEFAULTS, **getattr(request.module, "SERVER_SETTINGS", {})}
+    flags = [arg for name, value in settings.items()
+             for arg in ("--" + name.replace("_", "-"), str(value))]  # fmt: skip
+    process = start_server(model_repo, tmp_path_factory.mktemp("adversarial-logs"), *flags)
+    try:
+        process.wait_serving()
+        yield AdversarialServer(process, settings)
+    finally:
+        process.terminate()
+
+
+@pytest.fixture(scope="module")
+def adversarial_channel(adversarial_server: AdversarialServer) -> Iterator[grpc.Channel]:
+    """One channel to the module's server (a plain one: no retries, no client-side limits)."""
+    with grpc.insecure_channel(adversarial_server.target) as channel:
+        yield channel
