@@ -39,6 +39,13 @@ obj="$out/obj"
 rm -rf "$gen" "$obj"
 mkdir -p "$obj"
 "$here/gen.sh" "$gen"
+# The retry policy every bertrec client shares, as a raw string literal that example.cc
+# includes (the JSON holds no ')json"', the only sequence that would end it early).
+{
+  printf 'R"json('
+  cat "$here/../service_config.json"
+  printf ')json"\n'
+} >"$gen/service_config.inc"
 
 # pkg-config prints space-separated flags; splitting them into words is intended. Captured
 # first so a pkg-config failure stops the build (set -e) rather than being masked.

@@ -4,6 +4,10 @@
 //   bertrec-example --user-id U [--target HOST:PORT] [--text T] [--k K] [--timeout-s S]
 //
 // Exit status: 0 on success, 1 when an RPC fails, 2 on bad usage.
+//
+// The channel retries RecommenderService calls by the service config every bertrec client
+// shares (clients/service_config.json, compiled in by build.sh; see clients/README.md).
+#include <grpc/grpc.h>
 #include <grpcpp/grpcpp.h>
 
 #include <charconv>
@@ -26,6 +30,11 @@ namespace {
 namespace health = ::grpc::health::v1;
 namespace rec = ::bertrec::v1;
 using bertrec_example::JsonWriter;
+
+// clients/service_config.json, made into a string literal by build.sh.
+constexpr char kServiceConfig[] =
+#include "service_config.inc"
+    ;
 
 constexpr int kExitRpcError = 1;
 constexpr int kExitUsage = 2;
@@ -161,8 +170,13 @@ void WriteModel(JsonWriter& json, const rec::ModelRef& model) {
 }
 
 int Run(const Options& opts) {
-  // One channel carries all three calls; stubs are cheap views onto it.
-  const auto channel = grpc::CreateChannel(opts.target, grpc::InsecureChannelCredentials());
+  // One channel carries all three calls; stubs are cheap views onto it. The default service
+  // config applies unless the name resolver supplies one (DNS TXT records, off by default).
+  grpc::ChannelArguments args;
+  args.SetServiceConfigJSON(kServiceConfig);
+  args.SetInt(GRPC_ARG_ENABLE_RETRIES, 1);  // the default since gRPC 1.40; explicit for older
+  const auto channel =
+      grpc::CreateCustomChannel(opts.target, grpc::InsecureChannelCredentials(), args);
   const auto health_stub = health::Health::NewStub(channel);
   const auto recommender = rec::RecommenderService::NewStub(channel);
 

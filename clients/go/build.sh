@@ -40,6 +40,9 @@ rm -rf "$gopath"
 bash "$here/gen.sh" "$gopath/src"
 mkdir -p "$gopath/src/$pkg"
 cp "$here/cmd/bertrec-example/"*.go "$gopath/src/$pkg/"
+# The retry policy every bertrec client shares, embedded by main.go (go:embed reads only files
+# inside the package folder, and no symlinks).
+cp "$here/../service_config.json" "$gopath/src/$pkg/service_config.json"
 
 # GOPATH mode: our tree (generated stubs + example) first, then Debian's sources, which also
 # provide the health stub google.golang.org/grpc/health/grpc_health_v1 (see gen.sh).

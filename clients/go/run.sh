@@ -14,4 +14,7 @@ if [[ ! -x "$bin" ]]; then
   echo "error: $bin not found; build it first: $(dirname "${BASH_SOURCE[0]}")/build.sh OUT_DIR" >&2
   exit 2
 fi
+# grpc-go before 1.40 (Debian 12 ships 1.33) applies the service config's retry policy only
+# with this set; later versions retry by default and ignore it.
+export GRPC_GO_RETRY="${GRPC_GO_RETRY:-on}"
 exec "$bin" "$@"

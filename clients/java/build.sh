@@ -5,7 +5,7 @@
 #
 # Layout of OUT_DIR (both folders are replaced on every build, so nothing stale survives):
 #   OUT_DIR/generated/  Java sources made by protoc (see gen.sh)
-#   OUT_DIR/classes/    compiled classes; run them with run.sh OUT_DIR
+#   OUT_DIR/classes/    compiled classes and clients/service_config.json; run.sh OUT_DIR runs them
 #   OUT_DIR/sources.list  the files handed to javac
 # Exits 3 with "missing toolchain: ..." on stderr when a tool or library is absent.
 set -euo pipefail
@@ -62,5 +62,8 @@ mapfile -d '' -t sources <"$out/sources.list"
   -classpath "$classpath" \
   -d "$out/classes" \
   "${sources[@]}"
+
+# The retry policy every bertrec client shares, read by Example as a class-path resource.
+cp -- "$script_dir/../service_config.json" "$out/classes/dev/bertrec/example/service_config.json"
 
 echo "built $out/classes" >&2

@@ -2,7 +2,7 @@
 # Build the TypeScript example client into OUT_DIR:
 #   1. `npm ci` here when node_modules is missing or was not installed from package-lock.json,
 #   2. fresh stubs from proto/ into OUT_DIR/src/gen (gen.sh), next to a copy of src/,
-#   3. tsc into OUT_DIR/dist (run it with run.sh OUT_DIR ...).
+#   3. tsc into OUT_DIR/dist, plus clients/service_config.json (run it with run.sh OUT_DIR ...).
 # OUT_DIR/node_modules links to this folder's node_modules for the runtime packages.
 # Exit status 3 with "missing toolchain: ..." when node or npm is absent.
 set -euo pipefail
@@ -63,4 +63,6 @@ write("tsconfig.json", {
 JS
 
 "$here/node_modules/.bin/tsc" --project "$out/tsconfig.json"
+# The retry policy every bertrec client shares, read by example.js from its own folder.
+cp "$here/../service_config.json" "$out/dist/service_config.json"
 echo "build.sh: built $out/dist/example.js" >&2

@@ -9,7 +9,10 @@ Each `clients/<lang>/` holds two scripts with one contract (see clients/README.m
                                      print one JSON document on stdout
 
 The test builds each client, runs it against the shared server and requires its answers to
-equal the Python client's. A missing toolchain skips with the reason, unless
+equal the Python client's; then runs it against a server that fails each call's first attempts
+with the retryable codes, which it must ride out by the shared retry policy
+(clients/service_config.json) as the Python client does. A missing toolchain skips with the
+reason, unless
 BERTREC_REQUIRE_TOOLCHAINS=1 (set by `make test`, which installs every toolchain) turns it into a
 failure, so CI can never pass by skipping.
 """
@@ -20,13 +23,21 @@ import json
 import math
 import os
 import subprocess
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from server_harness import Reference, ServerProcess
 
 from bertrec.client import RecommenderClient
+from bertrec.v1 import recommender_pb2 as pb
+from bertrec.v1 import recommender_pb2_grpc as pb_grpc
 
 ROOT = Path(__file__).resolve().parents[2]
 LANGUAGES = ("go", "java", "cpp", "typescript")
@@ -61,10 +72,10 @@ def built_client(
     return lang, out
 
 
-def _run(lang: str, out: Path, server: ServerProcess, user_id: str) -> dict[str, Any]:
+def _run(lang: str, out: Path, target: str, user_id: str) -> dict[str, Any]:
     result = subprocess.run(
         ["bash", str(ROOT / "clients" / lang / "run.sh"), str(out),
-         "--target", server.target, "--user-id", user_id, "--text", TEXT, "--k", str(K)],
+         "--target", target, "--user-id", user_id, "--text", TEXT, "--k", str(K)],
         cwd=ROOT, capture_output=True, text=True, timeout=RUN_TIMEOUT_S,
     )  # fmt: skip
     assert result.returncode == 0, f"{lang} client failed:\n{result.stdout}\n{result.stderr}"
@@ -80,7 +91,7 @@ def test_client_answers_equal_python_client(
 ) -> None:
     lang, out = built_client
     user_id = next(u for u in ref.user_ids if len(ref.rated(u)) > 1)
-    got = _run(lang, out, server, user_id)
+    got = _run(lang, out, server.target, user_id)
 
     assert got["health"] == "SERVING"
 
@@ -101,3 +112,68 @@ def test_client_answers_equal_python_client(
     assert len(vector) == emb.vectors.shape[1]
     for mine_v, theirs_v in zip(vector, emb.vectors[0].tolist(), strict=True):
         assert math.isclose(mine_v, theirs_v, rel_tol=1e-6, abs_tol=1e-6)
+
+
+# What the flaky server answers each RPC's attempts with before it answers: every code the
+# shared policy retries, and no more failures than retry throttling allows on a fresh channel.
+FAILURES = {
+    "Recommend": (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.UNAVAILABLE),
+    "EmbedText": (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.FAILED_PRECONDITION),
+}
+FLAKY_MODEL = pb.ModelRef(name="flaky", version=3)
+
+
+class FlakyRecommender(pb_grpc.RecommenderServiceServicer):
+    """Fails the first attempts of Recommend and EmbedText (`FAILURES`), then answers."""
+
+    def __init__(self) -> None:
+        self.calls: Counter[str] = Counter()
+        self._lock = threading.Lock()
+
+    def _attempt(self, method: str, context: grpc.ServicerContext) -> None:
+        with self._lock:
+            self.calls[method] += 1
+            n = self.calls[method]
+        if n <= len(FAILURES[method]):
+            context.abort(FAILURES[method][n - 1], f"{method} attempt {n} refused")
+
+    def Recommend(
+        self, request: pb.RecommendRequest, context: grpc.ServicerContext
+    ) -> pb.RecommendResponse:
+        self._attempt("Recommend", context)
+        item = pb.RankedItem(item_id=request.user_id + "-pick", score=1.5, rank=1)
+        return pb.RecommendResponse(items=[item], model=FLAKY_MODEL)
+
+    def EmbedText(
+        self, request: pb.EmbedTextRequest, context: grpc.ServicerContext
+    ) -> pb.EmbedTextResponse:
+        self._attempt("EmbedText", context)
+        vectors = [pb.Embedding(values=[0.5, -0.25]) for _ in request.texts]
+        return pb.EmbedTextResponse(embeddings=vectors, dim=2, model=FLAKY_MODEL)
+
+
+@pytest.fixture
+def flaky() -> Iterator[tuple[str, FlakyRecommender]]:
+    servicer = FlakyRecommender()
+    server = grpc.server(ThreadPoolExecutor(4))
+    pb_grpc.add_RecommenderServiceServicer_to_server(servicer, server)
+    checks = health.HealthServicer()
+    checks.set("", health_pb2.HealthCheckResponse.SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(checks, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        yield f"127.0.0.1:{port}", servicer
+    finally:
+        server.stop(None)
+
+
+def test_client_retries_by_the_shared_service_config(
+    built_client: tuple[str, Path], flaky: tuple[str, FlakyRecommender]
+) -> None:
+    lang, out = built_client
+    target, servicer = flaky
+    got = _run(lang, out, target, "u7")
+    assert got["recommend"]["items"][0]["item_id"] == "u7-pick"
+    assert got["embed"]["values"] == [0.5, -0.25]
+    assert servicer.calls == {m: len(codes) + 1 for m, codes in FAILURES.items()}

@@ -6,7 +6,13 @@
  *
  * Exit status: 0 on success, 1 when an RPC fails (`error: <RPC> failed: <CODE>: <message>` on
  * stderr), 2 on bad flags. Nothing but the JSON document is written to stdout.
+ *
+ * The channel retries RecommenderService calls by the service config every bertrec client shares
+ * (clients/service_config.json, copied next to the compiled example by build.sh; see
+ * clients/README.md).
  */
+import { readFileSync } from "node:fs";
+import { join } from "node:path";
 import { parseArgs } from "node:util";
 
 import {
@@ -145,8 +151,18 @@ function modelJson(model: ModelRef | undefined): ModelJson {
   return { name: model?.name ?? "", version: model?.version ?? 0 };
 }
 
+/** clients/service_config.json, which build.sh copies next to this file (dist/). */
+function serviceConfig(): string {
+  return readFileSync(join(__dirname, "service_config.json"), "utf8");
+}
+
 async function run(options: Options): Promise<unknown> {
-  const recommender = new RecommenderServiceClient(options.target, credentials.createInsecure());
+  // The default service config applies unless the name resolver supplies one (DNS TXT records,
+  // off by default); grpc-js checks it here and throws if it is invalid.
+  const recommender = new RecommenderServiceClient(options.target, credentials.createInsecure(), {
+    "grpc.service_config": serviceConfig(),
+    "grpc.enable_retries": 1,
+  });
   // The health client borrows the recommender's channel: one connection serves every call.
   const health = new HealthClient(options.target, credentials.createInsecure(), {
     channelOverride: recommender.getChannel(),

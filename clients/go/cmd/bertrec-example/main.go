@@ -7,10 +7,15 @@
 //
 // Diagnostics go to stderr. Exit status: 0 on success, 1 when an RPC fails (the message names
 // the RPC and its gRPC status code), 2 on bad flags.
+//
+// The channel retries RecommenderService calls by the service config every bertrec client shares
+// (clients/service_config.json, embedded at build time; see clients/README.md). grpc-go before
+// 1.40 applies a retry policy only when GRPC_GO_RETRY=on is in the environment (run.sh sets it).
 package main
 
 import (
 	"context"
+	_ "embed" // the service config
 	"encoding/json"
 	"errors"
 	"flag"
@@ -18,6 +23,8 @@ import (
 	"math"
 	"os"
 	"os/signal"
+	"strconv"
+	"strings"
 	"syscall"
 	"time"
 
@@ -71,6 +78,11 @@ type embedOutput struct {
 	Model  modelOutput `json:"model"`
 	Values []float32   `json:"values"`
 }
+
+// serviceConfig is clients/service_config.json, copied next to this file by build.sh.
+//
+//go:embed service_config.json
+var serviceConfig string
 
 // errFlagsReported means the flag package has already printed the problem and the usage.
 var errFlagsReported = errors.New("invalid flags")
@@ -148,9 +160,15 @@ func run() int {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 
+	if retryNeedsEnv(grpc.Version) && !strings.EqualFold(os.Getenv("GRPC_GO_RETRY"), "on") {
+		fmt.Fprintf(os.Stderr, "warning: grpc-go %s retries only with GRPC_GO_RETRY=on\n", grpc.Version)
+	}
 	// Dial does not block: connection problems surface as UNAVAILABLE on the first call.
 	// grpc-go 1.33 has no credentials/insecure package; WithInsecure is its plaintext option.
-	conn, err := grpc.Dial(opts.target, grpc.WithInsecure())
+	// The default service config applies unless the name resolver supplies one (DNS TXT
+	// records, off by default); an invalid one fails here.
+	conn, err := grpc.Dial(opts.target, grpc.WithInsecure(),
+		grpc.WithDefaultServiceConfig(serviceConfig))
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "error: cannot open a channel to %s: %v\n", opts.target, err)
 		return exitRPCError
@@ -171,6 +189,17 @@ func run() int {
 		return exitRPCError
 	}
 	return 0
+}
+
+// retryNeedsEnv reports whether grpc-go `version` (e.g. "1.33.3") predates 1.40, where retries
+// became the default; before it they need GRPC_GO_RETRY=on.
+func retryNeedsEnv(version string) bool {
+	parts := strings.SplitN(version, ".", 3)
+	if len(parts) < 2 || parts[0] != "1" {
+		return false
+	}
+	minor, err := strconv.Atoi(parts[1])
+	return err == nil && minor < 40
 }
 
 func parseFlags(args []string) (options, error) {

@@ -4,6 +4,8 @@ import com.google.gson.Gson;
 import com.google.gson.GsonBuilder;
 import com.google.gson.JsonArray;
 import com.google.gson.JsonObject;
+import com.google.gson.JsonParseException;
+import com.google.gson.reflect.TypeToken;
 import dev.bertrec.v1.EmbedTextRequest;
 import dev.bertrec.v1.EmbedTextResponse;
 import dev.bertrec.v1.ModelRef;
@@ -22,8 +24,13 @@ import io.grpc.health.v1.HealthCheckResponse;
 import io.grpc.health.v1.HealthGrpc;
 import java.io.FileDescriptor;
 import java.io.FileOutputStream;
+import java.io.IOException;
+import java.io.InputStream;
+import java.io.InputStreamReader;
 import java.io.PrintStream;
+import java.io.Reader;
 import java.nio.charset.StandardCharsets;
+import java.util.Map;
 import java.util.Set;
 import java.util.concurrent.TimeUnit;
 import java.util.function.Supplier;
@@ -37,6 +44,10 @@ import java.util.logging.Logger;
  * <p>Usage: {@code Example --user-id U [--target HOST:PORT] [--text T] [--k K] [--timeout-s S]}.
  * Exit status: 0 on success, 1 when an RPC fails (the status is printed on stderr), 2 on bad
  * arguments.
+ *
+ * <p>The channel retries RecommenderService calls by the service config every bertrec client
+ * shares (clients/service_config.json, copied into the classes folder by build.sh; see
+ * clients/README.md).
  */
 public final class Example {
   private static final String DEFAULT_TARGET = "127.0.0.1:50051";
@@ -44,6 +55,7 @@ public final class Example {
   private static final int DEFAULT_K = 10;
   private static final double DEFAULT_TIMEOUT_S = 10.0;
   private static final long SHUTDOWN_GRACE_MS = 2_000;
+  private static final String SERVICE_CONFIG = "service_config.json";
 
   private static final String USAGE =
       "usage: Example --user-id U [--target HOST:PORT] [--text T] [--k K] [--timeout-s S]\n"
@@ -197,8 +209,20 @@ public final class Example {
       return 2;
     }
 
+    Map<String, Object> serviceConfig;
+    try {
+      serviceConfig = serviceConfig();
+    } catch (IOException | JsonParseException e) {
+      ERR.println("error: cannot read the service config: " + e.getMessage());
+      return 1;
+    }
+    // The default service config applies unless the name resolver supplies one (DNS TXT
+    // records, off by default); enableRetry() is a no-op where retries are already the default.
     ManagedChannel channel =
-        Grpc.newChannelBuilder(options.target(), InsecureChannelCredentials.create()).build();
+        Grpc.newChannelBuilder(options.target(), InsecureChannelCredentials.create())
+            .defaultServiceConfig(serviceConfig)
+            .enableRetry()
+            .build();
     try {
       JsonObject document = callAll(channel, options);
       String json;
@@ -221,6 +245,25 @@ public final class Example {
       } catch (InterruptedException e) {
         Thread.currentThread().interrupt();
       }
+    }
+  }
+
+  /**
+   * The shared service config as the nested maps grpc-java wants: Gson reads JSON numbers as
+   * Double, arrays as List and objects as Map, the only types defaultServiceConfig accepts.
+   */
+  private static Map<String, Object> serviceConfig() throws IOException {
+    try (InputStream in = Example.class.getResourceAsStream(SERVICE_CONFIG)) {
+      if (in == null) {
+        throw new IOException(SERVICE_CONFIG + " is not on the class path (build.sh copies it)");
+      }
+      Reader reader = new InputStreamReader(in, StandardCharsets.UTF_8);
+      Map<String, Object> config =
+          GSON.fromJson(reader, new TypeToken<Map<String, Object>>() {}.getType());
+      if (config == null) {
+        throw new IOException(SERVICE_CONFIG + " is empty");
+      }
+      return config;
     }
   }
 
