@@ -187,16 +187,21 @@ class Batcher(Generic[T, R]):
                 kept.append(pending)
         self._queue = kept
 
-    def _resolve_dead(self, pending: _Pending[T, R], now: float) -> bool:
-        """Count and resolve an item nobody waits for any more; False if it is still wanted."""
+    def _resolve_dead(self, pending: _Pending[T, R], now: float, due_s: float = 0.0) -> bool:
+        """Count and resolve an item nobody waits for any more; False if it is still wanted.
+
+        With `due_s` (when the batch being formed is expected to finish), an item whose
+        deadline comes before that is dropped too: computing it would answer nobody.
+        """
         if pending.future.cancelled():
             self._metrics.dropped_cancelled.inc()
             return True
-        if pending.deadline_s <= now:
+        if pending.deadline_s <= max(now, due_s):
             self._metrics.dropped_expired.inc()
             if pending.future.set_running_or_notify_cancel():
+                when = "passed" if pending.deadline_s <= now else "would pass"
                 pending.future.set_exception(
-                    DeadlineExceeded(f"deadline passed while queued for the {self.name}")
+                    DeadlineExceeded(f"deadline {when} before the {self.name} could run the call")
                 )
             return True
         return False
@@ -233,11 +238,17 @@ class Batcher(Generic[T, R]):
         return batch
 
     def _take_live(self, now: float) -> list[_Pending[T, R]]:
-        """Pop up to a batch of items, skipping those nobody waits for (lock held)."""
+        """Pop up to a batch of items, skipping those nobody waits for (lock held).
+
+        With shedding on, an item that would expire before the batch is expected to finish is
+        skipped too (under overload such items would otherwise take a share of every batch).
+        """
+        size = min(len(self._queue), self._config.max_batch_size)
+        due_s = now + self._service_time.batch_s(size) if self._config.shed else 0.0
         batch: list[_Pending[T, R]] = []
         while self._queue and len(batch) < self._config.max_batch_size:
             pending = self._queue.popleft()
-            if not self._resolve_dead(pending, now):
+            if not self._resolve_dead(pending, now, due_s):
                 batch.append(pending)
         return batch
 

@@ -367,3 +367,23 @@ def test_dead_items_are_skipped_when_a_batch_is_formed_so_it_fills_with_live_wor
     assert model.batches == [[1, 4]]
     assert value(metrics, "bertrec_dropped_total", reason="cancelled") == 1
     assert value(metrics, "bertrec_dropped_total", reason="expired") == 1
+
+
+def test_an_item_that_would_expire_during_its_batch_is_dropped_not_computed(setup) -> None:
+    model, metrics, _ = setup
+    model.batch_s = 0.2
+    batcher = make(setup, max_batch_size=1, delay_us=0)
+    batcher.start()
+    learn(batcher, 2, 1)
+    model.gate.clear()
+    running = batcher.submit(1, far())
+    assert model.entered.wait(5)
+    # Admitted: ~0.2 s left of the running batch + 0.2 s of its own fit in 0.6 s...
+    doomed = batcher.submit(2, time.monotonic() + 0.6)
+    time.sleep(0.3)  # ...but the running batch overruns: ~0.1 s will be left, not 0.2
+    model.gate.set()
+    assert running.result(5) == 2
+    with pytest.raises(DeadlineExceeded):
+        doomed.result(5)
+    assert [2] not in model.batches
+    assert value(metrics, "bertrec_dropped_total", reason="expired") == 1
