@@ -15,12 +15,14 @@ from bertrec.bench.quality_peers import (
     tune,
 )
 from bertrec.bench.quality_protocol import (
+    RankingResult,
     RatingArrays,
     cold_item_split,
     holdout_split,
     index_ratings,
     ranking_metrics,
     rating_metrics,
+    relative_gain_interval,
     top_k,
     validation_split,
 )
@@ -264,12 +266,29 @@ def test_tune_chooses_on_validation_then_refits_on_train_and_validation() -> Non
         # A "model" that predicts its constant; 3.0 is nearest the ratings' mean (about 3).
         return FixedScores(np.full((train.n_users, train.n_items), float(str(params["c"]))))
 
-    tuned = tune("const", build, [grid(c=[0.5, 3.0, 5.0])], split.train, split.test, "rmse")
-    assert tuned.chosen == {"c": 3.0} and tuned.grid_size == 3
-    assert seen == [len(split.train)] * 3 + [len(data)]
+    stages = [grid(c=[0.5, 3.0, 5.0]), [{"c": 4.5}]]  # the second stage finds nothing better
+    tuned = tune("const", build, stages, split.train, split.test, "rmse")
+    assert tuned.chosen == {"c": 3.0} and tuned.grid_size == 4
+    assert seen == [len(split.train)] * 4 + [len(data)]
+    seen.clear()  # one point: nothing to choose, so no validation fit
+    single = tune("const", build, [[{"c": 1.0}]], split.train, split.test, "rmse")
+    assert seen == [len(data)] and np.isnan(single.valid_score)
 
 
 def test_popularity_counts_train_ratings() -> None:
     model = fit_popularity(arrays([0, 1, 1], [2, 2, 0], [1.0, 2.0, 3.0], n_items=3), {})
     assert model.score_users(np.array([0])).tolist() == [[1.0, 0.0, 2.0]]
     assert model.predict(np.array([0]), np.array([0])) is None
+
+
+def test_relative_gain_interval_pairs_users() -> None:
+    users = np.arange(50, dtype=np.int32)
+    base = np.random.default_rng(0).random(50)
+    theirs = RankingResult(0.0, 0.0, users, base, base)
+    ours = RankingResult(0.0, 0.0, users, base * 1.1, base)  # exactly +10% for every user
+    low, high = relative_gain_interval(ours, theirs)
+    assert low == pytest.approx(0.1) and high == pytest.approx(0.1)
+    low, high = relative_gain_interval(ours, theirs, metric="recall")
+    assert low == pytest.approx(0.0) and high == pytest.approx(0.0)
+    with pytest.raises(ValueError, match="same users"):
+        relative_gain_interval(ours, RankingResult(0.0, 0.0, users[:3], base[:3], base[:3]))
