@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -13,6 +14,7 @@ from bertrec.export.repository import (
     list_versions,
     next_version,
     publish_version,
+    remove_stale_builds,
     resolve_version,
 )
 
@@ -136,3 +138,89 @@ def test_unsafe_model_names_are_rejected(tmp_path: Path, name: str) -> None:
 def test_version_numbers_must_be_positive(tmp_path: Path) -> None:
     with pytest.raises(BertrecError, match="positive"):
         publish_version(tmp_path, "m", write_marker("x"), version=0)
+
+
+# ---- build folders left by exports that died (issue 12, item 9) ---------------------------
+
+
+def hold_lock(path: Path) -> int:
+    """Take the flock a live exporter holds on its lock file (a new open file description,
+    so this process's own cleaner cannot take it either)."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return fd
+
+
+def test_a_build_folder_without_a_lock_file_is_removed_by_the_next_publish(
+    tmp_path: Path,
+) -> None:
+    stale = tmp_path / "m" / ".tmp-1-0badc0de"  # as a bertrec without lock files left it
+    stale.mkdir(parents=True)
+    (stale / "encoder.onnx").write_bytes(b"\0" * 1000)
+    publish_version(tmp_path, "m", write_marker("x"))
+    assert entries(tmp_path, "m") == ["1"]
+
+
+def test_unlocked_lock_files_are_removed_with_or_without_their_folder(tmp_path: Path) -> None:
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / ".tmp-1-aaaaaaaa").mkdir()
+    (model / ".tmp-1-aaaaaaaa.lock").touch()  # died while building
+    (model / ".tmp-2-bbbbbbbb.lock").touch()  # died before mkdir, or after the rename
+    removed = remove_stale_builds(tmp_path, "m")
+    assert removed == [model / ".tmp-1-aaaaaaaa"]
+    assert entries(tmp_path, "m") == []
+
+
+def test_a_build_folder_whose_lock_is_held_survives(tmp_path: Path) -> None:
+    model = tmp_path / "m"
+    (model / ".tmp-1-cccccccc").mkdir(parents=True)
+    fd = hold_lock(model / ".tmp-1-cccccccc.lock")
+    try:
+        assert remove_stale_builds(tmp_path, "m") == []
+        publish_version(tmp_path, "m", write_marker("x"), version=2)
+        assert entries(tmp_path, "m") == [".tmp-1-cccccccc", ".tmp-1-cccccccc.lock", "2"]
+    finally:
+        os.close(fd)
+    assert remove_stale_builds(tmp_path, "m") == [model / ".tmp-1-cccccccc"]
+
+
+def test_an_export_keeps_its_lock_while_building(tmp_path: Path) -> None:
+    seen: list[list[str]] = []
+
+    def build(folder: Path) -> None:
+        assert remove_stale_builds(tmp_path, "m") == []  # a rival export cleaning now
+        seen.append(entries(tmp_path, "m"))
+        (folder / "marker.txt").write_text("x")
+
+    publish_version(tmp_path, "m", build)
+    assert len(seen[0]) == 2 and seen[0][1] == seen[0][0] + ".lock"
+    assert entries(tmp_path, "m") == ["1"]  # the lock file went with the build folder
+
+
+def test_a_cleaner_racing_the_lock_creation_cannot_orphan_the_build(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_flock = fcntl.flock
+    raced: list[bool] = []
+
+    def flock_after_a_rival_cleaned(fd: int, operation: int) -> None:
+        # A rival cleaner runs between the exporter's create and its flock: it takes the
+        # still-unlocked lock file and unlinks it. The exporter must notice and start over.
+        if operation == fcntl.LOCK_EX and not raced:
+            raced.append(True)
+            with monkeypatch.context() as inner:
+                inner.setattr(fcntl, "flock", real_flock)
+                remove_stale_builds(tmp_path, "m")
+        real_flock(fd, operation)
+
+    def build(folder: Path) -> None:
+        monkeypatch.setattr(fcntl, "flock", real_flock)
+        assert remove_stale_builds(tmp_path, "m") == []
+        assert folder.is_dir() and Path(f"{folder}.lock").is_file()
+        (folder / "marker.txt").write_text("x")
+
+    (tmp_path / "m").mkdir()
+    monkeypatch.setattr(fcntl, "flock", flock_after_a_rival_cleaned)
+    publish_version(tmp_path, "m", build)
+    assert raced and entries(tmp_path, "m") == ["1"]
