@@ -43,6 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for register in _registrars():
         register(sub)
+    for command in sub.choices.values():
+        # Also after the subcommand (`bertrec serve -v`). SUPPRESS: a subcommand that is not
+        # given -v must not reset the flag given before it (`bertrec -v serve`).
+        command.add_argument(
+            "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging"
+        )
     return parser
 
 

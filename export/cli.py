@@ -22,7 +22,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     export.add_argument(
         "--trained", type=Path, required=True, metavar="DIR", help="training output folder"
     )
-    _add_location(export)
+    _add_location(export, "version number (default: the next free one)")
     export.add_argument(
         "--int8",
         action=argparse.BooleanOptionalAction,
@@ -49,11 +49,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         description="Check every file against manifest.json and, with onnxruntime installed, "
         "each encoder graph against the PyTorch outputs stored at export.",
     )
-    _add_location(verify)
+    _add_location(verify, "version number (default: the newest)")
     verify.set_defaults(func=_run_verify)
 
 
-def _add_location(parser: argparse.ArgumentParser) -> None:
+def _add_location(parser: argparse.ArgumentParser, version_help: str) -> None:
     parser.add_argument(
         "--repo", type=Path, required=True, metavar="DIR", help="model repository folder"
     )
@@ -63,7 +63,7 @@ def _add_location(parser: argparse.ArgumentParser) -> None:
         type=_positive_int,
         default=None,
         metavar="N",
-        help="version number (default: export the next, verify the latest)",
+        help=version_help,
     )
 
 

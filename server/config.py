@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from bertrec.errors import BertrecError
+from bertrec.server.environment import unknown_variables_problem
 from bertrec.server.providers import CPU, CUDA
 
 ENV_PREFIX = "BERTREC_"
@@ -103,7 +104,7 @@ class ServerConfig:
             value = getattr(self, f.name)
             problem = _problem(f.name, value)
             if problem:
-                raise ConfigError(f"{f.name}={value!r}: {problem}")
+                raise ConfigError(f"{f.name}={_quote(value)}: {problem}")
 
     @property
     def grpc_address(self) -> str:
@@ -218,6 +219,9 @@ def load_config(
     """
     flags = dict(flags or {})
     env = os.environ if env is None else env
+    names = [CONFIG_ENV, *(ENV_PREFIX + f.name.upper() for f in dataclasses.fields(ServerConfig))]
+    if unknown := unknown_variables_problem(env, names):
+        raise ConfigError(unknown)
     if config_file is None and env.get(CONFIG_ENV):
         config_file = Path(env[CONFIG_ENV])
     env_values = {
@@ -240,7 +244,7 @@ def load_config(
                 value = _coerce(f.name, layer[f.name], source)
                 problem = _problem(f.name, value)
                 if problem:
-                    raise ConfigError(f"{f.name}={value!r} (from {source}): {problem}")
+                    raise ConfigError(f"{f.name}={_quote(value)} (from {source}): {problem}")
                 values[f.name] = value
                 break
     for name in ("model_repo", "model"):
@@ -265,6 +269,11 @@ def flags_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """The config fields the user gave as flags (strings, coerced by `load_config`)."""
     names = {f.name for f in dataclasses.fields(ServerConfig)}
     return {k: v for k, v in vars(args).items() if k in names}
+
+
+def _quote(value: Any) -> str:
+    """A value as error messages show it: its repr, but paths plain (not `PosixPath(...)`)."""
+    return str(value) if isinstance(value, Path) else repr(value)
 
 
 def _show(value: Any) -> str:
