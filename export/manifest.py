@@ -255,8 +255,8 @@ def check_location(version_dir: Path, manifest: Manifest) -> None:
 def check_finite(version_dir: Path, names: Iterable[str]) -> None:
     """Refuse NaN and infinity in every float `.npy` among `names` (memory-mapped, chunked).
 
-    Costs about 30 ms per 256 MB (a 1M x 64 float32 array) once the file is in page cache,
-    which hashing has just put it in.
+    A 1M x 64 float32 array (256 MB) takes 30-60 ms once in page cache (hashing has just put
+    it there), about a fifth of the SHA-256 computed over the same file.
 
     Raises:
         ArtifactError: naming the file and the first row holding a non-finite value.
@@ -280,9 +280,9 @@ def _first_nonfinite_row(array: np.ndarray) -> int | None:
     row_bytes = max(1, rows.shape[1] * rows.itemsize)
     step = max(1, _FINITE_CHUNK_BYTES // row_bytes)
     for start in range(0, len(rows), step):
-        finite = np.isfinite(rows[start : start + step]).all(axis=1)
-        if not finite.all():
-            return start + int(np.argmin(finite))
+        finite = np.isfinite(rows[start : start + step])
+        if not finite.all():  # a flat reduction: per-row ones cost 3x as much
+            return start + int(np.argmin(finite.all(axis=1)))
     return None
 
 
