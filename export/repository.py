@@ -177,7 +177,8 @@ def remove_stale_builds(repo: Path, model: str) -> list[Path]:
 def _remove_if_unowned(build_dir: Path, lock: Path) -> bool:
     """Remove `build_dir` and `lock` unless a live export holds the lock; True if it did."""
     try:
-        fd = os.open(lock, os.O_RDWR)
+        # Read-only: flock needs no write access, so a lock file of another user works too.
+        fd = os.open(lock, os.O_RDONLY)
     except FileNotFoundError:
         # The exporter creates its lock before the folder and unlinks it only after the
         # folder is gone, so a folder seen without its lock belongs to no live export.
