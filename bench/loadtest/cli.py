@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from bertrec.bench.loadtest.verdict import DEFAULT_MAX_ERROR_RATE
+
 DEFAULT_TARGET = "127.0.0.1:50051"
 
 
@@ -21,7 +23,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
             "Requests use the model's own user ids, item ids and item texts: read from the "
             "version folder when --model-repo/--model are given, otherwise from --user-ids/"
             "--item-ids/--texts, with the server's limits (GetModelInfo) and, when no item ids "
-            "are given, items discovered from RecommendForText answers."
+            "are given, items discovered from RecommendForText answers. Exit status: 0 when "
+            "every step met the thresholds (--max-error-rate, --max-p99-ms), 1 when one did "
+            "not (the reasons are printed), 2 for bad flags or a server that cannot be reached."
         ),
     )
     p.add_argument("--target", default=DEFAULT_TARGET, help="host:port (default %(default)s)")
@@ -63,17 +67,32 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="stop a step after this many measured requests",
     )
     bounds.add_argument("--deadline-ms", type=float, default=5000.0, help="per-call deadline")
-    search = p.add_argument_group("max-rate search")
-    search.add_argument("--p99-slo-ms", type=float, default=50.0, help="default %(default)s")
-    search.add_argument(
+    verdict = p.add_argument_group("pass/fail (the exit status)")
+    verdict.add_argument(
         "--max-error-rate",
         type=float,
-        default=0.001,
-        help="error share a passing step may have (default %(default)s)",
+        default=DEFAULT_MAX_ERROR_RATE,
+        help="error share a passing step may have; also the max-rate search's (default "
+        "%(default)s)",
     )
+    verdict.add_argument(
+        "--max-p99-ms",
+        type=float,
+        default=None,
+        help="p99 of OK calls a passing step may have (default: not checked)",
+    )
+    search = p.add_argument_group("max-rate search")
+    search.add_argument("--p99-slo-ms", type=float, default=50.0, help="default %(default)s")
     search.add_argument("--start-rate", type=float, default=50.0, help="first rate tried")
     search.add_argument("--search-steps", type=int, default=10, help="at most this many steps")
     inputs = p.add_argument_group("request inputs")
+    inputs.add_argument(
+        "--ready-timeout-s",
+        type=float,
+        default=10.0,
+        help="wait this long for a server that is up but still loading to report SERVING "
+        "(one that cannot be reached fails at once; default %(default)s)",
+    )
     inputs.add_argument("--model-repo", type=Path, default=None)
     inputs.add_argument("--model", default=None)
     inputs.add_argument("--version", type=int, default=None, help="default: newest")
@@ -87,7 +106,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--plots",
         type=Path,
         default=None,
-        help="folder for PNG plots (default: the --out file's folder)",
+        help="folder for PNG plots, needs matplotlib (default: the --out file's folder, "
+        "skipped with a note when matplotlib is missing)",
     )
     out.add_argument("--channels", type=int, default=1, help="gRPC connections (default 1)")
     out.add_argument(
@@ -102,15 +122,21 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Resolve inputs, run the requested steps, print tables, write JSON and plots."""
+    """Resolve inputs, run the requested steps, print tables, write JSON and plots, judge.
+
+    Returns:
+        0 when every step met the thresholds, 1 when one did not.
+    """
     from bertrec.bench.common import write_json
     from bertrec.bench.loadtest.recorder import summarize
     from bertrec.bench.loadtest.report import build_report, step_table, sweep_table
     from bertrec.bench.loadtest.runner import LoadSpec, StepResult, run_step
     from bertrec.bench.loadtest.search import SearchResult, Slo, find_max_rate
+    from bertrec.bench.loadtest.verdict import EXIT_FAILED, Thresholds, judge, judge_search
     from bertrec.bench.loadtest.workload import build_pools, check_inputs, parse_mix
 
     _check_args(args)
+    plots = _plots_folder(args)
     mix = parse_mix(args.mix)
     inputs = resolve_inputs(args)
     check_inputs(inputs, mix)
@@ -151,18 +177,45 @@ def run(args: argparse.Namespace) -> int:
         print(f"\nmax rate with p99 <= {slo.p99_ms:g} ms and errors <= "
               f"{slo.max_error_rate:.2%}: {search.best_rate_rps:.1f} req/s ({state}; "
               f"{len(search.tried)} steps)")  # fmt: skip
-    report = build_report(args.target, mix, inputs.source, steps, search, slo)
+    if search is not None:
+        verdict = judge_search(search.best_rate_rps, len(search.tried),
+                               Thresholds(slo.max_error_rate, slo.p99_ms))  # fmt: skip
+    else:
+        thresholds = Thresholds(args.max_error_rate, args.max_p99_ms)
+        verdict = judge([(s.spec.label, summarize(s.calls, s.window_s)) for s in steps],
+                        thresholds)  # fmt: skip
+    report = build_report(args.target, mix, inputs.source, steps, search, slo, verdict)
     if args.out is not None:
         write_json(args.out, report)
         print(f"report: {args.out}", file=sys.stderr)
-    plots = args.plots or (args.out.parent if args.out is not None else None)
     if plots is not None:
         from bertrec.bench.loadtest.plots import write_plots
 
         slo_line = slo.p99_ms if args.find_max_rate else None
         for path in write_plots(steps, plots, slo_line):
             print(f"plot: {path}", file=sys.stderr)
-    return 0
+    print("\n".join(verdict.lines()), flush=True)
+    return 0 if verdict.passed else EXIT_FAILED
+
+
+def _plots_folder(args: argparse.Namespace) -> Path | None:
+    """Where plots go, or None. Asked for with --plots, matplotlib is required (checked before
+    any load is sent); implied by --out, its absence only skips them, with a note."""
+    from bertrec.errors import BertrecError
+
+    folder: Path | None = args.plots or (args.out.parent if args.out is not None else None)
+    if folder is None:
+        return None
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        install = "pip install 'bertrec[loadtest]'"
+        if args.plots is not None:
+            raise BertrecError(f"--plots needs matplotlib ({install})") from None
+        print(f"bertrec loadtest: note: plots skipped, matplotlib is not installed ({install}); "
+              "the JSON report is complete without them", file=sys.stderr)  # fmt: skip
+        return None
+    return folder
 
 
 def _summary(result: Any, summarize: Any) -> Any:
@@ -186,11 +239,15 @@ def _check_args(args: argparse.Namespace) -> None:
     if sum(shapes) > 1:
         raise BertrecError("give at most one of --concurrency, --rate, --sweep-concurrency, "
                            "--sweep-rates and --find-max-rate")  # fmt: skip
-    for name in ("duration_s", "deadline_ms", "channels", "max_in_flight"):
+    for name in ("duration_s", "deadline_ms", "channels", "max_in_flight", "ready_timeout_s"):
         if getattr(args, name) <= 0:
             raise BertrecError(f"--{name.replace('_', '-')} must be positive")
     if args.warmup_s < 0 or (args.max_requests is not None and args.max_requests <= 0):
         raise BertrecError("--warmup-s must be >= 0 and --max-requests > 0")
+    if not 0 <= args.max_error_rate <= 1:
+        raise BertrecError("--max-error-rate must be between 0 and 1")
+    if args.max_p99_ms is not None and args.max_p99_ms <= 0:
+        raise BertrecError("--max-p99-ms must be positive")
     if (args.model_repo is None) != (args.model is None):
         raise BertrecError("give --model-repo and --model together")
     try:
@@ -201,6 +258,7 @@ def _check_args(args: argparse.Namespace) -> None:
 
 def resolve_inputs(args: argparse.Namespace) -> Any:
     """Inputs from the version folder if given, else from flags plus what the server tells."""
+    from bertrec.bench.loadtest.preflight import wait_until_serving
     from bertrec.bench.loadtest.workload import (
         DEFAULT_TEXTS,
         Inputs,
@@ -213,7 +271,7 @@ def resolve_inputs(args: argparse.Namespace) -> Any:
 
     try:
         with RecommenderClient(args.target, timeout_s=5.0) as client:
-            client.wait_until_serving(10.0)
+            wait_until_serving(client, args.target, args.ready_timeout_s)
             info = client.model_info()
             limits = Limits(info.max_k, info.max_item_ids, info.max_texts, info.max_text_bytes)
             if args.model_repo is not None:

@@ -70,7 +70,8 @@ def _cdf_plot(steps: Sequence[StepResult], path: Path) -> Path:
     ax.set(xlabel="latency (ms)", ylabel="fraction of calls at or below", xscale="log",
            title="latency CDF")  # fmt: skip
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize="small")
+    if ax.get_legend_handles_labels()[0]:  # no line when no call succeeded
+        ax.legend(fontsize="small")
     return _save(fig, path)
 
 

@@ -12,6 +12,7 @@ from bertrec.bench.common import loadavg, markdown_table
 from bertrec.bench.loadtest.recorder import Summary, per_rpc, summarize, timeline
 from bertrec.bench.loadtest.runner import StepResult
 from bertrec.bench.loadtest.search import SearchResult, Slo
+from bertrec.bench.loadtest.verdict import Verdict
 
 SCHEMA = "bertrec.loadtest/v1"
 SATURATED_CPU_PERCENT = 85.0  # a generator above this share of one core may limit the load
@@ -41,8 +42,10 @@ def build_report(
     steps: Sequence[StepResult],
     search: SearchResult | None = None,
     slo: Slo | None = None,
+    verdict: Verdict | None = None,
 ) -> dict[str, Any]:
-    """The whole run: where, what, on which machine, each step, and the search outcome."""
+    """The whole run: where, what, on which machine, each step, the search outcome and the
+    pass/fail verdict (the exit status)."""
     report: dict[str, Any] = {
         "schema": SCHEMA,
         "target": target,
@@ -55,6 +58,7 @@ def build_report(
         },
         "steps": [step_report(s) for s in steps],
         "search": None,
+        "verdict": None,
     }
     if search is not None and slo is not None:
         report["search"] = {
@@ -63,6 +67,13 @@ def build_report(
             "max_rate_rps": search.best_rate_rps,
             "converged": search.converged,
             "tried": [{"rate_rps": r, "passed": p} for r, p in search.tried],
+        }
+    if verdict is not None:
+        report["verdict"] = {
+            "passed": verdict.passed,
+            "reasons": list(verdict.reasons),
+            "max_error_rate": verdict.thresholds.max_error_rate,
+            "max_p99_ms": verdict.thresholds.max_p99_ms,
         }
     return report
 

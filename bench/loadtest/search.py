@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from bertrec.bench.loadtest.recorder import Summary
+from bertrec.bench.loadtest.verdict import DEFAULT_MAX_ERROR_RATE, breaches
 
 
 @dataclass(frozen=True)
@@ -17,14 +18,10 @@ class Slo:
     """A step passes when its p99 (OK calls) is within `p99_ms` and errors are rare enough."""
 
     p99_ms: float
-    max_error_rate: float = 0.001
+    max_error_rate: float = DEFAULT_MAX_ERROR_RATE
 
     def passes(self, summary: Summary) -> bool:
-        if summary.requests == 0 or summary.ok == 0:
-            return False
-        p99 = summary.latency.percentiles_ms["p99"]
-        error_rate = summary.error_count / summary.requests
-        return not math.isnan(p99) and p99 <= self.p99_ms and error_rate <= self.max_error_rate
+        return not breaches(summary, self.max_error_rate, self.p99_ms)
 
 
 @dataclass

@@ -1,15 +1,18 @@
-"""Load-test tool: schedules, intended-time accounting, bounds, mix weights, summary math, JSON."""
+"""Load-test tool: schedules, intended-time accounting, bounds, mix weights, summary math, JSON,
+the pass/fail verdict and the reachability check."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import time
 
+import grpc
 import numpy as np
 import pytest
 
-from bertrec.bench.loadtest import runner
+from bertrec.bench.loadtest import preflight, runner
 from bertrec.bench.loadtest.recorder import Recorder, latency_stats, summarize, timeline
 from bertrec.bench.loadtest.report import SCHEMA, build_report
 from bertrec.bench.loadtest.schedule import (
@@ -19,7 +22,9 @@ from bertrec.bench.loadtest.schedule import (
     rpc_sequence,
 )
 from bertrec.bench.loadtest.search import Slo, find_max_rate
+from bertrec.bench.loadtest.verdict import Thresholds, judge, judge_search
 from bertrec.bench.loadtest.workload import parse_id_list, parse_mix
+from bertrec.client import RecommenderClient, RecommenderError
 from bertrec.errors import BertrecError
 
 
@@ -219,3 +224,89 @@ def test_report_follows_the_schema_and_is_json() -> None:
     assert summary["throughput_rps"] == pytest.approx(10.0)
     assert set(summary["latency"]["percentiles_ms"]) == {"p50", "p90", "p99", "p99.9"}
     assert set(only["per_rpc"]) == {"a", "b"} and only["timeline"]
+    assert report["verdict"] is None  # no verdict given
+
+
+def _summary_of(codes: list[int], latency_ms: float = 3.0):  # type: ignore[no-untyped-def]
+    rec = Recorder()
+    for i, code in enumerate(codes):
+        rec.add(0, i * 1000, i * 1000, i * 1000 + int(latency_ms * 1e6), code)
+    return summarize(rec.calls(), 1.0)
+
+
+def test_a_run_whose_calls_mostly_failed_fails_naming_the_codes() -> None:
+    clean = _summary_of([0] * 200)
+    failing = _summary_of([0] * 20 + [14] * 170 + [5] * 10)
+    verdict = judge([("closed x4", clean), ("open 50/s", failing)], Thresholds(0.01))
+    assert not verdict.passed
+    (reason,) = verdict.reasons
+    assert reason.startswith("open 50/s: 180 of 200 calls failed (90.00% > 1.00%")
+    assert "NOT_FOUND 10" in reason and "UNAVAILABLE 170" in reason
+    assert verdict.lines()[0].startswith("verdict: FAIL")
+
+
+def test_the_error_share_threshold_is_inclusive() -> None:
+    summary = _summary_of([0] * 99 + [8])  # 1% RESOURCE_EXHAUSTED
+    assert judge([("s", summary)], Thresholds(0.01)).passed
+    assert not judge([("s", summary)], Thresholds(0.005)).passed
+
+
+def test_p99_is_checked_only_when_asked() -> None:
+    slow = _summary_of([0] * 100, latency_ms=80.0)
+    assert judge([("s", slow)], Thresholds(0.01)).passed
+    verdict = judge([("s", slow)], Thresholds(0.01, max_p99_ms=50.0))
+    assert verdict.reasons == ("s: p99 80.00 ms > 50 ms",)
+    assert verdict.lines() == ["verdict: FAIL (errors <= 1.00%, p99 <= 50 ms)",
+                               "  s: p99 80.00 ms > 50 ms"]  # fmt: skip
+
+
+def test_nothing_measured_or_nothing_answered_fails() -> None:
+    assert judge([("s", _summary_of([]))], Thresholds(1.0)).reasons == ("s: no call was measured",)
+    assert "s: no call succeeded" in judge([("s", _summary_of([4] * 5))], Thresholds(1.0)).reasons
+    assert not judge([], Thresholds()).passed
+
+
+def test_a_search_passes_when_some_rate_met_the_slo() -> None:
+    assert judge_search(350.0, 8, Thresholds(0.01, 50.0)).passed
+    failed = judge_search(0.0, 5, Thresholds(0.01, 50.0))
+    assert not failed.passed and "none of the 5 rates" in failed.reasons[0]
+
+
+def test_the_report_carries_the_verdict() -> None:
+    rec = Recorder()
+    rec.add(0, 0, 0, 1_000_000, 14)
+    step = runner.StepResult(_spec(concurrency=1), rec.calls(), 1.0, 0, 1.0)
+    verdict = judge([("closed x1", summarize(step.calls, 1.0))], Thresholds(0.01, 20.0))
+    report = json.loads(json.dumps(build_report("t:1", {"a": 1.0}, "flags", [step],
+                                                verdict=verdict)))  # fmt: skip
+    assert report["verdict"] == {"passed": False, "reasons": list(verdict.reasons),
+                                 "max_error_rate": 0.01, "max_p99_ms": 20.0}  # fmt: skip
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_a_closed_port_is_reported_as_connection_refused() -> None:
+    target = f"127.0.0.1:{_closed_port()}"
+    with RecommenderClient(target) as client, pytest.raises(BertrecError) as raised:
+        preflight.wait_until_serving(client, target, ready_timeout_s=600.0)
+    assert str(raised.value) == (f"cannot connect to {target}: connection refused "
+                                 "(is `bertrec serve` running there?)")  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("code", "words"),
+    [
+        (grpc.StatusCode.UNAVAILABLE, "cannot connect to h:1: DNS resolution failed"),
+        (grpc.StatusCode.DEADLINE_EXCEEDED, "no answer from h:1 within 2 s"),
+        (grpc.StatusCode.UNIMPLEMENTED, "h:1 has no grpc.health.v1 service"),
+        (grpc.StatusCode.INTERNAL, "health check of h:1 failed: INTERNAL: DNS resolution failed"),
+    ],
+)
+def test_unreachable_servers_are_named_in_words(code: grpc.StatusCode, words: str) -> None:
+    assert preflight.unreachable("h:1", RecommenderError(code, "DNS resolution failed")).startswith(
+        words
+    )
