@@ -116,9 +116,14 @@ class _MethodSeries:
     def fail(self, exc: Exception, context: grpc.ServicerContext) -> None:
         """Abort the call with the status `exc` maps to (re-raise a handler's own abort)."""
         if not isinstance(exc, ServiceError):
-            aborted = context.code()
-            if aborted is not None and aborted != grpc.StatusCode.OK:
-                raise exc  # the handler called context.abort(); its status stands
+            code = context.code()
+            if code is not None and code != grpc.StatusCode.OK:
+                # The handler set its status: context.abort(), or set_code() then raise, as
+                # grpc's generated base class does for unimplemented methods. That status
+                # stands, and (aborting again) grpc logs no traceback for it.
+                details = context.details() or b""
+                text = details.decode(errors="replace") if isinstance(details, bytes) else details
+                context.abort(code, str(text))
             log.error("unexpected error in %s", self.method, exc_info=exc)
         code, message = to_status(exc)
         context.abort(code, message)

@@ -299,3 +299,44 @@ def test_missing_version_fails_before_announcing_ports(model_repo: Path) -> None
     assert done.returncode == 2
     assert "grpc " not in done.stdout
     assert "has no version 9" in done.stderr.strip().splitlines()[-1]
+
+
+# A handler that sets its own status and raises (grpc's generated base class does this for every
+# unimplemented method) keeps that status, and the server logs no traceback for it.
+
+
+def unimplemented(request: bytes, context: grpc.ServicerContext) -> bytes:
+    context.set_code(Code.UNIMPLEMENTED)
+    context.set_details("Method not implemented!")
+    raise NotImplementedError("Method not implemented!")
+
+
+def test_a_status_set_by_the_handler_stands_without_a_traceback(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from bertrec.server.interceptor import MetricsAndErrorsInterceptor
+    from bertrec.server.metrics import ServerMetrics
+
+    handler = grpc.method_handlers_generic_handler(
+        "test.Svc", {"Missing": grpc.unary_unary_rpc_method_handler(unimplemented)}
+    )
+    metrics = ServerMetrics()
+    server = grpc.server(
+        ThreadPoolExecutor(2), handlers=[handler],
+        interceptors=[MetricsAndErrorsInterceptor(metrics)], options=[("grpc.so_reuseport", 0)],
+    )  # fmt: skip
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with caplog.at_level("DEBUG"), grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            with pytest.raises(grpc.RpcError) as info:
+                channel.unary_unary("/test.Svc/Missing")(b"", timeout=TIMEOUT_S)
+    finally:
+        server.stop(None)
+    assert (info.value.code(), info.value.details()) == (
+        Code.UNIMPLEMENTED, "Method not implemented!"
+    )  # fmt: skip
+    assert "Traceback" not in caplog.text and "NotImplementedError" not in caplog.text
+    labels = {"grpc_type": "UNARY", "grpc_service": "test.Svc", "grpc_method": "Missing"}
+    handled_ = metrics.registry.get_sample_value
+    assert handled_("grpc_server_handled_total", {**labels, "grpc_code": "UNIMPLEMENTED"}) == 1
