@@ -126,6 +126,11 @@ class QualityData:
     item_texts: list[str]  # per item index; "" where the data set has no text
     source: Ratings  # as loaded; `source.subset(arrays.rows)` is a split in string ids
 
+    @property
+    def has_text(self) -> np.ndarray:
+        """Per item, whether it has a text (the candidates of `cold_item_split`)."""
+        return np.fromiter(map(bool, self.item_texts), dtype=bool, count=len(self.item_texts))
+
     def texts_of(self, arrays: RatingArrays) -> Ratings:
         """`arrays` as the loader's `Ratings` (string ids, reviews), e.g. for bertrec's trainer."""
         return self.source.subset(arrays.rows)
@@ -150,6 +155,8 @@ class ColdSplit:
 
 @dataclass(frozen=True)
 class RatingResult:
+    """Errors over every held-out rating."""
+
     rmse: float
     mae: float
     n_ratings: int

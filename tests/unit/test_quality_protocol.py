@@ -5,15 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bertrec.bench.quality_peers import (
+from bertrec.bench.quality_models import (
     fit_ease,
     fit_implicit_als,
     fit_popularity,
     fit_surprise,
-    grid,
     surprise_trainset,
-    tune,
 )
+from bertrec.bench.quality_peers import grid, tune
 from bertrec.bench.quality_protocol import (
     RankingResult,
     RatingArrays,
@@ -124,6 +123,7 @@ def test_index_ratings_numbers_ids_in_sorted_order_and_aligns_texts() -> None:
     assert data.user_ids.tolist() == ["a", "b"] and data.item_ids.tolist() == ["x", "y", "z"]
     assert data.ratings.users.tolist() == [1, 0, 1] and data.ratings.items.tolist() == [1, 0, 2]
     assert data.item_texts == ["text x", "", "text z"]
+    assert data.has_text.tolist() == [True, False, True]
     assert data.ratings.timestamps is None
 
 
