@@ -328,9 +328,12 @@ def test_a_status_set_by_the_handler_stands_without_a_traceback(
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     try:
-        with caplog.at_level("DEBUG"), grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            with pytest.raises(grpc.RpcError) as info:
-                channel.unary_unary("/test.Svc/Missing")(b"", timeout=TIMEOUT_S)
+        with (
+            caplog.at_level("DEBUG"),
+            grpc.insecure_channel(f"127.0.0.1:{port}") as channel,
+            pytest.raises(grpc.RpcError) as info,
+        ):
+            channel.unary_unary("/test.Svc/Missing")(b"", timeout=TIMEOUT_S)
     finally:
         server.stop(None)
     assert (info.value.code(), info.value.details()) == (
