@@ -292,3 +292,24 @@ def test_relative_gain_interval_pairs_users() -> None:
     assert low == pytest.approx(0.0) and high == pytest.approx(0.0)
     with pytest.raises(ValueError, match="same users"):
         relative_gain_interval(ours, RankingResult(0.0, 0.0, users[:3], base[:3], base[:3]))
+
+
+def test_ranking_metrics_match_a_per_user_loop_on_random_data() -> None:
+    data = random_ratings(25, 40, seed=9)
+    split = holdout_split(data)
+    scores = np.random.default_rng(10).normal(size=(data.n_users, data.n_items))
+    result = ranking_metrics(FixedScores(scores), split.train, split.test, k=5, block=7)
+    expected = {}
+    for u in range(data.n_users):
+        relevant = set(split.test.items[(split.test.users == u) & (split.test.ratings >= 4)])
+        if not relevant:
+            continue
+        rated = set(split.train.items[split.train.users == u])
+        ranked = [i for i in np.argsort(-scores[u].astype(np.float32)) if i not in rated][:5]
+        dcg = sum(1 / np.log2(r + 2) for r, i in enumerate(ranked) if i in relevant)
+        ideal = sum(1 / np.log2(r + 2) for r in range(min(len(relevant), 5)))
+        hits = sum(i in relevant for i in ranked)
+        expected[u] = (dcg / ideal, hits / min(len(relevant), 5))
+    assert len(expected) >= 5 and result.users.tolist() == sorted(expected)
+    np.testing.assert_allclose(result.user_ndcg, [expected[u][0] for u in sorted(expected)])
+    np.testing.assert_allclose(result.user_recall, [expected[u][1] for u in sorted(expected)])
