@@ -61,8 +61,8 @@ class RetryPolicy:
         initial_backoff_s: upper bound of the first pause, > 0.
         max_backoff_s: cap of the pause bound, > 0.
         multiplier: growth of the pause bound per attempt, > 0.
-        retryable_codes: statuses that start another attempt.
         jitter: deprecated and ignored: gRPC always draws the whole pause at random.
+        retryable_codes: statuses that start another attempt.
 
     Raises:
         ValueError: a value out of range.
@@ -72,8 +72,8 @@ class RetryPolicy:
     initial_backoff_s: float | None = None
     max_backoff_s: float | None = None
     multiplier: float | None = None
+    jitter: float | None = None  # fifth, as before: positional calls keep their meaning
     retryable_codes: tuple[grpc.StatusCode, ...] | None = None
-    jitter: float | None = None
 
     def __post_init__(self) -> None:
         if self.jitter is not None:
