@@ -273,9 +273,13 @@ def test_service_time_with_one_batch_size_charges_it_all_per_item() -> None:
 def test_expected_wait_counts_the_running_batch_full_batches_ahead_and_its_own() -> None:
     estimate = ServiceTime()
     estimate.observe(4, 0.04)  # 10 ms per item
-    # 9 queued at 4 per batch: two full batches ahead, then its own batch of 1 + 1.
-    assert expected_wait_s(estimate, 9, 4, 0.015, 0.0) == pytest.approx(0.015 + 0.08 + 0.02)
+    # 9 queued at 4 per batch: two full batches ahead, then its own, which fills meanwhile.
+    assert expected_wait_s(estimate, 9, 4, 0.015, 0.0) == pytest.approx(0.015 + 0.08 + 0.04)
+    # Idle: the window, then a batch of what is queued now and the new item.
     assert expected_wait_s(estimate, 0, 4, 0.0, 0.002) == pytest.approx(0.002 + 0.01)
+    assert expected_wait_s(estimate, 2, 4, 0.0, 0.001) == pytest.approx(0.001 + 0.03)
+    # Busy with nothing queued: the running batch, then a full one.
+    assert expected_wait_s(estimate, 0, 4, 0.02, 0.002) == pytest.approx(0.02 + 0.04)
 
 
 def learn(batcher: Batcher[int, int], batches: int, size: int) -> None:
