@@ -9,7 +9,7 @@ import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from bertrec.client import RecommenderClient, RecommenderError, RetryPolicy
+from bertrec.client import RecommenderClient, RecommenderError
 from bertrec.v1 import recommender_pb2 as pb
 from bertrec.v1 import recommender_pb2_grpc as pb_grpc
 
@@ -27,7 +27,7 @@ def code_of(call, *args, **kwargs) -> tuple[grpc.StatusCode, str]:
 @pytest.mark.parametrize(
     ("method", "kwargs", "message"),
     [
-        ("recommend", {"user_id": "u0001", "k": 0}, "k must be in 1..50, got 0"),
+        ("recommend", {"user_id": "u0001", "k": -1}, "k must be in 1..50, got -1"),
         ("recommend", {"user_id": "u0001", "k": 51}, "k must be in 1..50, got 51"),
         ("recommend", {"user_id": "", "k": 5}, "user_id is empty"),
         ("recommend", {"user_id": "u0001", "k": 5, "include_item_ids": TOO_MANY}, "max_item_ids"),
@@ -41,7 +41,7 @@ def code_of(call, *args, **kwargs) -> tuple[grpc.StatusCode, str]:
         ("score_items", {"user_id": "u0001", "item_ids": TOO_MANY}, "more than max_item_ids 20"),
         ("score_items", {"user_id": "u0001", "item_ids": ["item-00003", "item-00003"]},
          "more than once"),
-        ("similar_items", {"item_id": "item-00001", "k": 0}, "k must be in"),
+        ("similar_items", {"item_id": "item-00001", "k": -3}, "k must be in"),
         ("similar_items", {"item_id": "", "k": 3}, "item_id is empty"),
         ("embed_text", {"texts": []}, "texts is empty"),
         ("embed_text", {"texts": ["a"] * 13}, "more than max_texts 12"),
@@ -127,12 +127,3 @@ def test_full_queue_is_resource_exhausted_at_once(client: RecommenderClient) -> 
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "queue is full" in details
     assert client.embed_text(["the queue is usable again"]).vectors.shape[0] == 1
-
-
-def test_unavailable_is_retried_with_backoff_then_raised() -> None:
-    policy = RetryPolicy(max_attempts=3, initial_backoff_s=0.05, jitter=0.0)
-    with RecommenderClient("127.0.0.1:1", retry=policy) as nobody:
-        start = time.monotonic()
-        code, _ = code_of(nobody.model_info, timeout_s=5)
-    assert code == grpc.StatusCode.UNAVAILABLE
-    assert time.monotonic() - start >= 0.05 + 0.1  # two pauses: 50 ms, then 100 ms

@@ -95,6 +95,7 @@ def test_wheel_ships_every_package_folder(wheel: Path) -> None:
     assert not missing, f"folders with modules but no package in the wheel: {sorted(missing)}"
     assert "bertrec.server.oip" in shipped
     assert any(n.endswith("licenses/LICENSE") for n in names)
+    assert "bertrec/client/service_config.json" in names  # the clients' shared retry policy
 
 
 def test_installed_wheel_serves_verifies_and_answers_the_light_client(
