@@ -3,8 +3,9 @@
 A test module may define `SERVER_SETTINGS` (a dict of `serve` settings, e.g.
 `{"max_concurrent_rpcs": 4}`) to change its server's limits; they are laid over `DEFAULTS`,
 which keep the limits small (so "over the limit" is cheap to send) and the batching windows
-short (so thousands of fuzzed calls stay fast). Tests read the limits they attack from
-`AdversarialServer.settings`, never from copies, so the two cannot drift apart.
+short (so thousands of fuzzed calls stay fast). Request tables built at import read the same
+`rpcs.LIMITS` the servers start with; tests read any other setting from
+`AdversarialServer.settings`, never from a copy, so the two cannot drift apart.
 """
 
 from __future__ import annotations
@@ -17,11 +18,11 @@ import grpc
 import pytest
 from server_harness import MODEL, ServerProcess, start_server
 
-DEFAULTS: Mapping[str, int] = {
-    "max_k": 50,
-    "max_item_ids": 20,
-    "max_texts": 12,
-    "max_text_bytes": 400,
+from adversarial.rpcs import LIMITS
+
+Settings = Mapping[str, int | str]
+DEFAULTS: Settings = {
+    **LIMITS,
     "encoder_max_batch_size": 16,
     "encoder_max_queue_size": 64,
     "encoder_max_queue_delay_us": 2000,
@@ -36,7 +37,7 @@ class AdversarialServer:
     """A running server, where to reach it, and the settings it was started with."""
 
     process: ServerProcess
-    settings: Mapping[str, int]
+    settings: Settings
     model: str = MODEL
 
     @property

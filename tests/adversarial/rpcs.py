@@ -9,6 +9,7 @@ new RPC or service shows up as a coverage failure instead of going untested.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2
 
 from bertrec.oip.v2 import grpc_service_pb2 as oip
+from bertrec.server.config import ServerConfig
 from bertrec.v1 import recommender_pb2 as pb
 
 Code = grpc.StatusCode
@@ -40,6 +42,16 @@ CALL_TIMEOUT_S = 10.0
 MAX_RECEIVE_BYTES = 4 * 1024 * 1024
 
 MODEL = "tiny"
+# The request limits every adversarial server runs with (small, so "over" is cheap to send).
+LIMITS: Mapping[str, int] = {"max_k": 50, "max_item_ids": 20, "max_texts": 12,
+                             "max_text_bytes": 400}  # fmt: skip
+# Load and unload parse their parameters only where explicit model control is on. (Probed so
+# the suite also runs on servers from before the setting: there every load is refused unread.)
+CONTROL: Mapping[str, int | str] = (
+    {"model_control": "explicit"}
+    if "model_control" in {f.name for f in dataclasses.fields(ServerConfig)}
+    else {}
+)
 ENCODER, RANKER = f"{MODEL}-encoder", f"{MODEL}-ranker"
 # The ids of tests/fakes.py's model: 40 users and 60 items.
 USERS = tuple(f"u{i:04d}" for i in range(40))
