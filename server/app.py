@@ -57,6 +57,9 @@ from bertrec.v1 import recommender_pb2_grpc
 
 log = logging.getLogger(__name__)
 
+# Calls grpc core may hold before the Python loop picks them up (at least; see _grpc_server).
+MIN_PENDING_CALLS = 4096
+
 
 class Server:
     """One gRPC server (recommender, Open Inference Protocol, health, reflection) + HTTP.
@@ -182,9 +185,15 @@ class Server:
         )
         calls_pool, self._stream_pool = handler_pools(limits, c.grpc_max_workers)
         interceptor = MetricsAndErrorsInterceptor(self.metrics, admission, self._stream_pool)
+        # grpc core holds calls the Python loop has not picked up yet; past its default of
+        # 1,000 such calls it cancels them (CANCELLED, invisible to the metrics). Let more wait
+        # for the loop, which refuses them at once with a counted RESOURCE_EXHAUSTED.
+        pending = max(MIN_PENDING_CALLS, 8 * (c.max_concurrent_rpcs + c.max_streaming_rpcs))
         options = [
             ("grpc.so_reuseport", 0),
             ("grpc.max_receive_message_length", c.max_request_bytes),
+            ("grpc.server.max_pending_requests", pending),
+            ("grpc.server.max_pending_requests_hard_limit", 2 * pending),
         ]
         return grpc.server(calls_pool, interceptors=[interceptor], options=options)
 
