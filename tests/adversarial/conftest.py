@@ -18,11 +18,12 @@ import grpc
 import pytest
 from server_harness import MODEL, ServerProcess, start_server
 
-from adversarial.rpcs import LIMITS
+from adversarial.rpcs import LIMITS, MAX_REQUEST_BYTES
 
 Settings = Mapping[str, int | str]
 DEFAULTS: Settings = {
     **LIMITS,
+    "max_request_bytes": MAX_REQUEST_BYTES,
     "encoder_max_batch_size": 16,
     "encoder_max_queue_size": 64,
     "encoder_max_queue_delay_us": 2000,

@@ -38,8 +38,8 @@ ALLOWED = frozenset({
 # peer's metadata limit and turn into a different error. Anything near 1 KB is an echo.
 MAX_DETAILS_BYTES = 1024
 CALL_TIMEOUT_S = 10.0
-# grpc's default maximum receive size; the server does not change it.
-MAX_RECEIVE_BYTES = 4 * 1024 * 1024
+# The largest request the servers accept (their max_request_bytes, grpc's default size).
+MAX_REQUEST_BYTES = 4 * 1024 * 1024
 
 MODEL = "tiny"
 # The request limits every adversarial server runs with (small, so "over" is cheap to send).

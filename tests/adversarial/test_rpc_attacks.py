@@ -23,7 +23,7 @@ from adversarial.conftest import AdversarialServer
 from adversarial.rpcs import (
     CONTROL,
     LIMITS,
-    MAX_RECEIVE_BYTES,
+    MAX_REQUEST_BYTES,
     RPCS,
     VALID,
     Code,
@@ -75,7 +75,7 @@ def test_bad_input(adversarial_channel: grpc.Channel, case: Case) -> None:
 # -- oversize: over the transport's limit, and just under it ----------------------------------
 
 UNKNOWN_FIELD = 536_870_911  # the largest field number: never a field of any request
-NEAR_LIMIT = MAX_RECEIVE_BYTES - 64 * 1024
+NEAR_LIMIT = MAX_REQUEST_BYTES - 64 * 1024
 
 
 def with_unknown_field(payload: bytes, size: int) -> bytes:
@@ -96,7 +96,7 @@ def _varint(value: int) -> bytes:
 def test_oversize_message_is_resource_exhausted(
     adversarial_channel: grpc.Channel, method: str
 ) -> None:
-    payload = with_unknown_field(VALID[method].SerializeToString(), MAX_RECEIVE_BYTES + 1024)
+    payload = with_unknown_field(VALID[method].SerializeToString(), MAX_REQUEST_BYTES + 1024)
     outcome = invoke(adversarial_channel, RPCS[method], payload)
     assert outcome.problem() is None, outcome.problem()
     assert outcome.code == Code.RESOURCE_EXHAUSTED, (outcome.code, outcome.details)
