@@ -18,7 +18,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from math import nan
+from math import isnan, nan
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ from bertrec.bench.quality_models import (
 from bertrec.bench.quality_protocol import (
     FittedModel,
     HoldoutSplit,
+    Quality,
     RatingArrays,
     evaluate,
     holdout_split,
@@ -190,29 +191,39 @@ def default_peers(threads: int = 2, svdpp_grid: bool = True) -> list[Peer]:
     ]
 
 
-def describe(tuned: Tuned) -> dict[str, Any]:
-    """The chosen hyper-parameters and timings, for the benchmark's JSON."""
-    return {
-        "chosen": tuned.chosen,
-        "grid_size": tuned.grid_size,
-        "valid_metric": tuned.valid_metric,
-        "valid_score": tuned.valid_score,
-        "tune_s": tuned.tune_s,
-        "fit_s": tuned.fit_s,
-    }
+@dataclass(frozen=True)
+class PeerRun:
+    """A tuned peer and its numbers on the test split (per user too, for paired comparisons)."""
+
+    tuned: Tuned
+    quality: Quality
+
+    def row(self) -> dict[str, Any]:
+        """Metrics, chosen hyper-parameters and timings, for a table or JSON."""
+        tuned = self.tuned
+        valid_score = None if isnan(tuned.valid_score) else tuned.valid_score
+        return {
+            "model": tuned.name,
+            **self.quality.row(),
+            "chosen": tuned.chosen,
+            "grid_size": tuned.grid_size,
+            "valid_metric": tuned.valid_metric,
+            "valid_score": valid_score,
+            "tune_s": tuned.tune_s,
+            "fit_s": tuned.fit_s,
+        }
 
 
-def run_peers(split: HoldoutSplit, peers: Sequence[Peer]) -> list[dict[str, Any]]:
+def run_peers(split: HoldoutSplit, peers: Sequence[Peer]) -> list[PeerRun]:
     """Tune each peer on a validation split cut from `split.train`, refit it on the whole
-    train, and score it on `split.test`: one row of metrics, choices and timings per peer."""
+    train, and score it on `split.test`."""
     valid = validation_split(split.train)
-    rows = []
+    runs = []
     for peer in peers:
         tuned = peer.fit(valid.train, valid.test)
-        quality = evaluate(tuned.model, split.train, split.test)
-        rows.append({"model": peer.name, **quality.row(), **describe(tuned)})
-        log.info("%s: %s", peer.name, rows[-1])
-    return rows
+        runs.append(PeerRun(tuned, evaluate(tuned.model, split.train, split.test)))
+        log.info("%s: %s", peer.name, runs[-1].row())
+    return runs
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -228,7 +239,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     data = load_quality_data(args.ratings, args.items)
     split = holdout_split(data.ratings)
-    rows = run_peers(split, default_peers(args.threads, svdpp_grid=not args.svdpp_fixed))
+    runs = run_peers(split, default_peers(args.threads, svdpp_grid=not args.svdpp_fixed))
+    rows = [run.row() for run in runs]
     sizes = {"n_users": data.ratings.n_users, "n_items": data.ratings.n_items}
     sizes |= {"n_train": len(split.train), "n_test": len(split.test)}
     result = {"data": str(args.ratings), **sizes, "peers": rows}

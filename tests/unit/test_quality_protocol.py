@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -12,7 +14,7 @@ from bertrec.bench.quality_models import (
     fit_surprise,
     surprise_trainset,
 )
-from bertrec.bench.quality_peers import grid, tune
+from bertrec.bench.quality_peers import Peer, Tuned, grid, run_peers, tune
 from bertrec.bench.quality_protocol import (
     RankingResult,
     RatingArrays,
@@ -313,3 +315,17 @@ def test_ranking_metrics_match_a_per_user_loop_on_random_data() -> None:
     assert len(expected) >= 5 and result.users.tolist() == sorted(expected)
     np.testing.assert_allclose(result.user_ndcg, [expected[u][0] for u in sorted(expected)])
     np.testing.assert_allclose(result.user_recall, [expected[u][1] for u in sorted(expected)])
+
+
+def test_run_peers_scores_each_tuned_peer_on_the_test_split() -> None:
+    split = holdout_split(random_ratings(30, 20, seed=11))
+
+    def popularity(train: RatingArrays, valid: RatingArrays) -> Tuned:
+        return tune("popularity", fit_popularity, [[{}]], train, valid, "ndcg@10")
+
+    (run,) = run_peers(split, [Peer("popularity", popularity)])
+    expected = ranking_metrics(fit_popularity(split.train, {}), split.train, split.test)
+    assert run.quality.ranking.ndcg == expected.ndcg
+    row = run.row()
+    assert row["model"] == "popularity" and row["rmse"] is None and row["valid_score"] is None
+    json.loads(json.dumps(row, allow_nan=False))
