@@ -61,7 +61,8 @@ def ranking_metrics(
         return {f"ndcg@{k}": float("nan"), f"recall@{k}": float("nan"), "n_users": 0}
     col = np.full(int(max(ev.candidates.max(), ev.test.items.max())) + 1, -1, dtype=np.int64)
     col[ev.candidates] = np.arange(len(ev.candidates))
-    discounts = 1.0 / np.log2(np.arange(2, k + 2))
+    # Fewer candidates than k (e.g. a handful of cold items) -> shorter lists, not a crash.
+    discounts = 1.0 / np.log2(np.arange(2, min(k, len(ev.candidates)) + 2))
     ndcgs, recalls = [], []
     for start in range(0, len(users), chunk):
         batch = users[start : start + chunk]
@@ -76,7 +77,7 @@ def ranking_metrics(
         top = _top_k(scores, k)
         hits = np.take_along_axis(relevant, top, axis=1)
         n_rel = relevant.sum(axis=1)
-        ideal = np.array([discounts[: min(n, k)].sum() for n in n_rel])
+        ideal = np.array([discounts[: min(n, len(discounts))].sum() for n in n_rel])
         ok = n_rel > 0
         ndcgs.append((hits * discounts).sum(axis=1)[ok] / ideal[ok])
         recalls.append(hits.sum(axis=1)[ok] / n_rel[ok])

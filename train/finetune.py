@@ -75,7 +75,7 @@ def finetune(
     head = nn.Linear(encoder.hidden_size, 1).to(device)
     params = _trainable(encoder.bert, cfg.top_layers) + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
-    train_tok = TextTokenizer(tokenizer._tokenizer, cfg.max_seq_len)
+    train_tok = training_tokenizer(tokenizer, cfg.max_seq_len)
     encoder.train()
     rng = np.random.default_rng(cfg.seed)
     losses: list[float] = []
@@ -95,6 +95,15 @@ def finetune(
     bar.close()
     encoder.eval()
     return {"finetune_pairs": len(texts), "finetune_final_loss": float(np.mean(losses[-20:]))}
+
+
+def training_tokenizer(tokenizer: TextTokenizer, max_seq_len: int) -> TextTokenizer:
+    """A copy of `tokenizer` truncating at `max_seq_len`. TextTokenizer configures the
+    `tokenizers.Tokenizer` it wraps in place, so wrapping the shared one would leak the
+    training truncation into item embedding and export (issue 9's 64-token bug)."""
+    from tokenizers import Tokenizer
+
+    return TextTokenizer(Tokenizer.from_str(tokenizer._tokenizer.to_str()), max_seq_len)
 
 
 def _trainable(bert: nn.Module, top_layers: int) -> list[nn.Parameter]:
