@@ -25,8 +25,10 @@ import yaml
 from deploy_helpers import DEPLOY, tool
 from server_harness import SHARED_FLAGS, ServerProcess, start_server
 
-from bertrec.client import RecommenderClient, RecommenderError
+from bertrec.client import RecommenderClient, RecommenderError, RetryPolicy
 
+# Each call is counted once: the server's error ratio is what this traffic makes it.
+NO_RETRY = RetryPolicy(max_attempts=1)
 JOB = "bertrec"
 USERS = ("u0001", "u0002", "u0003", "u0004", "u0005")
 TEN_TEXTS = [f"text {i}" for i in range(10)]  # > the shared server's encoder queue of 8
@@ -93,7 +95,7 @@ def prometheus(
     binary = tool("prometheus")
     # Every series the known traffic touches exists before the first scrape, so all samples
     # of one rate() window share timestamps and the ratios below are exact up to extrapolation.
-    with RecommenderClient(server.target, timeout_s=10.0) as client:
+    with RecommenderClient(server.target, timeout_s=10.0, retry=NO_RETRY) as client:
         client.recommend(USERS[0], k=5)
         with pytest.raises(RecommenderError):
             client.recommend("ghost", k=5)
@@ -147,7 +149,7 @@ def _ready(url: str) -> bool:
 @pytest.fixture(scope="module")
 def traffic(server: ServerProcess, prometheus: Prometheus) -> Prometheus:
     """Send the known traffic; return once the rules have been evaluated on all of it."""
-    with RecommenderClient(server.target, timeout_s=10.0) as client:
+    with RecommenderClient(server.target, timeout_s=10.0, retry=NO_RETRY) as client:
         for i in range(N_OK):
             client.recommend(USERS[i % len(USERS)], k=5)
         for _ in range(N_NOT_FOUND):
