@@ -98,6 +98,21 @@ class Batcher(Generic[T, R]):
     def start(self) -> None:
         self._thread.start()
 
+    def calibrate(self, items: list[T]) -> None:
+        """Time `run_batch` on the first item alone and on all `items`, before `start`.
+
+        Admission then knows both the fixed cost of a batch and the cost per item from the
+        first call on. Learnt only from traffic, a burst would be judged on batches of one
+        (all of their time taken as per item: a full batch looks `max_batch_size` times
+        dearer than it is) and mostly refused until the first full batch had run.
+        """
+        for batch in (items[:1], items[: self._config.max_batch_size]):
+            start = time.monotonic()
+            self._run_batch(batch)
+            took_s = time.monotonic() - start
+            with self._cond:
+                self._service_time.observe(len(batch), took_s)
+
     def submit(self, item: T, deadline_s: float) -> Future[R]:
         """Queue one item; its future resolves with the result or a `ServiceError`.
 

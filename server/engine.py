@@ -31,7 +31,7 @@ from bertrec.server.batcher import Batcher, BatcherConfig
 from bertrec.server.config import ServerConfig
 from bertrec.server.errors import Cancelled, DeadlineExceeded, InvalidArgument
 from bertrec.server.metrics import ServerMetrics
-from bertrec.server.model import Model, RankQuery, RankResult
+from bertrec.server.model import WARMUP_TEXTS, Model, RankQuery, RankResult
 
 R = TypeVar("R")
 
@@ -101,6 +101,18 @@ class Recommender:
         self._batchers: tuple[Batcher[Any, Any], ...] = (self.ranker, self.similar, self.encoder)
 
     def start(self) -> None:
+        """Time one small and one full batch per batcher (see `Batcher.calibrate`), then serve.
+
+        The model is warmed up already (`Model.warm_up`), so these runs measure steady speed.
+        """
+        c, m = self.config, self.model
+        texts = [WARMUP_TEXTS[i % len(WARMUP_TEXTS)] for i in range(c.encoder_max_batch_size)]
+        self.encoder.calibrate(texts)
+        rng = np.random.default_rng(0)
+        vectors = rng.standard_normal((c.ranker_max_batch_size, m.dim)).astype(np.float32)
+        queries = [RankQuery(v, min(DEFAULT_K, m.n_items)) for v in vectors]
+        self.ranker.calibrate(queries)
+        self.similar.calibrate(queries)
         for batcher in self._batchers:
             batcher.start()
 

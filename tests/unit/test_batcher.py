@@ -391,3 +391,14 @@ def test_an_item_that_would_expire_during_its_batch_is_dropped_not_computed(setu
         doomed.result(5)
     assert [2] not in model.batches
     assert value(metrics, "bertrec_dropped_total", reason="expired") == 1
+
+
+def test_calibration_times_a_batch_of_one_and_a_full_batch_before_serving(setup) -> None:
+    model, _, _ = setup
+    model.batch_s = 0.05
+    batcher = make(setup, max_batch_size=4, delay_us=0)
+    assert batcher.expected_wait_s() == 0.0  # nothing known: admission by queue bound only
+    batcher.calibrate(list(range(10)))
+    assert model.batches == [[0], [0, 1, 2, 3]]
+    # A fixed 50 ms per batch, whatever its size: not 4 x 50 ms for a full one.
+    assert 0.04 < batcher.expected_wait_s() < 0.15
