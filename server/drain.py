@@ -10,9 +10,9 @@ already in a handler.
 
 So shutdown first lets the server go quiet: health already reports NOT_SERVING (load balancers
 stop sending), the server keeps matching and answering calls, and only once no unary call has
-been in flight or started for `settle_s` (or the grace period is spent) is grpc stopped, with
-what is left of the grace period. The batchers are closed after that (in `Server.stop`), when no
-handler can submit to them any more.
+been in flight or started for `settle_s` (or half the grace period is spent) is grpc stopped,
+with what is left of the grace period. The batchers are closed after that (in `Server.stop`),
+when no handler can submit to them any more.
 
 SIGTERM, SIGINT and SIGHUP all start this drain and then exit 0; SIGHUP does not re-read the
 configuration (a new model version is picked up by a restart, which the drain makes lossless).
@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 DRAIN_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 SETTLE_S = 0.25  # quiet this long = the core has no arrived call left (matching takes ~0.1 ms)
 POLL_S = 0.02
+QUIET_SHARE = 0.5  # of the grace period, at most, spent waiting for quiet
 
 # (unary calls started, unary calls finished) so far.
 Activity = Callable[[], tuple[float, float]]
@@ -94,13 +95,16 @@ def wait_until_quiet(
 def drain_grpc(
     server: _Stoppable, activity: Activity, grace_s: float, settle_s: float = SETTLE_S
 ) -> None:
-    """Wait for quiet (within `grace_s`), then stop `server` with the grace that is left.
+    """Wait for quiet, then stop `server` with the grace that is left.
 
-    Returns once grpc has finished every handler (or cancelled what was left at the end).
+    The quiet wait takes at most `QUIET_SHARE` of the grace period: traffic that never stops
+    (a load balancer slow to notice NOT_SERVING) must still leave the calls in flight at stop
+    time a real grace period. Returns once grpc has finished every handler (or cancelled what
+    was left at the end).
     """
     deadline = time.monotonic() + grace_s
     start = time.monotonic()
-    quiet = wait_until_quiet(activity, deadline, settle_s)
+    quiet = wait_until_quiet(activity, start + grace_s * QUIET_SHARE, settle_s)
     left = max(deadline - time.monotonic(), 0.0)
     log.info("drain: %s after %.2f s; stopping gRPC with %.1f s of grace left",
              "quiet" if quiet else "still busy", time.monotonic() - start, left)  # fmt: skip

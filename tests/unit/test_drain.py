@@ -56,6 +56,14 @@ def test_grpc_is_stopped_with_the_grace_left_after_the_quiet_wait() -> None:
     assert server.grace is not None and 9.0 < server.grace < 10.0
 
 
+def test_traffic_that_never_stops_still_leaves_half_the_grace_to_grpc() -> None:
+    server = FakeServer()
+    start = time.monotonic()
+    drain_grpc(server, Counts((7, 6)), grace_s=0.4, settle_s=0.05)
+    assert time.monotonic() - start < 0.4
+    assert server.grace is not None and 0.1 < server.grace <= 0.2 + 0.01
+
+
 def test_unary_activity_reads_the_interceptors_counters_and_ignores_streams() -> None:
     metrics = ServerMetrics(CollectorRegistry())
     unary = {"grpc_type": "UNARY", "grpc_service": "s", "grpc_method": "m"}
