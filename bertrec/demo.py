@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
 
     trained = work / "trained"
     shutil.rmtree(trained, ignore_errors=True)  # the demo's own scratch output
-    _step(f"2/4 train (fine-tune encoder, hybrid factors, baselines) -> {trained}")
+    _step(f"2/4 train (fine-tune encoder, ranking and rating heads, baselines) -> {trained}")
     split = split_dataset(dataset, args.test_fraction, args.cold_fraction, seed=args.split_seed)
     result = train(dataset, split, training_config(args), trained)
     print(metrics_table(result.metrics))

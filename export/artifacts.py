@@ -30,6 +30,10 @@ USER_IDS = "user_ids.npy"  # unicode (n_users,): row -> external id
 ITEM_IDS = "item_ids.npy"  # unicode (n_items,): row -> external id
 RATED_INDPTR = "rated_indptr.npy"  # int64 (n_users + 1,): CSR of each user's rated items
 RATED_INDICES = "rated_indices.npy"  # int32 (nnz,): item rows, sorted within each user
+# Optional rating head (versions trained since issue 9): its own space of another dimension,
+# so `score` (ranking) and `predicted_rating` each come from the head fitted for them.
+RATING_USER_FACTORS = "rating_user_factors.npy"  # float32 (n_users, r)
+RATING_ITEM_FACTORS = "rating_item_factors.npy"  # float32 (n_items, r)
 ITEM_TEXTS = "item_texts.jsonl"  # {"item_id", "text"} per line, row order
 ENCODER_OPTIMIZED_ONNX = "encoder.opt.onnx"  # optional: ORT transformer-optimised fp32 graph
 PARITY_TEXTS = "parity_texts.json"  # {"max_seq_len": int, "batches": [[text, ...], ...]}
@@ -47,10 +51,15 @@ ARRAY_FILES = (
     RATED_INDPTR,
     RATED_INDICES,
 )
+RATING_HEAD_FILES = (RATING_USER_FACTORS, RATING_ITEM_FACTORS)  # both or neither
 
 # How scores are formed; recorded in the manifest under "scoring" so readers need no guessing.
 RANKING_SCORE = "dot(user_factors[u], item_factors[i]) + item_rank_bias[i]"
 RATING_SCORE = "global_mean + user_bias[u] + item_bias[i] + dot(user_factors[u], item_factors[i])"
+RATING_HEAD_SCORE = (
+    "global_mean + user_bias[u] + item_bias[i]"
+    " + dot(rating_user_factors[u], rating_item_factors[i])"
+)
 TEXT_QUERY_SCORE = "dot(text_to_user @ encoder(text), item_factors[i]) + item_rank_bias[i]"
 
 
@@ -69,10 +78,21 @@ class FactorArrays:
     rated_indptr: np.ndarray
     rated_indices: np.ndarray
     global_mean: float
+    rating_user_factors: np.ndarray | None = None  # None: ratings use the ranking factors
+    rating_item_factors: np.ndarray | None = None
 
     @property
     def dim(self) -> int:
         return int(self.item_factors.shape[1])
+
+    @property
+    def has_rating_head(self) -> bool:
+        return self.rating_user_factors is not None and self.rating_item_factors is not None
+
+    @property
+    def rating_score(self) -> str:
+        """The formula of predicted ratings for these arrays (for the manifest)."""
+        return RATING_HEAD_SCORE if self.has_rating_head else RATING_SCORE
 
     def arrays(self) -> dict[str, np.ndarray]:
         """File name -> array, exactly as saved."""
@@ -87,6 +107,15 @@ class FactorArrays:
             TEXT_TO_USER: np.ascontiguousarray(self.text_to_user, dtype=np.float32),
             RATED_INDPTR: np.ascontiguousarray(self.rated_indptr, dtype=np.int64),
             RATED_INDICES: np.ascontiguousarray(self.rated_indices, dtype=np.int32),
+            **self._rating_head_arrays(),
+        }
+
+    def _rating_head_arrays(self) -> dict[str, np.ndarray]:
+        if self.rating_user_factors is None or self.rating_item_factors is None:
+            return {}
+        return {
+            RATING_USER_FACTORS: np.ascontiguousarray(self.rating_user_factors, np.float32),
+            RATING_ITEM_FACTORS: np.ascontiguousarray(self.rating_item_factors, np.float32),
         }
 
     def shape_mismatch(self, n_users: int, n_items: int, dim: int) -> str | None:
@@ -105,6 +134,19 @@ class FactorArrays:
         for name, (actual, want) in expected.items():
             if tuple(actual) != want:
                 return f"{name} has shape {tuple(actual)}, expected {want}"
+        return self._rating_head_mismatch(n_users, n_items)
+
+    def _rating_head_mismatch(self, n_users: int, n_items: int) -> str | None:
+        users, items = self.rating_user_factors, self.rating_item_factors
+        if users is None and items is None:
+            return None
+        if users is None or items is None:
+            return "the rating head needs both rating_user_factors and rating_item_factors"
+        if users.ndim != 2 or users.shape[0] != n_users:
+            return f"rating_user_factors has shape {users.shape}, expected ({n_users}, r)"
+        if items.shape != (n_items, users.shape[1]):
+            want = (n_items, users.shape[1])
+            return f"rating_item_factors has shape {items.shape}, expected {want}"
         return None
 
     def save(self, directory: Path) -> None:
@@ -119,6 +161,9 @@ class FactorArrays:
         def get(name: str) -> np.ndarray:
             return np.load(directory / name, mmap_mode=mode, allow_pickle=False)
 
+        def optional(name: str) -> np.ndarray | None:
+            return get(name) if (directory / name).is_file() else None
+
         return FactorArrays(
             user_ids=get(USER_IDS),
             item_ids=get(ITEM_IDS),
@@ -131,6 +176,8 @@ class FactorArrays:
             rated_indptr=get(RATED_INDPTR),
             rated_indices=get(RATED_INDICES),
             global_mean=global_mean,
+            rating_user_factors=optional(RATING_USER_FACTORS),
+            rating_item_factors=optional(RATING_ITEM_FACTORS),
         )
 
 

@@ -25,6 +25,7 @@ from bertrec.export.artifacts import (
     ENCODER_ONNX,
     ENCODER_OPTIMIZED_ONNX,
     ITEM_TEXTS,
+    RATING_HEAD_FILES,
     TOKENIZER,
     FactorArrays,
     load_item_texts,
@@ -147,7 +148,8 @@ def build_version(
     out: Path, source: TrainedModel, model: str, version: int, int8: bool, optimize: bool
 ) -> Manifest:
     """Write every file of a version into the empty folder `out`; returns its manifest."""
-    for name in (*ARRAY_FILES, ITEM_TEXTS):
+    head = RATING_HEAD_FILES if source.factors.has_rating_head else ()
+    for name in (*ARRAY_FILES, *head, ITEM_TEXTS):
         shutil.copyfile(source.factors_dir / name, out / name)
     tokenizer, encoder = source.tokenizer, source.encoder
     tokenizer.save(out / TOKENIZER)  # with this export's truncation length
@@ -177,7 +179,11 @@ def build_version(
             len(source.factors.user_ids),
             len(source.factors.item_ids),
         ),
-        scoring=Scoring(float(info.global_mean), tuple(info.rating_range)),
+        scoring=Scoring(
+            float(info.global_mean),
+            tuple(info.rating_range),
+            rating_score=source.factors.rating_score,
+        ),
         encoder=EncoderInfo(ENCODER_ONNX, INPUT_NAMES, OUTPUT_NAME, OPSET, tuple(variants)),
         training_metrics=dict(info.metrics),
         library_versions=library_versions(),

@@ -129,11 +129,24 @@ class Model:
     def predicted_ratings(
         self, user_vector: np.ndarray, rows: np.ndarray, user_row: int | None
     ) -> np.ndarray:
-        """global_mean + user_bias[u] + item_bias[i] + dot(u, v_i); user_bias 0 without a user."""
+        """Predicted ratings of item `rows` for a user (`user_row`) or a text query (None).
+
+        A version with a rating head (artifacts.RATING_HEAD_SCORE) predicts from its own
+        factors, clipped to the manifest's rating range: global_mean + user_bias[u] +
+        item_bias[i] + dot(rating_user_factors[u], rating_item_factors[i]); a text query has
+        no user there, so it gets global_mean + item_bias[i]. `user_vector` (ranking space)
+        is then unused. Older versions: global_mean + user_bias[u] + item_bias[i] +
+        dot(user_vector, item_factors[i]), with user_bias 0 without a user.
+        """
         a = self.arrays
         user_bias = float(a.user_bias[user_row]) if user_row is not None else 0.0
-        dots = a.item_factors[rows] @ user_vector
-        return (a.global_mean + user_bias + a.item_bias[rows] + dots).astype(np.float32)
+        base = a.global_mean + user_bias + a.item_bias[rows]
+        if a.rating_user_factors is None or a.rating_item_factors is None:
+            return (base + a.item_factors[rows] @ user_vector).astype(np.float32)
+        if user_row is not None:
+            base = base + a.rating_item_factors[rows] @ a.rating_user_factors[user_row]
+        low, high = self.manifest.scoring.rating_range
+        return np.clip(base, low, high).astype(np.float32)
 
     def rank(self, queries: list[RankQuery]) -> list[RankResult]:
         """One matrix product over the catalogue for all queries, then top-k per row."""

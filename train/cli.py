@@ -64,19 +64,22 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
         type=Path,
         help="local Hugging Face BERT checkpoint (default: packaged all-MiniLM-L6-v2)",
     )
-    p.add_argument("--dim", type=int, default=64, help="factor dimension (default 64)")
-    p.add_argument("--epochs", type=int, default=20, help="factorisation epochs (default 20)")
+    p.add_argument(
+        "--dim", type=int, default=64, help="ranking factors and encoder output (default 64)"
+    )
+    p.add_argument("--rating-dim", type=int, default=32, help="rating head factors (default 32)")
+    p.add_argument("--epochs", type=int, default=20, help="biased_mf baseline epochs (default 20)")
     p.add_argument(
         "--rank-weight",
         type=float,
         default=2.0,
-        help="weight of the BPR ranking loss; 0 = rating loss only (default 2.0)",
+        help=argparse.SUPPRESS,  # the old hybrid's BPR weight; kept so scripts keep working
     )
     p.add_argument(
         "--finetune-samples",
         type=int,
-        default=1500,
-        help="text/rating pairs for encoder fine-tuning; 0 = frozen (default 1500)",
+        default=512,
+        help="text/rating pairs for encoder fine-tuning; 0 = frozen (default 512)",
     )
     p.add_argument("--finetune-epochs", type=int, default=1, help="default 1")
     p.add_argument(
@@ -115,11 +118,16 @@ def run_generate(args: argparse.Namespace) -> int:
 
 def training_config(args: argparse.Namespace) -> TrainConfig:
     from bertrec.train.finetune import FinetuneConfig
+    from bertrec.train.heads import HeadsConfig
     from bertrec.train.hybrid import HybridConfig
+    from bertrec.train.ials import IALSConfig
     from bertrec.train.pipeline import TrainConfig
+    from bertrec.train.rating_head import RatingConfig
 
-    if args.dim <= 0 or args.epochs < 0 or args.max_seq_len < 8:
-        raise BertrecError("--dim must be > 0, --epochs >= 0 and --max-seq-len >= 8")
+    if args.dim <= 0 or args.rating_dim <= 0 or args.epochs < 0 or args.max_seq_len < 8:
+        raise BertrecError(
+            "--dim and --rating-dim must be > 0, --epochs >= 0 and --max-seq-len >= 8"
+        )
     return TrainConfig(
         model_name=args.model_name,
         encoder_path=args.encoder,
@@ -129,6 +137,7 @@ def training_config(args: argparse.Namespace) -> TrainConfig:
             epochs=args.finetune_epochs,
             top_layers=args.finetune_layers,
         ),
+        heads=HeadsConfig(IALSConfig(dim=args.dim), RatingConfig(dim=args.rating_dim)),
         hybrid=HybridConfig(dim=args.dim, epochs=args.epochs, rank_weight=args.rank_weight),
         baselines=not args.no_baselines,
         progress=not args.quiet,

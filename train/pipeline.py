@@ -1,6 +1,6 @@
-"""`bertrec train`: fine-tune the encoder, fit the hybrid factors, evaluate against baselines,
-and write a training output folder (see checkpoint.py) that `bertrec export` turns into a
-model version."""
+"""`bertrec train`: fine-tune the encoder, embed the item texts, fit the ranking and rating
+heads (heads.py), evaluate against baselines, and write a training output folder (see
+checkpoint.py) that `bertrec export` turns into a model version."""
 
 from __future__ import annotations
 
@@ -22,13 +22,14 @@ from bertrec.train.dataset import Dataset, Split
 from bertrec.train.encoder import TextEncoder, load_bert
 from bertrec.train.evaluate import Scorer, evaluate
 from bertrec.train.finetune import FinetuneConfig, embed_texts, finetune, rating_pairs
-from bertrec.train.hybrid import (
-    FactorScorer,
-    HybridConfig,
-    HybridFactors,
-    RatingOrderScorer,
-    train_hybrid,
+from bertrec.train.heads import (
+    HeadsConfig,
+    HeadsFactors,
+    HeadsRatingOrderScorer,
+    HeadsScorer,
+    fit_heads,
 )
+from bertrec.train.hybrid import HybridConfig, RatingOrderScorer, train_hybrid
 from bertrec.train.indexing import IdIndex, Interactions
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,8 @@ class TrainConfig:
     encoder_path: Path | None = None  # None: the packaged all-MiniLM-L6-v2
     max_seq_len: int = 128  # serving-time truncation, recorded in the manifest
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
-    hybrid: HybridConfig = field(default_factory=HybridConfig)
+    heads: HeadsConfig = field(default_factory=HeadsConfig)
+    hybrid: HybridConfig = field(default_factory=HybridConfig)  # the biased_mf baseline
     baselines: bool = True
     text_to_user_reg: float = 1.0
     progress: bool = True
@@ -72,7 +74,8 @@ def train(dataset: Dataset, split: Split, cfg: TrainConfig, out: Path) -> TrainR
     )
     bert, tokenizer, base_name = load_bert(cfg.encoder_path)
     tokenizer = type(tokenizer)(tokenizer._tokenizer, cfg.max_seq_len)
-    encoder = TextEncoder(bert, cfg.hybrid.dim).to(device)
+    dim = cfg.heads.ranking.dim
+    encoder = TextEncoder(bert, dim).to(device)
 
     texts, targets = rating_pairs(
         split.train,
@@ -85,51 +88,41 @@ def train(dataset: Dataset, split: Split, cfg: TrainConfig, out: Path) -> TrainR
 
     index = IdIndex.build(split.train, dataset.item_texts)
     item_texts = [dataset.item_texts.get(str(i), "") for i in index.item_ids]
-    has_text = np.array([bool(t) for t in item_texts])
-    text = np.zeros((index.n_items, encoder.hidden_size), dtype=np.float32)
-    if has_text.any():
-        text[has_text] = embed_texts(
-            encoder,
-            tokenizer,
-            [t for t in item_texts if t],
-            device,
-            progress=cfg.progress,
-        )
+    text = item_embeddings(encoder, tokenizer, item_texts, device, cfg.progress)
     timer.lap("embed_items")
 
     train_rows = Interactions.from_ratings(split.train, index)
-    factors = train_hybrid(
-        train_rows,
-        index.n_users,
-        index.n_items,
-        index.n_warm_items,
-        text,
-        cfg.hybrid,
-        progress=cfg.progress,
-    )
-    timer.lap("hybrid")
+    heads = fit_heads(train_rows, index.n_users, index.n_items, text, cfg.heads)
+    timer.lap("heads")
 
+    rating_range = _rating_range(train_rows)
     indptr, indices = train_rows.csr(index.n_users)
-    metrics = _evaluate_all(split, index, train_rows, (indptr, indices), factors, cfg)
+    metrics = _evaluate_all(split, index, train_rows, (indptr, indices), heads, rating_range, cfg)
     timer.lap("evaluate")
     metrics["finetune"] = ft_metrics
 
+    projection = heads.text_projection
+    if projection is None:  # trained without text: cold items and text queries score 0
+        projection = np.zeros((encoder.hidden_size, dim), dtype=np.float32)
     with torch.no_grad():
-        encoder.projection.weight.copy_(torch.from_numpy(factors.text_projection.T))
+        encoder.projection.weight.copy_(torch.from_numpy(projection.T))
+    ranking = heads.ranking
     arrays = FactorArrays(
         user_ids=index.user_ids,
         item_ids=index.item_ids,
-        user_factors=factors.user_factors,
-        item_factors=factors.item_factors,
-        user_bias=factors.user_bias,
-        item_bias=factors.item_bias,
-        item_rank_bias=factors.item_rank_bias,
+        user_factors=ranking.user_factors,
+        item_factors=ranking.item_factors,
+        user_bias=heads.rating.user_bias,
+        item_bias=heads.rating.item_bias,
+        item_rank_bias=heads.item_rank_bias,
         text_to_user=fit_text_to_user(
-            factors, text @ factors.text_projection, indptr, indices, cfg.text_to_user_reg
+            ranking.user_factors, text @ projection, indptr, indices, cfg.text_to_user_reg
         ),
         rated_indptr=indptr,
         rated_indices=indices,
-        global_mean=factors.global_mean,
+        global_mean=heads.rating.global_mean,
+        rating_user_factors=heads.rating.user_factors,
+        rating_item_factors=heads.rating.item_factors,
     )
     _write(
         out,
@@ -140,15 +133,39 @@ def train(dataset: Dataset, split: Split, cfg: TrainConfig, out: Path) -> TrainR
         item_texts,
         base_name,
         metrics,
-        split,
+        rating_range,
         timer.seconds,
     )
     timer.lap("save")
     return TrainResult(out, metrics, timer.seconds)
 
 
+def item_embeddings(
+    encoder: TextEncoder,
+    tokenizer: Any,
+    item_texts: list[str],
+    device: torch.device,
+    progress: bool,
+) -> np.ndarray:
+    """(n_items, H) unit-length pooled embeddings; zero rows for items without text."""
+    has_text = np.array([bool(t) for t in item_texts], dtype=bool)
+    text = np.zeros((len(item_texts), encoder.hidden_size), dtype=np.float32)
+    if has_text.any():
+        text[has_text] = embed_texts(
+            encoder, tokenizer, [t for t in item_texts if t], device, progress=progress
+        )
+    return text
+
+
+def _rating_range(rows: Interactions) -> tuple[float, float]:
+    """The scale of the training ratings (MovieLens: 0.5..5), which predictions are clipped to."""
+    if len(rows) == 0:
+        return (1.0, 5.0)
+    return (float(rows.ratings.min()), float(rows.ratings.max()))
+
+
 def fit_text_to_user(
-    factors: HybridFactors,
+    user_factors: np.ndarray,
     item_text_vectors: np.ndarray,
     indptr: np.ndarray,
     indices: np.ndarray,
@@ -162,7 +179,7 @@ def fit_text_to_user(
     vectors = item_text_vectors[indices].astype(np.float64)
     q[rated] = np.add.reduceat(vectors, indptr[:-1][rated], axis=0)
     q /= np.maximum(counts, 1)[:, None]
-    u = factors.user_factors.astype(np.float64)
+    u = user_factors.astype(np.float64)
     gram = q.T @ q + reg * np.eye(q.shape[1])
     return np.linalg.solve(gram, q.T @ u).T.astype(np.float32)
 
@@ -172,22 +189,23 @@ def _evaluate_all(
     index: IdIndex,
     train_rows: Interactions,
     train_csr: tuple[np.ndarray, np.ndarray],
-    factors: HybridFactors,
+    heads: HeadsFactors,
+    rating_range: tuple[float, float],
     cfg: TrainConfig,
 ) -> dict[str, Any]:
     test = Interactions.from_ratings(split.test, index)
     cold = Interactions.from_ratings(split.cold_test, index)
     cold_rows = index.item_rows(np.asarray(sorted(split.cold_items), dtype=object))
     cold_rows = cold_rows[cold_rows >= 0]
-    scorers: list[Scorer] = [FactorScorer("hybrid", factors)]
+    scorers: list[Scorer] = [HeadsScorer("hybrid", heads, rating_range)]
     if cfg.baselines:
-        scorers.append(RatingOrderScorer("hybrid_by_predicted_rating", factors))
+        scorers.append(HeadsRatingOrderScorer("hybrid_by_predicted_rating", heads, rating_range))
         scorers.append(PopularityScorer(train_rows, index.n_items))
         mf_cfg = HybridConfig(**{**asdict(cfg.hybrid), "rank_weight": 0.0, "use_text": False})
         mf = train_hybrid(
             train_rows, index.n_users, index.n_items, index.n_warm_items, None, mf_cfg
         )
-        scorers.append(RatingOrderScorer("biased_mf", mf))
+        scorers.append(RatingOrderScorer("biased_mf", mf, rating_range))
         if implicit_available():
             scorers.append(
                 ImplicitALSScorer(train_rows, index.n_users, index.n_items, seed=cfg.hybrid.seed)
@@ -219,7 +237,7 @@ def _write(
     item_texts: list[str],
     base_name: str,
     metrics: dict[str, Any],
-    split: Split,
+    rating_range: tuple[float, float],
     seconds: dict[str, float],
 ) -> None:
     out.mkdir(parents=True, exist_ok=True)
@@ -229,9 +247,10 @@ def _write(
     checkpoint.TrainInfo(
         model_name=cfg.model_name,
         base_encoder=base_name,
-        dim=cfg.hybrid.dim,
+        dim=arrays.dim,
         max_seq_len=cfg.max_seq_len,
         global_mean=arrays.global_mean,
+        rating_range=rating_range,
         metrics=metrics,
         config=config,
         created_at=datetime.now(UTC).isoformat(timespec="seconds"),
@@ -248,6 +267,7 @@ class _Timer:
         now = time.monotonic()
         self.seconds[name] = round(now - self._last, 2)
         self._last = now
+        log.info("%s took %.1f s", name, self.seconds[name])
 
 
 def metrics_table(metrics: dict[str, Any]) -> str:
