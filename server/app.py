@@ -45,6 +45,7 @@ from bertrec.export.repository import resolve_version
 from bertrec.oip.v2 import grpc_service_pb2_grpc as oip_grpc
 from bertrec.server.admission import Admission, AdmissionLimits, handler_pools
 from bertrec.server.config import ConfigError, ServerConfig
+from bertrec.server.drain import drain_grpc, unary_activity
 from bertrec.server.engine import Recommender
 from bertrec.server.http_endpoints import HttpEndpoints
 from bertrec.server.interceptor import MetricsAndErrorsInterceptor
@@ -163,7 +164,7 @@ class Server:
         log.info("shutting down (grace period %.1f s)", grace)
         self.lifecycle.shutting_down()
         if self._grpc is not None:
-            self._grpc.stop(grace).wait()
+            drain_grpc(self._grpc, lambda: unary_activity(self.metrics.registry), grace)
         if self._engine is not None:
             self._engine.close(drain=True, timeout_s=grace)
         if self._stream_pool is not None:

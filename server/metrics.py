@@ -109,7 +109,8 @@ class ServerMetrics:
         )
         self.rejected = Counter(
             "bertrec_rejected_total",
-            "Items refused because the batcher queue was full (RESOURCE_EXHAUSTED).",
+            "Items refused at once (RESOURCE_EXHAUSTED): the batcher queue was full, or its "
+            "expected wait did not fit the caller's remaining time.",
             BATCH_LABELS,
             registry=r,
         )

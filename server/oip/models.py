@@ -26,7 +26,6 @@ from bertrec.server.errors import InvalidArgument
 from bertrec.server.oip.tensors import BYTES, FP32, INT32, INT64, Tensor
 from bertrec.server.ranking import PAD_SCORE
 
-DEFAULT_K = 10
 PAD_ID = b""
 
 
@@ -96,11 +95,8 @@ class RankerModel:
             raise InvalidArgument(
                 f"input 'user_id' has {len(users)} users, more than one ranking batch ({limit})"
             )
-        k = (
-            int(np.asarray(inputs["k"].data)[0])
-            if "k" in inputs
-            else min(DEFAULT_K, engine.config.max_k)
-        )
+        # Absent or 0: the default, as on the native API (one rule: Recommender.resolve_k).
+        k = engine.resolve_k(int(np.asarray(inputs["k"].data)[0]) if "k" in inputs else 0)
         ranked = [engine.ranked(p, wait(p.future, call)) for p in _submit(engine, users, k, call)]
         ids = [[i.item_id.encode() for i in r.items] + [PAD_ID] * (k - len(r.items))
                for r in ranked]  # fmt: skip

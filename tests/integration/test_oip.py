@@ -109,6 +109,7 @@ def test_reflection_describes_the_inference_service(channel: grpc.Channel) -> No
     service = descriptor_pool.DescriptorPool(database).FindServiceByName(SERVICE)
     assert {m.name for m in service.methods} == {
         "ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelInfer",
+        "RepositoryIndex", "RepositoryModelLoad", "RepositoryModelUnload",
     }  # fmt: skip
 
 
@@ -210,6 +211,9 @@ def test_ranker_pads_rows_with_fewer_than_k_items() -> None:
     class ShortLists:
         config = SimpleNamespace(max_k=50, ranker_max_batch_size=8)
 
+        def resolve_k(self, k: int) -> int:
+            return k
+
         def submit_recommend(self, user: str, k: int, *_: object) -> PendingRank:
             future: Future = Future()
             future.set_result(user)
@@ -266,8 +270,8 @@ truncated = Input(name="text", datatype="BYTES", shape=[1])
                            contents=Contents(bytes_contents=[b"a"]))]),
          INVALID, "no input 'query'"),
         (bad(model_name=RANKER, inputs=[k_input(3)]), INVALID, "needs input(s) user_id"),
-        (bad(model_name=RANKER, inputs=[user_input(["u0001"]), k_input(0)]),
-         INVALID, "k must be in 1..50, got 0"),
+        (bad(model_name=RANKER, inputs=[user_input(["u0001"]), k_input(-1)]),
+         INVALID, "k must be in 1..50, got -1"),
         (bad(inputs=[Input(name="text", datatype="BYTES", shape=[1],
                            contents=Contents(bytes_contents=[b"\xff\xfe"]))]), INVALID, "UTF-8"),
         (bad(outputs=[Requested(name="vector")]), INVALID, "no output 'vector'"),
