@@ -18,7 +18,7 @@ from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2
 from hypothesis import strategies as st
 
-from adversarial.rpcs import ENCODER, ITEMS, LIMITS, RANKER, RPCS, USERS, VALID, path
+from adversarial.rpcs import ENCODER, ITEMS, LIMITS, MODEL, RANKER, RPCS, USERS, VALID, path
 from bertrec.oip.v2 import grpc_service_pb2 as oip
 from bertrec.v1 import recommender_pb2 as pb
 
@@ -221,8 +221,10 @@ def repository_parameters(draw: st.DrawFn) -> dict[str, oip.ModelRepositoryParam
 
 
 # Naming the served model is safe: bertrec never unloads the only loaded version.
+# Mostly the served model's names, since only a known model gets its parameters read.
+served_names = st.sampled_from([MODEL, ENCODER, RANKER])
 control_models = st.one_of(
-    st.sampled_from(["tiny", ENCODER, RANKER, "../tiny", "/etc", "tiny/../tiny"]), strings
+    served_names, served_names, st.sampled_from(["../tiny", "/etc", "tiny/../tiny"]), strings
 )
 
 

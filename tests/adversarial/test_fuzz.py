@@ -36,9 +36,10 @@ from adversarial.strategies import STRATEGIES, mutated
 
 SERVER_SETTINGS = {**LIMITS, **CONTROL}
 # Sized so the module (every method x 2 generators) runs well inside 90 s on two busy cores;
-# ModelInfer, whose request has the most ways to be wrong, gets more.
+# the requests with the most ways to be wrong (tensors, model-control parameters) get more.
 EXAMPLES = 40
-MORE_EXAMPLES = {path("oip", "ModelInfer"): 200}
+MORE_EXAMPLES = {path("oip", "ModelInfer"): 200, path("oip", "RepositoryModelLoad"): 150,
+                 path("oip", "RepositoryModelUnload"): 150}  # fmt: skip
 FUZZ = settings(
     deadline=None,
     derandomize=True,
