@@ -294,6 +294,8 @@ BAD_INPUT: list[Case] = [
     served_load("unknown-version", versioned(7)),
     served_load("bool-version", {"version": P(bool_param=True)}),
     served_load("config-superscript-version", versioned("²", key="config")),
+    served_load("config-5000-digit-number", {"config": P(string_param=(
+        '{"version_policy": {"specific": {"versions": [' + "9" * 5000 + "]}}}"))}),
     served_load("config-two-versions", {"config": P(string_param=json.dumps(
         {"version_policy": {"specific": {"versions": [1, 2]}}}))}),
     served_load("config-not-json", {"config": P(string_param="{version_policy")}),

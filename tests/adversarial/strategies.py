@@ -194,43 +194,64 @@ json_values = st.recursive(
 version_texts = st.one_of(
     st.sampled_from(["1", "2", "0", "-1", "01", "²", "٣", "1e3", " 1", "9" * 5000]), strings
 )
+
+
+def _pinning(version: str) -> str:
+    return '{"version_policy": {"specific": {"versions": [' + version + "]}}}"
+
+
+# Nesting and number sizes around the JSON parser's limits (recursion, int digits), and the
+# near-misses of Triton's version policy.
+NASTY_CONFIGS = [
+    "[" * 999 + "]" * 999, "[" * 100_000 + "]" * 100_000, _pinning("9" * 4_300),
+    _pinning("9" * 4_301), _pinning('"²"'), _pinning('"9"' * 2), _pinning("1, 2"), _pinning(""),
+    '{"version_policy": {"latest": {"num_versions": -1}}}', '{"version_policy": null}',
+    '{"versionPolicy": []}', "null", "[]", '"x"', "{",
+]  # fmt: skip
 configs = st.one_of(
-    json_values.map(json.dumps),
+    st.sampled_from(NASTY_CONFIGS),
     json_values.map(lambda v: json.dumps({"version_policy": v})),
     version_texts.map(lambda v: json.dumps({"version_policy": {"specific": {"versions": [v]}}})),
-    st.integers(1, 200_000).map(lambda depth: "[" * depth + "]" * depth),
+    json_values.map(json.dumps),
     strings,
 )
 
 
-@st.composite
-def repository_parameters(draw: st.DrawFn) -> dict[str, oip.ModelRepositoryParameter]:
-    """Triton's load/unload parameters: "version" and "config" with hostile values, and more."""
-    P = oip.ModelRepositoryParameter
-    version = st.one_of(st.builds(P, int64_param=int64s), st.builds(P, string_param=version_texts),
-                        st.builds(P, bool_param=st.booleans()))  # fmt: skip
-    config = st.one_of(st.builds(P, string_param=configs), st.builds(P, bytes_param=st.binary()))
-    other = st.one_of(st.builds(P, string_param=strings), st.builds(P, bytes_param=st.binary()))
-    chosen: dict[str, oip.ModelRepositoryParameter] = {}
-    for key, values in (("version", version), ("config", config)):
-        if draw(st.booleans()):
-            chosen[key] = draw(values)
-    keys = st.one_of(st.sampled_from(["file:1/model.onnx", "file:../x"]), strings)
-    chosen.update(draw(st.dictionaries(keys, other, max_size=2)))
-    return chosen
-
-
-# Naming the served model is safe: bertrec never unloads the only loaded version.
-# Mostly the served model's names, since only a known model gets its parameters read.
-served_names = st.sampled_from([MODEL, ENCODER, RANKER])
-control_models = st.one_of(
-    served_names, served_names, st.sampled_from(["../tiny", "/etc", "tiny/../tiny"]), strings
+P = oip.ModelRepositoryParameter
+version_parameters = st.one_of(
+    st.builds(P, int64_param=int64s), st.builds(P, string_param=version_texts),
+    st.builds(P, bool_param=st.booleans()),
+)  # fmt: skip
+config_parameters = st.one_of(
+    st.builds(P, string_param=configs), st.builds(P, bytes_param=st.binary())
 )
+other_parameters = st.dictionaries(
+    st.one_of(st.sampled_from(["file:1/model.onnx", "file:../x"]), strings),
+    st.one_of(st.builds(P, string_param=strings), st.builds(P, bytes_param=st.binary())),
+    max_size=2,
+)
+# Naming the served model is safe (bertrec never unloads the only loaded version), and only a
+# known model gets its parameters read: so most requests name it, with a "version" (read
+# first) or only a "config" (read when no version is given).
+served_names = st.sampled_from([MODEL, ENCODER, RANKER])
+hostile_names = st.one_of(st.sampled_from(["../tiny", "/etc", "tiny/../tiny"]), strings)
+
+
+@st.composite
+def _control_fields(draw: st.DrawFn) -> dict[str, object]:
+    kind = draw(st.sampled_from(["version", "config", "other"]))
+    parameters = dict(draw(other_parameters))
+    if kind == "version":
+        parameters["version"] = draw(version_parameters)
+    elif kind == "config":
+        parameters["config"] = draw(config_parameters)
+    name = draw(hostile_names) if kind == "other" else draw(served_names)
+    return {"model_name": name, "parameters": parameters,
+            "repository_name": draw(st.one_of(st.just(""), strings))}  # fmt: skip
 
 
 def _control(message: type[Message]) -> st.SearchStrategy[Message]:
-    return st.builds(message, repository_name=st.one_of(st.just(""), strings),
-                     model_name=control_models, parameters=repository_parameters())  # fmt: skip
+    return _control_fields().map(lambda fields: message(**fields))
 
 
 health_services = st.one_of(

@@ -38,8 +38,8 @@ SERVER_SETTINGS = {**LIMITS, **CONTROL}
 # Sized so the module (every method x 2 generators) runs well inside 90 s on two busy cores;
 # the requests with the most ways to be wrong (tensors, model-control parameters) get more.
 EXAMPLES = 40
-MORE_EXAMPLES = {path("oip", "ModelInfer"): 200, path("oip", "RepositoryModelLoad"): 150,
-                 path("oip", "RepositoryModelUnload"): 150}  # fmt: skip
+MORE_EXAMPLES = {path("oip", "ModelInfer"): 200, path("oip", "RepositoryModelLoad"): 300,
+                 path("oip", "RepositoryModelUnload"): 300}  # fmt: skip
 FUZZ = settings(
     deadline=None,
     derandomize=True,
