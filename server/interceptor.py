@@ -115,6 +115,10 @@ class _MethodSeries:
 
     def fail(self, exc: Exception, context: grpc.ServicerContext) -> None:
         """Abort the call with the status `exc` maps to (re-raise a handler's own abort)."""
+        if isinstance(exc, grpc.RpcError) and not context.is_active():
+            # A request stream ended by the client (cancel, deadline): nothing to answer and
+            # no server fault; grpc records the call as cancelled.
+            return
         if not isinstance(exc, ServiceError):
             code = context.code()
             if code is not None and code != grpc.StatusCode.OK:

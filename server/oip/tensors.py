@@ -57,6 +57,11 @@ class Inputs:
     raw: bool
 
 
+# Inputs have at most 2 dimensions; 8 leaves room and stays far below numpy's 64.
+MAX_DIMS = 8
+MAX_ELEMENTS = 2**31 - 1
+
+
 def read_inputs(request: pb.ModelInferRequest) -> Inputs:
     """Decode every input of `request`.
 
@@ -99,9 +104,15 @@ def write_outputs(response: pb.ModelInferResponse, tensors: Sequence[Tensor], ra
 
 
 def _shape(name: str, dims: Sequence[int]) -> tuple[int, ...]:
+    if len(dims) > MAX_DIMS:
+        raise InvalidArgument(f"input {name!r} has {len(dims)} dimensions, more than {MAX_DIMS}")
     shape = tuple(int(d) for d in dims)
     if any(d < 0 for d in shape):
         raise InvalidArgument(f"input {name!r} has a negative dimension in shape {list(shape)}")
+    # numpy refuses (ValueError) a shape whose non-zero dimensions multiply past its index range,
+    # even with zero elements; no input of ours comes near 2**31 elements.
+    if math.prod(d for d in shape if d) > MAX_ELEMENTS:
+        raise InvalidArgument(f"input {name!r}: shape {list(shape)} is too large")
     return shape
 
 
