@@ -8,7 +8,8 @@
   version if needed, serve it and pin it (a rollback); without, un-pin and follow the version
   policy again. The "config" parameter, as tritonclient's `load_model(config=...)` sends it,
   may carry Triton's `{"version_policy": {"specific": {"versions": [N]}}}` (the same as
-  "version" = N) or `{"version_policy": {"latest": {}}}` (un-pin).
+  "version" = N) or `{"version_policy": {"latest": {...}}}` (un-pin); other model-config keys
+  are ignored (bertrec's model configuration is its manifest).
 - RepositoryModelUnload: the parameter "version" names the version to unload; the only loaded
   version is never unloaded (FAILED_PRECONDITION), and neither is "the model" as a whole.
 
@@ -31,6 +32,7 @@ from bertrec.server.models_cli import VERSION_PARAMETER
 from bertrec.server.version_watcher import READY, VersionWatcher
 
 CONFIG_PARAMETER = "config"
+MAX_VERSION = 2**63 - 1  # versions travel as int64
 EXPLICIT = "explicit"
 
 
@@ -105,32 +107,48 @@ def _version_parameter(parameters: Mapping[str, pb.ModelRepositoryParameter]) ->
     param = parameters[VERSION_PARAMETER]
     kind = param.WhichOneof("parameter_choice")
     if kind == "int64_param":
-        value = param.int64_param
-    elif kind == "string_param" and param.string_param.isdigit():
-        value = int(param.string_param)
+        version = _version_number(param.int64_param)
+    elif kind == "string_param":
+        version = _version_number(param.string_param)
     else:
-        raise InvalidArgument(f"parameter {VERSION_PARAMETER!r} must be an int64 version number")
-    if value < 1:
-        raise InvalidArgument(f"parameter {VERSION_PARAMETER!r} must be >= 1, got {value}")
-    return value
+        version = None
+    if version is None:
+        raise InvalidArgument(
+            f"parameter {VERSION_PARAMETER!r} must be a version number (int64 or decimal "
+            f"string, 1..{MAX_VERSION})"
+        )
+    return version
+
+
+def _version_number(value: object) -> int | None:
+    """`value` as a version number: an int (not a bool) or ASCII decimal digits, in range."""
+    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 18:
+        value = int(value)  # isdigit alone takes "²" and "٣"; 18 digits keep int() cheap
+    if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_VERSION:
+        return value
+    return None
 
 
 def _version_from_config(text: str) -> int | None:
     """Triton's model-config `version_policy`: specific with one version, or latest."""
     try:
         config = json.loads(text)
-        policy = config["version_policy"]
-    except (json.JSONDecodeError, TypeError, KeyError):
+        policy = config.get("version_policy", config.get("versionPolicy"))  # proto JSON: both
+    except (ValueError, RecursionError, AttributeError):  # bad JSON, 5000 digits, deep nesting
+        policy = None
+    if policy is None:
         raise InvalidArgument(
             'parameter "config" must be JSON with a "version_policy" (the only setting '
             "bertrec takes at load)"
-        ) from None
+        )
     if isinstance(policy, dict) and set(policy) == {"latest"}:
         return None
     specific = policy.get("specific") if isinstance(policy, dict) else None
     versions = specific.get("versions") if isinstance(specific, dict) else None
-    if isinstance(versions, list) and len(versions) == 1 and str(versions[0]).isdigit():
-        return int(versions[0])
+    if isinstance(versions, list) and len(versions) == 1:
+        version = _version_number(versions[0])
+        if version is not None:
+            return version
     raise InvalidArgument(
         'config "version_policy" must be {"specific": {"versions": [N]}} or {"latest": {}}'
     )

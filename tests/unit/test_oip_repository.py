@@ -65,11 +65,18 @@ def test_load_takes_tritons_config_version_policy() -> None:
     assert slot.serving == 1
     control.load(load_request(config=json.dumps({"version_policy": {"latest": {}}})))
     assert slot.serving == 3
+    camel = {"versionPolicy": {"specific": {"versions": ["2"]}}, "maxBatchSize": 8}
+    control.load(load_request(config=json.dumps(camel)))  # proto JSON names; rest ignored
+    assert slot.serving == 2
 
 
 @pytest.mark.parametrize(
     "config",
-    ["not json", "[]", '{"max_batch_size": 8}', '{"version_policy": {"all": {}}}',
+    ["not json", "[]", "3", '{"max_batch_size": 8}', '{"version_policy": {"all": {}}}',
+     "[" * 100_000 + "]" * 100_000,
+     '{"version_policy": {"specific": {"versions": [' + "9" * 5000 + "]}}}",
+     '{"version_policy": {"specific": {"versions": ["\u00b2"]}}}',
+     '{"version_policy": {"specific": {"versions": [true]}}}',
      '{"version_policy": {"specific": {"versions": [1, 2]}}}',
      '{"version_policy": {"specific": 3}}'],
 )  # fmt: skip
@@ -80,7 +87,7 @@ def test_other_configs_are_invalid(config: str) -> None:
     assert slot.serving == 3
 
 
-@pytest.mark.parametrize("version", [0, -2, "x", "1.5"])
+@pytest.mark.parametrize("version", [0, -2, "x", "1.5", "\u00b2", "\u0663", "9" * 5000, "0"])
 def test_bad_version_parameters_are_invalid(version: object) -> None:
     control, _, _ = make()
     with pytest.raises(InvalidArgument):
