@@ -22,6 +22,7 @@ def _registrars() -> list[Register]:
     from bertrec.bench.loadtest import cli as loadtest_cli
     from bertrec.export import cli as export_cli
     from bertrec.server import cli as server_cli
+    from bertrec.server import models_cli
     from bertrec.train import cli as train_cli
 
     return [
@@ -29,6 +30,7 @@ def _registrars() -> list[Register]:
         train_cli.register,
         export_cli.register,
         server_cli.register,
+        models_cli.register,
         loadtest_cli.register,
     ]
 

@@ -24,14 +24,17 @@ catalogue once per call).
 
 Use:
     server = Server(config)
-    server.start()        # finds the model version, then binds ports; health NOT_SERVING
-    server.load()         # loads, verifies and warms the model; health SERVING
+    server.start()        # checks a version to serve exists, then binds ports; NOT_SERVING
+    server.load()         # loads, verifies and warms the version(s); SERVING; starts polling
     server.wait()         # returns after request_stop() (e.g. from a signal handler)
+
+Model versions: one `ModelSlot` owns the loaded versions (each a started `Recommender`); every
+call leases one at entry. The `VersionWatcher` loads new versions in the background (policy,
+polling, the model-repository RPCs) and swaps them in; see `live_versions.py`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -40,20 +43,22 @@ import grpc
 from grpc_health.v1 import health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from bertrec.export.manifest import read_manifest
+from bertrec.errors import ArtifactError
 from bertrec.export.repository import resolve_version
 from bertrec.oip.v2 import grpc_service_pb2_grpc as oip_grpc
 from bertrec.server.admission import Admission, AdmissionLimits, handler_pools
 from bertrec.server.config import ConfigError, ServerConfig
 from bertrec.server.drain import drain_grpc, unary_activity
-from bertrec.server.engine import Recommender
 from bertrec.server.http_endpoints import HttpEndpoints
 from bertrec.server.interceptor import MetricsAndErrorsInterceptor
 from bertrec.server.lifecycle import HEALTH_SERVICE_NAME, SERVICE_NAME, Lifecycle
+from bertrec.server.live_versions import build_versions
 from bertrec.server.metrics import ServerMetrics
 from bertrec.server.oip import SERVICE_NAME as OIP_SERVICE_NAME
 from bertrec.server.oip import InferenceServicer
+from bertrec.server.oip.repository import RepositoryControl
 from bertrec.server.service import RecommenderServicer
+from bertrec.server.version_watcher import RepositoryVersions
 from bertrec.v1 import recommender_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -71,43 +76,44 @@ class Server:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         self.metrics = ServerMetrics()
-        self.lifecycle = Lifecycle()
+        self.slot, self.watcher = build_versions(
+            config, self.metrics, config.policy, config.poll_s,
+            self.metrics.for_versions(config.model),
+        )  # fmt: skip
+        self.lifecycle = Lifecycle(self.slot)
         self.port = 0
         self.metrics_port = 0
-        self.version = config.version
         self._grpc: grpc.Server | None = None
         self._http: HttpEndpoints | None = None
         self._stream_pool: ThreadPoolExecutor | None = None
-        self._engine: Recommender | None = None
         self._stop_requested = threading.Event()
         self._stop_lock = threading.Lock()
         self._stopped = False
 
     def start(self) -> None:
-        """Find the model version, bind both ports and start serving.
+        """Check that a version to serve exists, bind both ports and start serving.
 
-        Health is NOT_SERVING until `load` finishes. The version is found (and pinned, so a
-        version published meanwhile is not picked up halfway) before any port is bound: a
-        missing model fails before anything is announced.
+        Health is NOT_SERVING until `load` finishes. A repository without a complete version
+        the policy selects fails before any port is bound, so nothing is announced.
 
         Raises:
-            ArtifactError: the model or version does not exist, or its manifest is unreadable.
+            ArtifactError: no complete version of the model matches the version policy.
             ConfigError: a port cannot be bound.
         """
         c = self.config
-        version_dir = resolve_version(c.model_repo, c.model, c.version)
-        read_manifest(version_dir)
-        self.version = int(version_dir.name)
+        _check_versions(c)
         self._http = _http(c, self.metrics, self.lifecycle)
         self.metrics_port = self._http.port
         server = self._grpc_server()
+        lifecycle = self.lifecycle
         recommender_pb2_grpc.add_RecommenderServiceServicer_to_server(
-            RecommenderServicer(self.lifecycle.engine, c.request_timeout_s), server
+            RecommenderServicer(lifecycle.lease, c.request_timeout_s), server
         )
-        health = self.lifecycle.health
-        oip_grpc.add_GRPCInferenceServiceServicer_to_server(
-            InferenceServicer(self.lifecycle.engine, health, c.model, c.request_timeout_s), server
-        )
+        health = lifecycle.health
+        repository = RepositoryControl(self.watcher, c.model, c.model_control)
+        oip = InferenceServicer(lifecycle.lease, lifecycle.loaded, health, c.model,
+                                c.request_timeout_s, repository)  # fmt: skip
+        oip_grpc.add_GRPCInferenceServiceServicer_to_server(oip, server)
         health_pb2_grpc.add_HealthServicer_to_server(health, server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, OIP_SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME), server
@@ -119,25 +125,19 @@ class Server:
         log.info("gRPC on %s:%d, metrics on %s:%d", c.host, self.port, c.host, self.metrics_port)
 
     def load(self) -> None:
-        """Load, verify and warm up the model, then report SERVING.
+        """Load, verify and warm up the policy's version(s), report SERVING, start polling.
 
         Raises:
-            BertrecError: the model version is missing, corrupted or unusable.
+            ArtifactError: no version could be loaded (each failure is named).
         """
-        from bertrec.server.model import load_model  # onnxruntime: only once we serve
-
-        c = self.config
-        model = load_model(dataclasses.replace(c, version=self.version))
-        model.warm_up(c.warmup_iterations, c.ranker_max_batch_size, c.encoder_max_batch_size)
-        engine = Recommender(model, c, self.metrics)
-        engine.start()
-        self._engine = engine
-        self.metrics.set_model(
-            model.name, model.version, model.encoder.provider, model.encoder_file,
-            model.n_items, model.n_users,
+        version = self.watcher.load_initial()
+        self.lifecycle.ready()
+        self.watcher.start()
+        log.info(
+            "serving %s version %d: health SERVING (policy %s, model control %s, poll %g s)",
+            self.config.model, version, self.config.policy, self.config.model_control,
+            self.config.poll_s,
         )  # fmt: skip
-        self.lifecycle.ready(engine)
-        log.info("serving %s version %d: health SERVING", model.name, model.version)
 
     def request_stop(self) -> None:
         """Ask `wait` to shut down gracefully. Safe to call from a signal handler."""
@@ -163,10 +163,10 @@ class Server:
         grace = self.config.grace_period_s if grace_period_s is None else grace_period_s
         log.info("shutting down (grace period %.1f s)", grace)
         self.lifecycle.shutting_down()
+        self.watcher.stop(grace)
         if self._grpc is not None:
             drain_grpc(self._grpc, lambda: unary_activity(self.metrics.registry), grace)
-        if self._engine is not None:
-            self._engine.close(drain=True, timeout_s=grace)
+        self.slot.shutdown(grace)  # in-flight calls are over: every version closes now
         if self._stream_pool is not None:
             self._stream_pool.shutdown(wait=False)
         if self._http is not None:
@@ -197,6 +197,19 @@ class Server:
             ("grpc.server.max_pending_requests_hard_limit", 2 * pending),
         ]
         return grpc.server(calls_pool, interceptors=[interceptor], options=options)
+
+
+def _check_versions(config: ServerConfig) -> None:
+    """Fail before binding anything when no complete version matches the policy."""
+    complete = RepositoryVersions(config.model_repo, config.model).complete_versions()
+    if config.policy.select(complete):
+        return
+    resolve_version(config.model_repo, config.model, config.version)  # names what exists
+    listed = ", ".join(str(v) for v in sorted(complete)) or "none"
+    raise ArtifactError(
+        f"{config.model_repo}: no complete version of {config.model!r} matches version "
+        f"policy {config.policy} (complete versions: {listed})"
+    )
 
 
 def _http(config: ServerConfig, metrics: ServerMetrics, lifecycle: Lifecycle) -> HttpEndpoints:

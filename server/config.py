@@ -22,10 +22,12 @@ from typing import Any
 from bertrec.errors import BertrecError
 from bertrec.server.environment import unknown_variables_problem
 from bertrec.server.providers import CPU, CUDA
+from bertrec.server.version_policy import PolicyError, VersionPolicy
 
 ENV_PREFIX = "BERTREC_"
 CONFIG_ENV = "BERTREC_CONFIG"
 DEFAULT_PROVIDERS = (CUDA, CPU)
+MODEL_CONTROLS = ("none", "poll", "explicit")
 
 
 class ConfigError(BertrecError):
@@ -42,7 +44,23 @@ class ServerConfig:
 
     model_repo: Path = field(metadata={"help": "model repository folder"})
     model: str = field(metadata={"help": "model name (folder under the repository)"})
-    version: int | None = _opt(None, "model version to serve (default: the newest)")
+    version: int | None = _opt(
+        None, "serve only this model version (the same as version_policy 'specific N')"
+    )
+    version_policy: str = _opt(
+        "latest",
+        "versions kept loaded: latest, 'latest K' (the newest serves; the others answer calls "
+        "that name them) or 'specific N[,M]'",
+    )
+    model_control: str = _opt(
+        "poll",
+        "none: serve the versions found at start; poll: also pick up new versions every "
+        "poll_interval_s; explicit: poll, and accept the admin model-repository RPCs (load, "
+        "rollback, unload)",
+    )
+    poll_interval_s: float = _opt(
+        10.0, "seconds between scans of the repository for new versions (0 = never)"
+    )
     host: str = _opt("0.0.0.0", "address to bind the gRPC and metrics servers to")
     grpc_port: int = _opt(50051, "gRPC port; 0 picks a free port (printed at start)")
     metrics_port: int = _opt(9090, "Prometheus /metrics HTTP port; 0 picks a free port")
@@ -110,6 +128,26 @@ class ServerConfig:
     def grpc_address(self) -> str:
         return f"{self.host}:{self.grpc_port}"
 
+    @property
+    def policy(self) -> VersionPolicy:
+        """The version policy: `version`, when set, is `specific <version>`."""
+        if self.version is not None:
+            return VersionPolicy.specific(self.version)
+        return VersionPolicy.parse(self.version_policy)
+
+    @property
+    def poll_s(self) -> float:
+        """Seconds between repository scans; 0 when model_control is "none"."""
+        return 0.0 if self.model_control == "none" else self.poll_interval_s
+
+
+def _policy_problem(value: str) -> str | None:
+    try:
+        VersionPolicy.parse(value)
+    except PolicyError as exc:
+        return str(exc)
+    return None
+
 
 def _at_least(low: float) -> Callable[[Any], str | None]:
     return lambda v: None if v >= low else f"must be >= {low}"
@@ -123,6 +161,9 @@ _RULES: dict[str, Callable[[Any], str | None]] = {
     "model_repo": lambda v: None if Path(v).is_dir() else "no such directory",
     "model": lambda v: None if str(v).strip() and "/" not in str(v) else "must be a folder name",
     "version": lambda v: None if v is None or v >= 1 else "must be >= 1",
+    "version_policy": _policy_problem,
+    "model_control": lambda v: None if v in MODEL_CONTROLS else f"must be one of {MODEL_CONTROLS}",
+    "poll_interval_s": _at_least(0),
     "host": lambda v: None if str(v).strip() else "must not be empty",
     "grpc_port": _port,
     "metrics_port": _port,

@@ -1,4 +1,4 @@
-"""Readiness: the grpc.health.v1 status and the gate in front of the recommender.
+"""Readiness: the grpc.health.v1 status and the gate in front of the served model versions.
 
 NOT_SERVING from the moment the port is bound until the model is loaded and warmed up, SERVING
 then, and NOT_SERVING for good once shutdown begins. The overall status ("") and each served
@@ -12,6 +12,7 @@ from grpc_health.v1 import health, health_pb2
 
 from bertrec.server.engine import Recommender
 from bertrec.server.errors import NotReady
+from bertrec.server.model_slot import Lease, ModelSlot
 from bertrec.server.oip import SERVICE_NAME as OIP_SERVICE_NAME
 from bertrec.v1 import recommender_pb2
 
@@ -21,28 +22,44 @@ _REPORTED = ("", SERVICE_NAME, OIP_SERVICE_NAME)  # the names whose status this 
 
 
 class Lifecycle:
-    """Owns the health servicer and hands out the recommender only once it is ready."""
+    """Owns the health status, and hands out leases on the served model once it is ready.
 
-    def __init__(self) -> None:
+    The `ModelSlot` owns the model versions; this class only gates it: no lease before the
+    first version is loaded and warmed up (`ready`), whatever the slot holds.
+    """
+
+    def __init__(self, slot: ModelSlot[Recommender]) -> None:
         self.health = health.HealthServicer()
-        self._engine: Recommender | None = None
+        self._slot = slot
+        self._ready = False
         self._shutting_down = False
         self._set(health_pb2.HealthCheckResponse.NOT_SERVING)
 
-    def engine(self) -> Recommender:
-        """The ready recommender. Raises NotReady (FAILED_PRECONDITION) before that."""
-        engine = self._engine
-        if engine is None:
+    def lease(self, version: int | None = None) -> Lease[Recommender]:
+        """A lease on the serving version (or on `version`) for one call.
+
+        Raises:
+            NotReady: (FAILED_PRECONDITION) before the model is loaded and warmed up.
+            NotFound: `version` is not loaded.
+        """
+        if not self._ready:
             raise NotReady("the model is still loading; retry when health reports SERVING")
-        return engine
+        return self._slot.acquire(version)
+
+    def loaded(self) -> tuple[int, ...]:
+        """The versions calls may name (none before `ready`)."""
+        return self._slot.loaded() if self._ready else ()
 
     def serving(self) -> bool:
-        """Whether the model is loaded and warmed up and shutdown has not begun (SERVING)."""
-        return self._engine is not None and not self._shutting_down
+        """Whether the model is loaded and warmed up and shutdown has not begun (SERVING).
 
-    def ready(self, engine: Recommender) -> None:
-        """Serve calls with `engine` and report SERVING."""
-        self._engine = engine
+        Stays true across swaps: the slot is never empty once a version is in.
+        """
+        return self._ready and not self._shutting_down
+
+    def ready(self) -> None:
+        """Serve calls from the slot (which holds a warmed-up version now) and report SERVING."""
+        self._ready = True
         self._set(health_pb2.HealthCheckResponse.SERVING)
 
     def shutting_down(self) -> None:

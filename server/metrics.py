@@ -8,6 +8,7 @@ global: each server owns a `ServerMetrics`, so tests need no registry reset.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -22,6 +23,8 @@ LATENCY_BUCKETS_S = (
     2.5, 5.0, 10.0,
 )  # fmt: skip
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+# A tiny test model loads in well under a second; a large catalogue with a big encoder in minutes.
+LOAD_BUCKETS_S = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 
 
 @dataclass(frozen=True)
@@ -131,6 +134,33 @@ class ServerMetrics:
             ("model", "version", "provider", "encoder_file"),
             registry=r,
         )
+        self.serving_version = Gauge(
+            "bertrec_model_serving_version",
+            "The version that answers calls naming none.",
+            ("model",),
+            registry=r,
+        )
+        self.model_swaps = Counter(
+            "bertrec_model_swaps_total",
+            "Times the serving version changed (the first load included).",
+            ("model",),
+            registry=r,
+        )
+        self.model_load_s = Histogram(
+            "bertrec_model_load_seconds",
+            "Time to load a version (verify, map, create sessions, warm up), in seconds.",
+            ("model",),
+            buckets=LOAD_BUCKETS_S,
+            registry=r,
+        )
+        self.model_load_failures = Counter(
+            "bertrec_model_load_failures_total",
+            "Versions that failed to load (verification, warm-up); never served.",
+            ("model",),
+            registry=r,
+        )
+        self._info_labels: dict[tuple[str, int], tuple[str, str]] = {}
+        self._info_lock = threading.Lock()
 
     def for_batcher(self, model: str, batcher: str) -> BatcherMetrics:
         """The batcher series bound to one model and batcher name (e.g. "ranker")."""
@@ -149,9 +179,50 @@ class ServerMetrics:
     def set_model(
         self, model: str, version: int, provider: str, encoder_file: str, n_items: int, n_users: int
     ) -> None:
-        """Record the loaded model's identity and size."""
+        """Record a loaded version's identity and size (one `bertrec_model_info` per version)."""
         self.model_info.labels(
             model=model, version=str(version), provider=provider, encoder_file=encoder_file
         ).set(1)
+        with self._info_lock:
+            self._info_labels[(model, version)] = (provider, encoder_file)
         self.catalogue_items.labels(model=model).set(n_items)
         self.users.labels(model=model).set(n_users)
+
+    def remove_model(self, model: str, version: int) -> None:
+        """Drop a closed version's `bertrec_model_info` series."""
+        with self._info_lock:
+            labels = self._info_labels.pop((model, version), None)
+        if labels is not None:
+            self.model_info.remove(model, str(version), *labels)
+
+    def for_versions(self, model: str) -> VersionSeries:
+        """The version events of one model (a `model_slot.VersionMetrics`)."""
+        return VersionSeries(self, model)
+
+
+class VersionSeries:
+    """`ModelSlot`/`VersionWatcher` events -> the model series of one model."""
+
+    def __init__(self, metrics: ServerMetrics, model: str) -> None:
+        self._metrics = metrics
+        self._model = model
+        self._swaps = metrics.model_swaps.labels(model=model)
+        self._load_s = metrics.model_load_s.labels(model=model)
+        self._failures = metrics.model_load_failures.labels(model=model)
+        self._serving = metrics.serving_version.labels(model=model)
+
+    def added(self, version: int) -> None:
+        pass  # `bertrec_model_info` is set by the loader, which knows the provider and graph
+
+    def removed(self, version: int) -> None:
+        self._metrics.remove_model(self._model, version)
+
+    def swapped(self, serving: int) -> None:
+        self._swaps.inc()
+        self._serving.set(serving)
+
+    def load_finished(self, version: int, duration_s: float) -> None:
+        self._load_s.observe(duration_s)
+
+    def load_failed(self, version: int) -> None:
+        self._failures.inc()

@@ -1,8 +1,10 @@
 """The gRPC servicer: proto in, typed call to the `Recommender`, proto out.
 
 Methods stay thin: errors raised below are turned into status codes by the interceptor
-(`interceptor.py`), and readiness is checked by `engine()`, which raises FAILED_PRECONDITION
-until the model is loaded and warmed up.
+(`interceptor.py`). Each call takes a lease on one model version at entry (FAILED_PRECONDITION
+until the model is loaded and warmed up) and finishes on it, even if a new version is swapped
+in meanwhile. A call may name its version in the `bertrec-model-version` metadata (where the
+version policy keeps several loaded); otherwise the serving version answers.
 """
 
 from __future__ import annotations
@@ -13,40 +15,49 @@ import grpc
 
 from bertrec.results import ModelRef, Recommendations
 from bertrec.server.engine import Call, Recommender
+from bertrec.server.errors import InvalidArgument
+from bertrec.server.model_slot import Lease
 from bertrec.v1 import recommender_pb2 as pb
 from bertrec.v1 import recommender_pb2_grpc as pb_grpc
+
+VERSION_METADATA = "bertrec-model-version"  # a call's version, where the policy keeps several
 
 
 class RecommenderServicer(pb_grpc.RecommenderServiceServicer):
     """bertrec.v1.RecommenderService over a `Recommender`.
 
     Args:
-        engine: returns the ready `Recommender`, or raises `NotReady`.
+        lease: a lease on the serving (or a named) version's `Recommender`; raises
+            `NotReady` before the model is loaded, `NotFound` for a version not loaded.
         request_timeout_s: deadline for calls that set none (or a longer one).
     """
 
-    def __init__(self, engine: Callable[[], Recommender], request_timeout_s: float) -> None:
-        self._engine = engine
+    def __init__(
+        self, lease: Callable[[int | None], Lease[Recommender]], request_timeout_s: float
+    ) -> None:
+        self._lease = lease
         self._timeout_s = request_timeout_s
 
     def Recommend(
         self, request: pb.RecommendRequest, context: grpc.ServicerContext
     ) -> pb.RecommendResponse:
         exclude_rated = request.exclude_rated if request.HasField("exclude_rated") else True
-        result = self._engine().recommend(
-            request.user_id,
-            request.k,
-            exclude_rated,
-            list(request.include_item_ids),
-            list(request.exclude_item_ids),
-            self._call(context),
-        )
+        with self._leased(context) as lease:
+            result = lease.value.recommend(
+                request.user_id,
+                request.k,
+                exclude_rated,
+                list(request.include_item_ids),
+                list(request.exclude_item_ids),
+                self._call(context),
+            )
         return pb.RecommendResponse(items=ranked_items(result), model=model_ref(result.model))
 
     def RecommendForText(
         self, request: pb.RecommendForTextRequest, context: grpc.ServicerContext
     ) -> pb.RecommendForTextResponse:
-        result = self._engine().recommend_for_text(request.text, request.k, self._call(context))
+        with self._leased(context) as lease:
+            result = lease.value.recommend_for_text(request.text, request.k, self._call(context))
         return pb.RecommendForTextResponse(
             items=ranked_items(result), model=model_ref(result.model)
         )
@@ -54,9 +65,10 @@ class RecommenderServicer(pb_grpc.RecommenderServiceServicer):
     def ScoreItems(
         self, request: pb.ScoreItemsRequest, context: grpc.ServicerContext
     ) -> pb.ScoreItemsResponse:
-        result = self._engine().score_items(
-            request.user_id, list(request.item_ids), self._call(context)
-        )
+        with self._leased(context) as lease:
+            result = lease.value.score_items(
+                request.user_id, list(request.item_ids), self._call(context)
+            )
         items = [pb.ScoredItem(item_id=i.item_id, predicted_rating=i.predicted_rating)
                  for i in result.items]  # fmt: skip
         return pb.ScoreItemsResponse(items=items, model=model_ref(result.model))
@@ -64,7 +76,8 @@ class RecommenderServicer(pb_grpc.RecommenderServiceServicer):
     def SimilarItems(
         self, request: pb.SimilarItemsRequest, context: grpc.ServicerContext
     ) -> pb.SimilarItemsResponse:
-        result = self._engine().similar_items(request.item_id, request.k, self._call(context))
+        with self._leased(context) as lease:
+            result = lease.value.similar_items(request.item_id, request.k, self._call(context))
         items = [pb.SimilarItem(item_id=i.item_id, similarity=i.similarity, rank=i.rank)
                  for i in result.items]  # fmt: skip
         return pb.SimilarItemsResponse(items=items, model=model_ref(result.model))
@@ -72,7 +85,8 @@ class RecommenderServicer(pb_grpc.RecommenderServiceServicer):
     def EmbedText(
         self, request: pb.EmbedTextRequest, context: grpc.ServicerContext
     ) -> pb.EmbedTextResponse:
-        result = self._engine().embed_text(list(request.texts), self._call(context))
+        with self._leased(context) as lease:
+            result = lease.value.embed_text(list(request.texts), self._call(context))
         embeddings = [pb.Embedding(values=v) for v in result.vectors.tolist()]
         return pb.EmbedTextResponse(
             embeddings=embeddings, dim=result.vectors.shape[1], model=model_ref(result.model)
@@ -81,7 +95,8 @@ class RecommenderServicer(pb_grpc.RecommenderServiceServicer):
     def GetModelInfo(
         self, request: pb.GetModelInfoRequest, context: grpc.ServicerContext
     ) -> pb.GetModelInfoResponse:
-        info = self._engine().info()
+        with self._leased(context) as lease:
+            info = lease.value.info()
         return pb.GetModelInfoResponse(
             model=model_ref(info.model),
             dim=info.dim,
@@ -101,6 +116,16 @@ class RecommenderServicer(pb_grpc.RecommenderServiceServicer):
 
     def _call(self, context: grpc.ServicerContext) -> Call:
         return Call.from_context(context, self._timeout_s)
+
+    def _leased(self, context: grpc.ServicerContext) -> Lease[Recommender]:
+        """The call's lease: on the version named in `bertrec-model-version`, else the serving
+        one. The call runs to its end on it, whatever is swapped in meanwhile."""
+        for key, value in context.invocation_metadata() or ():
+            if key == VERSION_METADATA:
+                if not isinstance(value, str) or not value.isdigit():
+                    raise InvalidArgument(f"{VERSION_METADATA} must be a version number")
+                return self._lease(int(value))
+        return self._lease(None)
 
 
 def model_ref(ref: ModelRef) -> pb.ModelRef:

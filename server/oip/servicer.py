@@ -5,6 +5,10 @@ in `grpc_server_*` and errors map to status codes the same way). Readiness is th
 status of this service's name, which follows the model lifecycle: NOT_SERVING until the model
 is loaded and warmed up, and again once shutdown begins.
 
+Each call takes a lease on one model version (`model_version`, or the serving version when
+empty) and finishes on it, even if another version is swapped in meanwhile. The
+model-repository extension (`repository.py`) lists, loads and unloads versions.
+
 Status codes: NOT_FOUND for an unknown model or version (and unknown user ids);
 INVALID_ARGUMENT for unknown, missing or duplicate inputs or outputs, wrong datatypes or
 shapes; FAILED_PRECONDITION while the model is loading; the rest as for the native API.
@@ -22,31 +26,41 @@ from bertrec.oip.v2 import grpc_service_pb2 as pb
 from bertrec.oip.v2 import grpc_service_pb2_grpc as pb_grpc
 from bertrec.server.engine import Call, Recommender
 from bertrec.server.errors import InvalidArgument, NotFound
+from bertrec.server.model_slot import Lease
 from bertrec.server.oip.models import EncoderModel, RankerModel, TensorSpec, V2Model
+from bertrec.server.oip.repository import RepositoryControl
 from bertrec.server.oip.tensors import Tensor, read_inputs, write_outputs
 
 SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 PLATFORM = "bertrec"
+EXTENSION_MODEL_REPOSITORY = "model_repository"
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     """The protocol's health, metadata and inference calls for `<model>-encoder/-ranker`.
 
     Args:
-        engine: returns the ready `Recommender`, or raises `NotReady`.
+        lease: a lease on the serving (None) or a named version's `Recommender`; raises
+            `NotReady` before the model is loaded, `NotFound` for a version not loaded.
+        loaded: the versions loaded now.
         health: the server's health servicer; this service's status there is its readiness.
         model_name: the served model's name, the prefix of the two protocol model names.
         request_timeout_s: deadline for calls that set none (or a longer one).
+        repository: the model-repository extension's calls.
     """
 
     def __init__(
         self,
-        engine: Callable[[], Recommender],
+        lease: Callable[[int | None], Lease[Recommender]],
+        loaded: Callable[[], tuple[int, ...]],
         health: health.HealthServicer,
         model_name: str,
         request_timeout_s: float,
+        repository: RepositoryControl,
     ) -> None:
-        self._engine = engine
+        self._lease = lease
+        self._loaded = loaded
+        self._repository = repository
         self._health = health
         self._timeout_s = request_timeout_s
         models: tuple[V2Model, ...] = (
@@ -69,54 +83,78 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, request: pb.ModelReadyRequest, context: grpc.ServicerContext
     ) -> pb.ModelReadyResponse:
         known = request.name in self._models and self._ready(context)
-        ready = known and request.version in ("", str(self._engine().ref.version))
+        ready = known and request.version in ("", *(str(v) for v in self._loaded()))
         return pb.ModelReadyResponse(ready=ready)
 
     def ServerMetadata(
         self, request: pb.ServerMetadataRequest, context: grpc.ServicerContext
     ) -> pb.ServerMetadataResponse:
-        return pb.ServerMetadataResponse(name="bertrec", version=__version__)
+        return pb.ServerMetadataResponse(
+            name="bertrec", version=__version__, extensions=[EXTENSION_MODEL_REPOSITORY]
+        )
 
     def ModelMetadata(
         self, request: pb.ModelMetadataRequest, context: grpc.ServicerContext
     ) -> pb.ModelMetadataResponse:
-        engine, model = self._resolve(request.name, request.version)
+        lease, model = self._resolve(request.name, request.version)
+        with lease:
+            outputs = model.outputs(lease.value)
         return pb.ModelMetadataResponse(
             name=model.name,
-            versions=[str(engine.ref.version)],
+            versions=[str(v) for v in self._loaded()],
             platform=PLATFORM,
             inputs=[_metadata(s) for s in model.inputs],
-            outputs=[_metadata(s) for s in model.outputs(engine)],
+            outputs=[_metadata(s) for s in outputs],
         )
 
     def ModelInfer(
         self, request: pb.ModelInferRequest, context: grpc.ServicerContext
     ) -> pb.ModelInferResponse:
-        engine, model = self._resolve(request.model_name, request.model_version)
-        decoded = read_inputs(request)
-        wanted = _wanted_outputs(model, engine, [o.name for o in request.outputs])
-        results = model.infer(engine, _match_inputs(model, decoded.tensors), self._call(context))
+        lease, model = self._resolve(request.model_name, request.model_version)
+        with lease:
+            engine = lease.value
+            decoded = read_inputs(request)
+            wanted = _wanted_outputs(model, engine, [o.name for o in request.outputs])
+            inputs = _match_inputs(model, decoded.tensors)
+            results = model.infer(engine, inputs, self._call(context))
         response = pb.ModelInferResponse(
-            model_name=model.name, model_version=str(engine.ref.version), id=request.id
+            model_name=model.name, model_version=str(lease.version), id=request.id
         )
         write_outputs(response, [results[name] for name in wanted], decoded.raw)
         return response
+
+    def RepositoryIndex(
+        self, request: pb.RepositoryIndexRequest, context: grpc.ServicerContext
+    ) -> pb.RepositoryIndexResponse:
+        return self._repository.index(request)
+
+    def RepositoryModelLoad(
+        self, request: pb.RepositoryModelLoadRequest, context: grpc.ServicerContext
+    ) -> pb.RepositoryModelLoadResponse:
+        return self._repository.load(request)
+
+    def RepositoryModelUnload(
+        self, request: pb.RepositoryModelUnloadRequest, context: grpc.ServicerContext
+    ) -> pb.RepositoryModelUnloadResponse:
+        return self._repository.unload(request)
 
     def _ready(self, context: grpc.ServicerContext) -> bool:
         check = health_pb2.HealthCheckRequest(service=SERVICE_NAME)
         return self._health.Check(check, context).status == health_pb2.HealthCheckResponse.SERVING
 
-    def _resolve(self, name: str, version: str) -> tuple[Recommender, V2Model]:
+    def _resolve(self, name: str, version: str) -> tuple[Lease[Recommender], V2Model]:
+        """The protocol model and a lease on the version asked for ("" = the serving one)."""
         model = self._models.get(name)
         if model is None:
             known = ", ".join(sorted(self._models))
             raise NotFound(f"unknown model {name!r}; this server has {known}")
-        engine = self._engine()
-        if version not in ("", str(engine.ref.version)):
-            raise NotFound(
-                f"model {name!r} has no version {version!r}; serving {engine.ref.version}"
-            )
-        return engine, model
+        if not version:
+            return self._lease(None), model
+        loaded = self._loaded()  # empty while loading: then the lease says NotReady
+        if not (version.isascii() and version.isdigit()) or (loaded and int(version) not in loaded):
+            listed = ", ".join(str(v) for v in loaded)
+            raise NotFound(f"model {name!r} has no version {version!r} loaded (loaded: {listed})")
+        return self._lease(int(version)), model
 
     def _call(self, context: grpc.ServicerContext) -> Call:
         return Call.from_context(context, self._timeout_s)

@@ -371,10 +371,12 @@ def test_readiness_follows_the_lifecycle(model_repo, tmp_path) -> None:
 def test_not_ready_once_draining() -> None:
     # Over the network a draining server refuses new calls, so ask the servicer directly.
     from bertrec.server.lifecycle import Lifecycle
+    from bertrec.server.model_slot import ModelSlot
     from bertrec.server.oip import SERVICE_NAME, InferenceServicer
 
-    lifecycle = Lifecycle()
-    servicer = InferenceServicer(lifecycle.engine, lifecycle.health, MODEL, 5.0)
+    lifecycle = Lifecycle(ModelSlot(lambda engine: None))
+    servicer = InferenceServicer(lifecycle.lease, lifecycle.loaded, lifecycle.health, MODEL, 5.0,
+                                 None)  # type: ignore[arg-type]  # fmt: skip
     lifecycle.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
     assert servicer.ServerReady(pb.ServerReadyRequest(), None).ready  # type: ignore[arg-type]
     lifecycle.shutting_down()

@@ -1,0 +1,68 @@
+"""How the server loads, serves and closes one model version: the glue between the config,
+`ModelSlot`, `VersionWatcher` and the `Recommender`.
+
+Each loaded version is a started `Recommender` of its own (the model, its batchers and its
+sessions), so a call that leased it finishes on it even when a swap happens mid-call, and
+closing it (after its last lease) stops exactly its batcher threads and drops its sessions
+and memory-mapped arrays. Loading does everything that can fail before the slot sees the
+version: resolve, verify every hash, map the arrays, create the sessions, warm up.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+from bertrec.server.config import ServerConfig
+from bertrec.server.engine import Recommender
+from bertrec.server.metrics import ServerMetrics
+from bertrec.server.model_slot import ModelSlot, VersionMetrics
+from bertrec.server.version_policy import VersionPolicy
+from bertrec.server.version_watcher import RepositoryVersions, VersionWatcher
+
+CLOSE_TIMEOUT_S = 30.0  # a retired version has no callers left; its batchers stop at once
+
+
+def version_loader(config: ServerConfig, metrics: ServerMetrics) -> Callable[[int], Recommender]:
+    """Version number -> a verified, warmed-up, started `Recommender` for it."""
+
+    def load(version: int) -> Recommender:
+        from bertrec.server.model import load_model  # onnxruntime: only once we serve
+
+        c = config
+        model = load_model(dataclasses.replace(c, version=version))
+        model.warm_up(c.warmup_iterations, c.ranker_max_batch_size, c.encoder_max_batch_size)
+        engine = Recommender(model, c, metrics)
+        engine.start()
+        metrics.set_model(
+            model.name, model.version, model.encoder.provider, model.encoder_file,
+            model.n_items, model.n_users,
+        )  # fmt: skip
+        return engine
+
+    return load
+
+
+def close_version(engine: Recommender) -> None:
+    """Stop a retired version's batchers; its sessions and arrays go with the last reference."""
+    engine.close(drain=True, timeout_s=CLOSE_TIMEOUT_S)
+
+
+def build_versions(
+    config: ServerConfig,
+    metrics: ServerMetrics,
+    policy: VersionPolicy,
+    poll_interval_s: float,
+    version_metrics: VersionMetrics | None = None,
+) -> tuple[ModelSlot[Recommender], VersionWatcher[Recommender]]:
+    """The server's slot and the watcher that fills it (not started: see `VersionWatcher`)."""
+    slot: ModelSlot[Recommender] = ModelSlot(close_version, version_metrics)
+    watcher = VersionWatcher(
+        RepositoryVersions(config.model_repo, config.model),
+        slot,
+        version_loader(config, metrics),
+        policy,
+        poll_interval_s,
+        version_metrics,
+    )
+    return slot, watcher
