@@ -34,6 +34,10 @@ RATED_INDICES = "rated_indices.npy"  # int32 (nnz,): item rows, sorted within ea
 # so `score` (ranking) and `predicted_rating` each come from the head fitted for them.
 RATING_USER_FACTORS = "rating_user_factors.npy"  # float32 (n_users, r)
 RATING_ITEM_FACTORS = "rating_item_factors.npy"  # float32 (n_items, r)
+# Optional: each item's text part T e_i in the ranking space (= the encoder's output for its
+# text), so a score splits exactly into a text part dot(u, T e_i) and a collaborative part
+# dot(u, item_factors[i] - T e_i), for explanations.
+ITEM_TEXT_FACTORS = "item_text_factors.npy"  # float32 (n_items, d)
 ITEM_TEXTS = "item_texts.jsonl"  # {"item_id", "text"} per line, row order
 ENCODER_OPTIMIZED_ONNX = "encoder.opt.onnx"  # optional: ORT transformer-optimised fp32 graph
 PARITY_TEXTS = "parity_texts.json"  # {"max_seq_len": int, "batches": [[text, ...], ...]}
@@ -52,6 +56,7 @@ ARRAY_FILES = (
     RATED_INDICES,
 )
 RATING_HEAD_FILES = (RATING_USER_FACTORS, RATING_ITEM_FACTORS)  # both or neither
+OPTIONAL_FILES = (*RATING_HEAD_FILES, ITEM_TEXT_FACTORS)
 
 # How scores are formed; recorded in the manifest under "scoring" so readers need no guessing.
 RANKING_SCORE = "dot(user_factors[u], item_factors[i]) + item_rank_bias[i]"
@@ -80,6 +85,7 @@ class FactorArrays:
     global_mean: float
     rating_user_factors: np.ndarray | None = None  # None: ratings use the ranking factors
     rating_item_factors: np.ndarray | None = None
+    item_text_factors: np.ndarray | None = None  # None: no text/collaborative split
 
     @property
     def dim(self) -> int:
@@ -111,12 +117,13 @@ class FactorArrays:
         }
 
     def _rating_head_arrays(self) -> dict[str, np.ndarray]:
-        if self.rating_user_factors is None or self.rating_item_factors is None:
-            return {}
-        return {
-            RATING_USER_FACTORS: np.ascontiguousarray(self.rating_user_factors, np.float32),
-            RATING_ITEM_FACTORS: np.ascontiguousarray(self.rating_item_factors, np.float32),
-        }
+        out = {}
+        if self.rating_user_factors is not None and self.rating_item_factors is not None:
+            out[RATING_USER_FACTORS] = np.ascontiguousarray(self.rating_user_factors, np.float32)
+            out[RATING_ITEM_FACTORS] = np.ascontiguousarray(self.rating_item_factors, np.float32)
+        if self.item_text_factors is not None:
+            out[ITEM_TEXT_FACTORS] = np.ascontiguousarray(self.item_text_factors, np.float32)
+        return out
 
     def shape_mismatch(self, n_users: int, n_items: int, dim: int) -> str | None:
         """The first array whose shape disagrees with the given sizes, described; else None."""
@@ -134,6 +141,9 @@ class FactorArrays:
         for name, (actual, want) in expected.items():
             if tuple(actual) != want:
                 return f"{name} has shape {tuple(actual)}, expected {want}"
+        text = self.item_text_factors
+        if text is not None and tuple(text.shape) != (n_items, dim):
+            return f"item_text_factors has shape {tuple(text.shape)}, expected {(n_items, dim)}"
         return self._rating_head_mismatch(n_users, n_items)
 
     def _rating_head_mismatch(self, n_users: int, n_items: int) -> str | None:
@@ -178,6 +188,7 @@ class FactorArrays:
             global_mean=global_mean,
             rating_user_factors=optional(RATING_USER_FACTORS),
             rating_item_factors=optional(RATING_ITEM_FACTORS),
+            item_text_factors=optional(ITEM_TEXT_FACTORS),
         )
 
 

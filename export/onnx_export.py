@@ -25,7 +25,7 @@ from bertrec.export.artifacts import (
     ENCODER_ONNX,
     ENCODER_OPTIMIZED_ONNX,
     ITEM_TEXTS,
-    RATING_HEAD_FILES,
+    OPTIONAL_FILES,
     TOKENIZER,
     FactorArrays,
     load_item_texts,
@@ -148,8 +148,8 @@ def build_version(
     out: Path, source: TrainedModel, model: str, version: int, int8: bool, optimize: bool
 ) -> Manifest:
     """Write every file of a version into the empty folder `out`; returns its manifest."""
-    head = RATING_HEAD_FILES if source.factors.has_rating_head else ()
-    for name in (*ARRAY_FILES, *head, ITEM_TEXTS):
+    optional = tuple(n for n in OPTIONAL_FILES if (source.factors_dir / n).is_file())
+    for name in (*ARRAY_FILES, *optional, ITEM_TEXTS):
         shutil.copyfile(source.factors_dir / name, out / name)
     tokenizer, encoder = source.tokenizer, source.encoder
     tokenizer.save(out / TOKENIZER)  # with this export's truncation length

@@ -107,6 +107,7 @@ def train(dataset: Dataset, split: Split, cfg: TrainConfig, out: Path) -> TrainR
     with torch.no_grad():
         encoder.projection.weight.copy_(torch.from_numpy(projection.T))
     ranking = heads.ranking
+    text_factors = text @ projection
     arrays = FactorArrays(
         user_ids=index.user_ids,
         item_ids=index.item_ids,
@@ -116,13 +117,14 @@ def train(dataset: Dataset, split: Split, cfg: TrainConfig, out: Path) -> TrainR
         item_bias=heads.rating.item_bias,
         item_rank_bias=heads.item_rank_bias,
         text_to_user=fit_text_to_user(
-            ranking.user_factors, text @ projection, indptr, indices, cfg.text_to_user_reg
+            ranking.user_factors, text_factors, indptr, indices, cfg.text_to_user_reg
         ),
         rated_indptr=indptr,
         rated_indices=indices,
         global_mean=heads.rating.global_mean,
         rating_user_factors=heads.rating.user_factors,
         rating_item_factors=heads.rating.item_factors,
+        item_text_factors=text_factors,
     )
     _write(
         out,

@@ -105,5 +105,11 @@ def test_rating_head_arrays_round_trip(tmp_path: Path) -> None:
     np.testing.assert_array_equal(loaded.rating_item_factors, headed.rating_item_factors)
     bad = replace(headed, rating_item_factors=f32(n_items, 3))
     assert "rating_item_factors" in (bad.shape_mismatch(n_users, n_items, d) or "")
+    text = replace(headed, item_text_factors=f32(n_items, d))
+    text.save(tmp_path)
+    back = FactorArrays.load(tmp_path, 3.0, mmap=False).item_text_factors
+    assert back is not None and back.shape == (n_items, d)
+    wrong = replace(headed, item_text_factors=f32(n_items, d + 1))
+    assert "item_text_factors" in (wrong.shape_mismatch(n_users, n_items, d) or "")
     half = replace(plain, rating_user_factors=f32(n_users, 2))
     assert "both" in (half.shape_mismatch(n_users, n_items, d) or "")

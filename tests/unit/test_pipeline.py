@@ -84,6 +84,17 @@ def test_encoder_projection_is_the_factor_models_text_projection(trained: Path) 
         text_part = encoder(**feed).numpy()
     # Cold items (after the warm ones) have factors made of the text projection alone.
     np.testing.assert_allclose(arrays.item_factors[n_warm:], text_part, atol=1e-4)
+    # Every item's text part is exported too (explanations split scores with it).
+    assert arrays.item_text_factors is not None
+    np.testing.assert_allclose(arrays.item_text_factors[n_warm:], text_part, atol=1e-4)
+
+
+def test_rating_head_is_exported_beside_the_ranking_factors(trained: Path) -> None:
+    info = checkpoint.TrainInfo.load(trained)
+    arrays = FactorArrays.load(trained / "factors", info.global_mean)
+    assert arrays.has_rating_head
+    assert arrays.shape_mismatch(len(arrays.user_ids), len(arrays.item_ids), info.dim) is None
+    assert info.rating_range == (1.0, 5.0)  # the generated data's scale
 
 
 def test_user_mistakes_exit_2_without_traceback(
