@@ -8,19 +8,20 @@ Protocol's model-repository extension (the same calls tritonclient makes).
 `load --version N` loads version N if needed, serves it and pins it (a rollback, or a jump
 ahead); `load` without a version un-pins, so the server's version policy decides again.
 The version travels as the request parameter "version" (int64). Only the light client's
-dependencies (grpcio, protobuf) are needed: no model is loaded here.
+dependencies (grpcio, protobuf) are needed: no model is loaded here, and grpc itself is
+imported only when the subcommand runs (every `bertrec` command registers this one).
 """
 
 from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
-
-import grpc
+from typing import TYPE_CHECKING
 
 from bertrec.errors import BertrecError
-from bertrec.oip.v2 import grpc_service_pb2 as pb
-from bertrec.oip.v2 import grpc_service_pb2_grpc as pb_grpc
+
+if TYPE_CHECKING:
+    import grpc
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 VERSION_PARAMETER = "version"  # RepositoryModelLoad/Unload: which version (int64 or string)
@@ -45,11 +46,15 @@ class ModelsClient:
     """
 
     def __init__(self, channel: grpc.Channel, timeout_s: float = 120.0) -> None:
+        from bertrec.oip.v2 import grpc_service_pb2_grpc as pb_grpc
+
         self._stub = pb_grpc.GRPCInferenceServiceStub(channel)
         self._timeout_s = timeout_s
 
     def index(self, ready_only: bool = False) -> list[IndexEntry]:
         """Every model version the server knows, with its state (READY, LOADING, UNAVAILABLE)."""
+        from bertrec.oip.v2 import grpc_service_pb2 as pb
+
         response = self._stub.RepositoryIndex(
             pb.RepositoryIndexRequest(ready=ready_only), timeout=self._timeout_s
         )
@@ -57,6 +62,8 @@ class ModelsClient:
 
     def load(self, model: str, version: int | None = None) -> None:
         """Load and serve `version` (pinned), or follow the version policy again (None)."""
+        from bertrec.oip.v2 import grpc_service_pb2 as pb
+
         request = pb.RepositoryModelLoadRequest(model_name=model)
         if version is not None:
             request.parameters[VERSION_PARAMETER].int64_param = version
@@ -64,6 +71,8 @@ class ModelsClient:
 
     def unload(self, model: str, version: int) -> None:
         """Unload `version`; the server refuses to unload the only version it has loaded."""
+        from bertrec.oip.v2 import grpc_service_pb2 as pb
+
         request = pb.RepositoryModelUnloadRequest(model_name=model)
         request.parameters[VERSION_PARAMETER].int64_param = version
         self._stub.RepositoryModelUnload(request, timeout=self._timeout_s)
@@ -111,6 +120,8 @@ def _positive(text: str) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """Run one action; a failed call becomes a one-line error (exit code 2)."""
+    import grpc
+
     with grpc.insecure_channel(args.target) as channel:
         client = ModelsClient(channel, args.timeout_s)
         try:
