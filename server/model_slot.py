@@ -300,7 +300,8 @@ class ModelSlot(Generic[T]):
         thread = threading.Thread(
             target=self._close_entry, args=(entry,), name=f"close-v{entry.version}", daemon=True
         )
-        with self._lock:
+        with self._lock:  # finished closes are dropped here, so the list stays short
+            self._closing = [t for t in self._closing if t.is_alive()]
             self._closing.append(thread)
         thread.start()
 

@@ -222,3 +222,23 @@ def test_many_threads_swapping_and_calling_never_see_a_closed_version() -> None:
     assert errors == []
     assert slot.loaded() == (199,)
     assert all(v.closed == 1 for v in values[:-1])
+
+
+def test_a_closed_version_is_not_kept_alive_by_the_slot() -> None:
+    import gc
+    import weakref
+
+    slot: ModelSlot[FakeVersion] = ModelSlot(close)
+    slot.install(0, FakeVersion(0))
+    refs = []
+    for v in range(1, 20):
+        value = FakeVersion(v)
+        refs.append(weakref.ref(value))
+        slot.install(v, value)
+        del value
+        slot.retain([v])
+    assert slot.wait_closed(timeout_s=5)
+    gc.collect()
+    assert [r() for r in refs[:-1]] == [None] * 18  # memory goes with the last reference
+    assert refs[-1]() is not None
+    assert len(slot._closing) <= 1
