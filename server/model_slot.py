@@ -160,17 +160,24 @@ class ModelSlot(Generic[T]):
 
         A version loaded already is replaced (a reload): calls holding the old object finish
         on it, and it is closed after them. The first version installed always serves.
+
+        Raises:
+            NotReady: the slot is shut down (a load that finished during shutdown); `value`
+                is closed first, so nothing leaks.
         """
         entry = _Entry(version, value)
         with self._lock:
-            if self._shut:
-                raise NotReady("the server is shutting down")
-            old = self._entries.get(version)
-            self._entries[version] = entry
-            swapped = serve or self._default is None or self._default is old
-            if swapped:
-                self._default = entry
+            shut = self._shut
+            old = None if shut else self._entries.get(version)
+            swapped = not shut and (serve or self._default is None or self._default is old)
+            if not shut:
+                self._entries[version] = entry
+                if swapped:
+                    self._default = entry
             to_close = self._retire(old) if old is not None else None
+        if shut:
+            self._close_entry(entry)
+            raise NotReady("the server is shutting down")
         if old is None:
             self._metrics.added(version)
         if swapped:

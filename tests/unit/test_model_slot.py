@@ -163,8 +163,10 @@ def test_shutdown_closes_everything_after_the_last_lease() -> None:
     lease.release()
     assert slot.wait_closed(timeout_s=5)
     assert v2.closed == 1
+    late = FakeVersion(3)  # a load that finished during shutdown
     with pytest.raises(NotReady):
-        slot.install(3, FakeVersion(3))
+        slot.install(3, late)
+    assert late.closed == 1
 
 
 def test_a_failing_close_is_logged_not_raised(caplog: pytest.LogCaptureFixture) -> None:
