@@ -172,6 +172,23 @@ class Recommender:
         )
         return self.ranked(pending, wait(pending.future, call))
 
+    def recommend_users(self, user_ids: Sequence[str], k: int, call: Call) -> list[Recommendations]:
+        """Top-k items for each user (rated items excluded), in order (k=0: `DEFAULT_K`).
+
+        Every query is validated and queued before any is waited for, so they join one ranking
+        batch; an unknown user fails the whole call and withdraws the queries already queued.
+        """
+        k = self.resolve_k(k)
+        pending: list[PendingRank] = []
+        try:
+            for user_id in user_ids:
+                pending.append(self.submit_recommend(user_id, k, True, (), (), call.deadline_s))
+        except BaseException:
+            for queued in pending:
+                queued.future.cancel()
+            raise
+        return [self.ranked(p, wait(p.future, call)) for p in pending]
+
     def recommend_for_text(self, text: str, k: int, call: Call) -> Recommendations:
         """Top-k items for a text folded into user space (k=0: `DEFAULT_K`)."""
         k = self.resolve_k(k)

@@ -7,9 +7,9 @@
   the same lists as `Recommend` (rated items excluded). A row with fewer than k candidates
   left is padded with empty ids and score -inf.
 
-Both run through the engine, so they share its validation, dynamic batchers and metrics with
-the native API: the ranker queues all of a request's users before waiting, so they join one
-ranking batch.
+Both run through one public engine method each (`embed_text`, `recommend_users`), so they
+share its validation, dynamic batchers and metrics with the native API: the ranker's users are
+all queued before any is waited for, so they join one ranking batch.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Protocol
 import numpy as np
 
 from bertrec.results import Recommendations
-from bertrec.server.engine import Call, PendingRank, Recommender, wait
+from bertrec.server.engine import Call, Recommender
 from bertrec.server.errors import InvalidArgument
 from bertrec.server.oip.tensors import BYTES, FP32, INT32, INT64, Tensor
 from bertrec.server.ranking import PAD_SCORE
@@ -97,26 +97,13 @@ class RankerModel:
             )
         # Absent or 0: the default, as on the native API (one rule: Recommender.resolve_k).
         k = engine.resolve_k(int(np.asarray(inputs["k"].data)[0]) if "k" in inputs else 0)
-        ranked = [engine.ranked(p, wait(p.future, call)) for p in _submit(engine, users, k, call)]
+        ranked = engine.recommend_users(users, k, call)
         ids = [[i.item_id.encode() for i in r.items] + [PAD_ID] * (k - len(r.items))
                for r in ranked]  # fmt: skip
         return {
             "item_ids": Tensor("item_ids", BYTES, (len(users), k), [i for row in ids for i in row]),
             "scores": Tensor("scores", FP32, (len(users), k), _scores(ranked, k)),
         }
-
-
-def _submit(engine: Recommender, users: Sequence[str], k: int, call: Call) -> list[PendingRank]:
-    """Validate and queue every user's query; on a bad user, withdraw the ones queued."""
-    pending: list[PendingRank] = []
-    try:
-        for user in users:
-            pending.append(engine.submit_recommend(user, k, True, (), (), call.deadline_s))
-    except BaseException:
-        for p in pending:
-            p.future.cancel()
-        raise
-    return pending
 
 
 def _scores(ranked: Sequence[Recommendations], k: int) -> np.ndarray:

@@ -201,10 +201,8 @@ def test_ranker_default_k(stub: pb_grpc.GRPCInferenceServiceStub) -> None:
 def test_ranker_pads_rows_with_fewer_than_k_items() -> None:
     # The shared catalogue always has k candidates (60 items, max_k 50, few ratings per user),
     # so a short list is produced by a stand-in engine.
-    from concurrent.futures import Future
-
     from bertrec.results import ModelRef, RankedItem, Recommendations
-    from bertrec.server.engine import Call, PendingRank
+    from bertrec.server.engine import Call
     from bertrec.server.oip.models import RankerModel
     from bertrec.server.oip.tensors import Tensor
 
@@ -214,15 +212,13 @@ def test_ranker_pads_rows_with_fewer_than_k_items() -> None:
         def resolve_k(self, k: int) -> int:
             return k
 
-        def submit_recommend(self, user: str, k: int, *_: object) -> PendingRank:
-            future: Future = Future()
-            future.set_result(user)
-            return PendingRank(future, np.zeros(2, np.float32), None)
-
-        def ranked(self, pending: PendingRank, user: str) -> Recommendations:
-            n = {"a": 3, "b": 1}[user]
-            items = [RankedItem(f"{user}{r}", 1.0 - r, 0.0, r) for r in range(1, n + 1)]
-            return Recommendations(items, ModelRef(MODEL, 1))
+        def recommend_users(self, users: list[str], k: int, call: Call) -> list[Recommendations]:
+            lists = []
+            for user in users:
+                n = {"a": 3, "b": 1}[user]
+                items = [RankedItem(f"{user}{r}", 1.0 - r, 0.0, r) for r in range(1, n + 1)]
+                lists.append(Recommendations(items, ModelRef(MODEL, 1)))
+            return lists
 
     users = Tensor("user_id", "BYTES", (2,), [b"a", b"b"])
     k = Tensor("k", "INT32", (1,), np.array([3], np.int32))
