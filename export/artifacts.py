@@ -38,6 +38,11 @@ RATING_ITEM_FACTORS = "rating_item_factors.npy"  # float32 (n_items, r)
 # text), so a score splits exactly into a text part dot(u, T e_i) and a collaborative part
 # dot(u, item_factors[i] - T e_i), for explanations.
 ITEM_TEXT_FACTORS = "item_text_factors.npy"  # float32 (n_items, d)
+# Optional, both or neither: what attributing a user's score to their rated items needs
+# (server/explain.py). The ranking head's user vector solves the ridge system
+# (rank_gramian + Y_u^T diag(c_u - 1) Y_u) x_u = Y_u^T c_u over the user's rated items Y_u.
+RANK_GRAMIAN = "rank_gramian.npy"  # float64 (d, d): Y^T Y + reg I over the exported Y
+RATED_CONFIDENCE = "rated_confidence.npy"  # float32 (nnz,): c_uj, aligned with rated_indices
 ITEM_TEXTS = "item_texts.jsonl"  # {"item_id", "text"} per line, row order
 ENCODER_OPTIMIZED_ONNX = "encoder.opt.onnx"  # optional: ORT transformer-optimised fp32 graph
 PARITY_TEXTS = "parity_texts.json"  # {"max_seq_len": int, "batches": [[text, ...], ...]}
@@ -56,7 +61,8 @@ ARRAY_FILES = (
     RATED_INDICES,
 )
 RATING_HEAD_FILES = (RATING_USER_FACTORS, RATING_ITEM_FACTORS)  # both or neither
-OPTIONAL_FILES = (*RATING_HEAD_FILES, ITEM_TEXT_FACTORS)
+EXPLAIN_FILES = (RANK_GRAMIAN, RATED_CONFIDENCE)  # both or neither
+OPTIONAL_FILES = (*RATING_HEAD_FILES, ITEM_TEXT_FACTORS, *EXPLAIN_FILES)
 
 # How scores are formed; recorded in the manifest under "scoring" so readers need no guessing.
 RANKING_SCORE = "dot(user_factors[u], item_factors[i]) + item_rank_bias[i]"
@@ -86,6 +92,13 @@ class FactorArrays:
     rating_user_factors: np.ndarray | None = None  # None: ratings use the ranking factors
     rating_item_factors: np.ndarray | None = None
     item_text_factors: np.ndarray | None = None  # None: no text/collaborative split
+    rank_gramian: np.ndarray | None = None  # None: no per-rated-item attribution
+    rated_confidence: np.ndarray | None = None
+
+    @property
+    def has_attribution(self) -> bool:
+        """Whether scores can be attributed to rated items (RANK_GRAMIAN, RATED_CONFIDENCE)."""
+        return self.rank_gramian is not None and self.rated_confidence is not None
 
     @property
     def dim(self) -> int:
@@ -123,6 +136,9 @@ class FactorArrays:
             out[RATING_ITEM_FACTORS] = np.ascontiguousarray(self.rating_item_factors, np.float32)
         if self.item_text_factors is not None:
             out[ITEM_TEXT_FACTORS] = np.ascontiguousarray(self.item_text_factors, np.float32)
+        if self.rank_gramian is not None and self.rated_confidence is not None:
+            out[RANK_GRAMIAN] = np.ascontiguousarray(self.rank_gramian, np.float64)
+            out[RATED_CONFIDENCE] = np.ascontiguousarray(self.rated_confidence, np.float32)
         return out
 
     def shape_mismatch(self, n_users: int, n_items: int, dim: int) -> str | None:
@@ -144,7 +160,20 @@ class FactorArrays:
         text = self.item_text_factors
         if text is not None and tuple(text.shape) != (n_items, dim):
             return f"item_text_factors has shape {tuple(text.shape)}, expected {(n_items, dim)}"
-        return self._rating_head_mismatch(n_users, n_items)
+        return self._attribution_mismatch(dim) or self._rating_head_mismatch(n_users, n_items)
+
+    def _attribution_mismatch(self, dim: int) -> str | None:
+        gramian, confidence = self.rank_gramian, self.rated_confidence
+        if gramian is None and confidence is None:
+            return None
+        if gramian is None or confidence is None:
+            return "attribution needs both rank_gramian and rated_confidence"
+        if tuple(gramian.shape) != (dim, dim):
+            return f"rank_gramian has shape {tuple(gramian.shape)}, expected {(dim, dim)}"
+        if tuple(confidence.shape) != tuple(self.rated_indices.shape):
+            want = tuple(self.rated_indices.shape)
+            return f"rated_confidence has shape {tuple(confidence.shape)}, expected {want}"
+        return None
 
     def _rating_head_mismatch(self, n_users: int, n_items: int) -> str | None:
         users, items = self.rating_user_factors, self.rating_item_factors
@@ -189,6 +218,8 @@ class FactorArrays:
             rating_user_factors=optional(RATING_USER_FACTORS),
             rating_item_factors=optional(RATING_ITEM_FACTORS),
             item_text_factors=optional(ITEM_TEXT_FACTORS),
+            rank_gramian=optional(RANK_GRAMIAN),
+            rated_confidence=optional(RATED_CONFIDENCE),
         )
 
 

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from bertrec.explanation import ExplainedItem
 from bertrec.results import (
     Embeddings,
     ModelInfo,
@@ -30,6 +31,7 @@ from bertrec.results import (
 from bertrec.server.batcher import Batcher, BatcherConfig
 from bertrec.server.config import ServerConfig
 from bertrec.server.errors import Cancelled, DeadlineExceeded, InvalidArgument
+from bertrec.server.explain import explain as explain_scores
 from bertrec.server.metrics import ServerMetrics
 from bertrec.server.model import WARMUP_TEXTS, Model, RankQuery, RankResult
 
@@ -67,6 +69,7 @@ class PendingRank:
     future: Future[RankResult]
     vector: np.ndarray
     user_row: int | None
+    explain: bool = False  # attach explanations (server/explain.py) to the ranked items
 
 
 class Recommender:
@@ -128,6 +131,7 @@ class Recommender:
         include_ids: Sequence[str],
         exclude_ids: Sequence[str],
         deadline_s: float,
+        explain: bool = False,
     ) -> PendingRank:
         """Validate a Recommend request and queue its ranking query (k=0: `DEFAULT_K`)."""
         k = self.resolve_k(k)
@@ -142,12 +146,14 @@ class Recommender:
         query = RankQuery(
             vector, k, exclude if len(exclude) else None, include if len(include) else None
         )
-        return PendingRank(self.ranker.submit(query, deadline_s), vector, row)
+        return PendingRank(self.ranker.submit(query, deadline_s), vector, row, explain)
 
     def ranked(self, pending: PendingRank, result: RankResult) -> Recommendations:
         """Assemble ranked items (with predicted ratings) from a finished ranking query."""
         ratings = self.model.predicted_ratings(pending.vector, result.rows, pending.user_row)
         ids = self.model.item_ids
+        if pending.explain:
+            return self._explained(pending, result, ratings)
         items = [
             RankedItem(ids[row], float(score), float(rating), rank)
             for rank, (row, score, rating) in enumerate(
@@ -165,12 +171,27 @@ class Recommender:
         include_ids: Sequence[str],
         exclude_ids: Sequence[str],
         call: Call,
+        explain: bool = False,
     ) -> Recommendations:
-        """Top-k items for a user by ranking score."""
+        """Top-k items for a user by ranking score (items are `ExplainedItem`s if `explain`)."""
         pending = self.submit_recommend(
-            user_id, k, exclude_rated, include_ids, exclude_ids, call.deadline_s
+            user_id, k, exclude_rated, include_ids, exclude_ids, call.deadline_s, explain
         )
         return self.ranked(pending, wait(pending.future, call))
+
+    def _explained(
+        self, pending: PendingRank, result: RankResult, ratings: np.ndarray
+    ) -> Recommendations:
+        m = self.model
+        why = explain_scores(m.arrays, m.item_ids, pending.vector, pending.user_row, result.rows)
+        rows, scores = result.rows.tolist(), result.scores.tolist()
+        items: list[RankedItem] = [
+            ExplainedItem(m.item_ids[row], float(score), float(rating), rank, reason)
+            for rank, (row, score, rating, reason) in enumerate(
+                zip(rows, scores, ratings.tolist(), why, strict=True), start=1
+            )
+        ]
+        return Recommendations(items, self.ref)
 
     def recommend_users(self, user_ids: Sequence[str], k: int, call: Call) -> list[Recommendations]:
         """Top-k items for each user (rated items excluded), in order (k=0: `DEFAULT_K`).
@@ -189,14 +210,16 @@ class Recommender:
             raise
         return [self.ranked(p, wait(p.future, call)) for p in pending]
 
-    def recommend_for_text(self, text: str, k: int, call: Call) -> Recommendations:
+    def recommend_for_text(
+        self, text: str, k: int, call: Call, explain: bool = False
+    ) -> Recommendations:
         """Top-k items for a text folded into user space (k=0: `DEFAULT_K`)."""
         k = self.resolve_k(k)
         self._check_text(text, "text")
         text_vector = wait(self.encoder.submit(text, call.deadline_s), call)
         vector = self.model.fold_text(text_vector)
         pending = PendingRank(
-            self.ranker.submit(RankQuery(vector, k), call.deadline_s), vector, None
+            self.ranker.submit(RankQuery(vector, k), call.deadline_s), vector, None, explain
         )
         return self.ranked(pending, wait(pending.future, call))
 

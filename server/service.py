@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 import grpc
 
+from bertrec.explanation import ExplainedItem, Explanation
 from bertrec.results import ModelRef, Recommendations
 from bertrec.server.engine import Call, Recommender
 from bertrec.server.errors import InvalidArgument
@@ -50,6 +51,7 @@ class RecommenderServicer(pb_grpc.RecommenderServiceServicer):
                 list(request.include_item_ids),
                 list(request.exclude_item_ids),
                 self._call(context),
+                request.explain,
             )
         return pb.RecommendResponse(items=ranked_items(result), model=model_ref(result.model))
 
@@ -57,7 +59,9 @@ class RecommenderServicer(pb_grpc.RecommenderServiceServicer):
         self, request: pb.RecommendForTextRequest, context: grpc.ServicerContext
     ) -> pb.RecommendForTextResponse:
         with self._leased(context) as lease:
-            result = lease.value.recommend_for_text(request.text, request.k, self._call(context))
+            result = lease.value.recommend_for_text(
+                request.text, request.k, self._call(context), request.explain
+            )
         return pb.RecommendForTextResponse(
             items=ranked_items(result), model=model_ref(result.model)
         )
@@ -135,7 +139,25 @@ def model_ref(ref: ModelRef) -> pb.ModelRef:
 def ranked_items(result: Recommendations) -> list[pb.RankedItem]:
     return [
         pb.RankedItem(
-            item_id=i.item_id, score=i.score, predicted_rating=i.predicted_rating, rank=i.rank
+            item_id=i.item_id,
+            score=i.score,
+            predicted_rating=i.predicted_rating,
+            rank=i.rank,
+            explanation=explanation_pb(i.explanation) if isinstance(i, ExplainedItem) else None,
         )
         for i in result.items
     ]
+
+
+def explanation_pb(e: Explanation | None) -> pb.Explanation | None:
+    if e is None:
+        return None
+    contributions = [pb.Contribution(item_id=c.item_id, contribution=c.contribution)
+                     for c in e.contributions]  # fmt: skip
+    return pb.Explanation(
+        bias_part=e.bias_part,
+        collaborative_part=e.collaborative_part,
+        text_part=e.text_part,
+        contributions=contributions,
+        contributions_total=e.contributions_total,
+    )

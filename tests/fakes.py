@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -35,11 +36,13 @@ def make_trained_output(
     n_items: int = 60,
     dim: int = 16,
     seed: int = 0,
+    explanation_arrays: bool = False,
 ) -> Path:
     """Write a training output folder (train/checkpoint.py layout) with random factors.
 
     The encoder is the BERT at `bert_dir` with a random projection to `dim`; users have rated
-    a random handful of items each. Returns `out`.
+    a random handful of items each; `explanation_arrays` adds the optional arrays explanations
+    read (item_text_factors, rank_gramian, rated_confidence). Returns `out`.
     """
     import torch
 
@@ -50,7 +53,10 @@ def make_trained_output(
     out.mkdir(parents=True, exist_ok=True)
     bert, tokenizer, name = load_bert(bert_dir)
     save_encoder(out, TextEncoder(bert, dim).eval(), tokenizer)
-    save_factors(out, _random_factors(rng, n_users, n_items, dim), fake_item_texts(n_items, rng))
+    factors = _random_factors(rng, n_users, n_items, dim)
+    if explanation_arrays:
+        factors = with_explanation_arrays(factors, rng)
+    save_factors(out, factors, fake_item_texts(n_items, rng))
     TrainInfo(
         model_name="fake",
         base_encoder=name,
@@ -78,4 +84,17 @@ def _random_factors(rng: np.random.Generator, n_users: int, n_items: int, dim: i
         rated_indices=np.concatenate(rated) if rated else np.zeros(0, np.int32),
         dim=dim,
         global_mean=3.6,
+    )
+
+
+def with_explanation_arrays(arrays: FactorArrays, rng: np.random.Generator) -> FactorArrays:
+    """`arrays` plus what explanations read: a text part of each item factor, the ridge Gram
+    matrix Y^T Y + reg I and rating-like confidences (random, as the factors are)."""
+    items = arrays.item_factors.astype(np.float64)
+    text = (items * rng.uniform(0.2, 0.8, size=(len(items), 1))).astype(np.float32)
+    gramian = items.T @ items + 5.0 * np.eye(items.shape[1])
+    stars = rng.integers(1, 6, size=len(arrays.rated_indices))
+    confidence = (5.0 * (stars / 5.0) ** 2).astype(np.float32)
+    return dataclasses.replace(
+        arrays, item_text_factors=text, rank_gramian=gramian, rated_confidence=confidence
     )

@@ -18,7 +18,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from bertrec.train.ials import IALSConfig, IALSFactors, confidence_matrix, fit_ials
+from bertrec.train.ials import (
+    IALSConfig,
+    IALSFactors,
+    attribution_arrays,
+    confidence_matrix,
+    fit_ials,
+)
 from bertrec.train.indexing import Interactions
 from bertrec.train.rating_head import RatingConfig, RatingFactors, fit_rating_head
 
@@ -37,6 +43,10 @@ class HeadsFactors:
     ranking: IALSFactors
     rating: RatingFactors
     item_rank_bias: np.ndarray  # float32 (n_items,): c_i
+    # For explanations (ials.attribution_arrays): Y^T Y + reg I, and the rated pairs'
+    # confidences in the order of the training CSR (Interactions.csr).
+    rank_gramian: np.ndarray | None = None
+    rated_confidence: np.ndarray | None = None
 
     @property
     def text_projection(self) -> np.ndarray | None:
@@ -56,7 +66,9 @@ def fit_heads(
     conf = confidence_matrix(data.users, data.items, data.ratings, (n_users, n_items), cfg.ranking)
     ranking = fit_ials(conf, cfg.ranking, text)
     rating = fit_rating_head(data, n_users, n_items, cfg.rating, text)
-    return HeadsFactors(ranking, rating, np.zeros(n_items, dtype=np.float32))
+    gramian, confidence = attribution_arrays(conf, ranking.item_factors, cfg.ranking.reg)
+    bias = np.zeros(n_items, dtype=np.float32)
+    return HeadsFactors(ranking, rating, bias, gramian, confidence)
 
 
 class HeadsScorer:

@@ -127,3 +127,21 @@ def _ridge(features: np.ndarray, targets: np.ndarray, reg: float) -> np.ndarray:
     f = features.astype(np.float64)
     gram = f.T @ f + reg * np.eye(f.shape[1])
     return np.linalg.solve(gram, f.T @ targets)
+
+
+def attribution_arrays(
+    conf: sp.csr_matrix, item_factors: np.ndarray, reg: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """(gramian, confidence) for explanations: Y^T Y + reg I over the item factors as exported
+    (float64, d x d) and each rated pair's confidence in CSR order (float32, nnz).
+
+    With them a user's ridge solution x_u = W_u Y_u^T c_u, W_u = (Y^T Y + reg I +
+    Y_u^T diag(c_u - 1) Y_u)^-1, splits over the rated items j exactly (contribution of j to
+    item i: c_uj y_i^T W_u y_j, as implicit's `explain`). The served x_u was reached by a few
+    CG steps against the previous sweep's Y, so it is close to, not equal to, that solution.
+    """
+    canonical = conf.copy()
+    canonical.sum_duplicates()  # sorted, distinct items per user: the order of rated_indices
+    y = item_factors.astype(np.float64)
+    gramian = y.T @ y + reg * np.eye(y.shape[1])
+    return gramian, canonical.data.astype(np.float32)

@@ -18,7 +18,10 @@ from bertrec.client.aio import AsyncRecommenderClient
 from bertrec.client.retry import channel_options
 from bertrec.client.sync import RecommenderClient
 from bertrec.client.types import (
+    Contribution,
     Embeddings,
+    ExplainedItem,
+    Explanation,
     ModelInfo,
     ModelRef,
     RankedItem,
@@ -33,7 +36,10 @@ from bertrec.client.types import (
 
 __all__ = [
     "AsyncRecommenderClient",
+    "Contribution",
     "Embeddings",
+    "ExplainedItem",
+    "Explanation",
     "ModelInfo",
     "ModelRef",
     "RankedItem",

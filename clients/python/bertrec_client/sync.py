@@ -63,17 +63,22 @@ class RecommenderClient:
         exclude_rated: bool = True,
         include_item_ids: Sequence[str] = (),
         exclude_item_ids: Sequence[str] = (),
+        explain: bool = False,
         timeout_s: float | None = None,
     ) -> t.Recommendations:
-        """Top-k items for a known user."""
-        request = t.recommend_request(user_id, k, exclude_rated, include_item_ids, exclude_item_ids)
+        """Top-k items for a known user; with `explain`, each is an `ExplainedItem` whose
+        `.explanation` splits its score (bias, collaborative, text) and names the rated
+        items that contributed most."""
+        request = t.recommend_request(
+            user_id, k, exclude_rated, include_item_ids, exclude_item_ids, explain
+        )
         return t.recommendations(self._invoke(self._stub.Recommend, request, timeout_s))
 
     def recommend_for_text(
-        self, text: str, k: int = 10, *, timeout_s: float | None = None
+        self, text: str, k: int = 10, *, explain: bool = False, timeout_s: float | None = None
     ) -> t.Recommendations:
-        """Top-k items for free text."""
-        request = pb.RecommendForTextRequest(text=text, k=k)
+        """Top-k items for free text; `explain` as in `recommend` (no rated items here)."""
+        request = pb.RecommendForTextRequest(text=text, k=k, explain=explain)
         return t.recommendations(self._invoke(self._stub.RecommendForText, request, timeout_s))
 
     def score_items(

@@ -8,6 +8,7 @@ import grpc
 import numpy as np
 
 from bertrec.client.retry import RetryPolicy  # re-exported: it lived here before
+from bertrec.explanation import Contribution, ExplainedItem, Explanation
 from bertrec.results import (
     Embeddings,
     ModelInfo,
@@ -22,7 +23,10 @@ from bertrec.results import (
 from bertrec.v1 import recommender_pb2 as pb
 
 __all__ = [
+    "Contribution",
     "Embeddings",
+    "ExplainedItem",
+    "Explanation",
     "ModelInfo",
     "ModelRef",
     "RankedItem",
@@ -57,8 +61,10 @@ def recommend_request(
     exclude_rated: bool,
     include_item_ids: Sequence[str],
     exclude_item_ids: Sequence[str],
+    explain: bool = False,
 ) -> pb.RecommendRequest:
     return pb.RecommendRequest(
+        explain=explain,
         user_id=user_id,
         k=k,
         exclude_rated=exclude_rated,
@@ -72,8 +78,20 @@ def model_ref(msg: pb.ModelRef) -> ModelRef:
 
 
 def recommendations(msg: pb.RecommendResponse | pb.RecommendForTextResponse) -> Recommendations:
-    items = [RankedItem(i.item_id, i.score, i.predicted_rating, i.rank) for i in msg.items]
+    """Ranked items; `ExplainedItem`s (with `.explanation`) where the server explained them."""
+    items = [
+        ExplainedItem(i.item_id, i.score, i.predicted_rating, i.rank, explanation(i.explanation))
+        if i.HasField("explanation")
+        else RankedItem(i.item_id, i.score, i.predicted_rating, i.rank)
+        for i in msg.items
+    ]
     return Recommendations(items, model_ref(msg.model))
+
+
+def explanation(msg: pb.Explanation) -> Explanation:
+    contributions = tuple(Contribution(c.item_id, c.contribution) for c in msg.contributions)
+    total = msg.contributions_total if msg.HasField("contributions_total") else None
+    return Explanation(msg.bias_part, msg.collaborative_part, msg.text_part, contributions, total)
 
 
 def scores(msg: pb.ScoreItemsResponse) -> Scores:

@@ -15,30 +15,56 @@ class ModelRef(_message.Message):
     def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
 
 class RecommendRequest(_message.Message):
-    __slots__ = ("user_id", "k", "exclude_rated", "include_item_ids", "exclude_item_ids")
+    __slots__ = ("user_id", "k", "exclude_rated", "include_item_ids", "exclude_item_ids", "explain")
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     EXCLUDE_RATED_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
     EXCLUDE_ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
+    EXPLAIN_FIELD_NUMBER: _ClassVar[int]
     user_id: str
     k: int
     exclude_rated: bool
     include_item_ids: _containers.RepeatedScalarFieldContainer[str]
     exclude_item_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, user_id: _Optional[str] = ..., k: _Optional[int] = ..., exclude_rated: _Optional[bool] = ..., include_item_ids: _Optional[_Iterable[str]] = ..., exclude_item_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    explain: bool
+    def __init__(self, user_id: _Optional[str] = ..., k: _Optional[int] = ..., exclude_rated: _Optional[bool] = ..., include_item_ids: _Optional[_Iterable[str]] = ..., exclude_item_ids: _Optional[_Iterable[str]] = ..., explain: _Optional[bool] = ...) -> None: ...
+
+class Contribution(_message.Message):
+    __slots__ = ("item_id", "contribution")
+    ITEM_ID_FIELD_NUMBER: _ClassVar[int]
+    CONTRIBUTION_FIELD_NUMBER: _ClassVar[int]
+    item_id: str
+    contribution: float
+    def __init__(self, item_id: _Optional[str] = ..., contribution: _Optional[float] = ...) -> None: ...
+
+class Explanation(_message.Message):
+    __slots__ = ("bias_part", "collaborative_part", "text_part", "contributions", "contributions_total")
+    BIAS_PART_FIELD_NUMBER: _ClassVar[int]
+    COLLABORATIVE_PART_FIELD_NUMBER: _ClassVar[int]
+    TEXT_PART_FIELD_NUMBER: _ClassVar[int]
+    CONTRIBUTIONS_FIELD_NUMBER: _ClassVar[int]
+    CONTRIBUTIONS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    bias_part: float
+    collaborative_part: float
+    text_part: float
+    contributions: _containers.RepeatedCompositeFieldContainer[Contribution]
+    contributions_total: float
+    def __init__(self, bias_part: _Optional[float] = ..., collaborative_part: _Optional[float] = ..., text_part: _Optional[float] = ..., contributions: _Optional[_Iterable[_Union[Contribution, _Mapping]]] = ..., contributions_total: _Optional[float] = ...) -> None: ...
 
 class RankedItem(_message.Message):
-    __slots__ = ("item_id", "score", "predicted_rating", "rank")
+    __slots__ = ("item_id", "score", "predicted_rating", "rank", "explanation")
     ITEM_ID_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
     PREDICTED_RATING_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
+    EXPLANATION_FIELD_NUMBER: _ClassVar[int]
     item_id: str
     score: float
     predicted_rating: float
     rank: int
-    def __init__(self, item_id: _Optional[str] = ..., score: _Optional[float] = ..., predicted_rating: _Optional[float] = ..., rank: _Optional[int] = ...) -> None: ...
+    explanation: Explanation
+    def __init__(self, item_id: _Optional[str] = ..., score: _Optional[float] = ..., predicted_rating: _Optional[float] = ..., rank: _Optional[int] = ..., explanation: _Optional[_Union[Explanation, _Mapping]] = ...) -> None: ...
 
 class RecommendResponse(_message.Message):
     __slots__ = ("items", "model")
@@ -49,12 +75,14 @@ class RecommendResponse(_message.Message):
     def __init__(self, items: _Optional[_Iterable[_Union[RankedItem, _Mapping]]] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ...) -> None: ...
 
 class RecommendForTextRequest(_message.Message):
-    __slots__ = ("text", "k")
+    __slots__ = ("text", "k", "explain")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
+    EXPLAIN_FIELD_NUMBER: _ClassVar[int]
     text: str
     k: int
-    def __init__(self, text: _Optional[str] = ..., k: _Optional[int] = ...) -> None: ...
+    explain: bool
+    def __init__(self, text: _Optional[str] = ..., k: _Optional[int] = ..., explain: _Optional[bool] = ...) -> None: ...
 
 class RecommendForTextResponse(_message.Message):
     __slots__ = ("items", "model")
