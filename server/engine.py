@@ -193,7 +193,9 @@ class Recommender:
         ]
         return Recommendations(items, self.ref)
 
-    def recommend_users(self, user_ids: Sequence[str], k: int, call: Call) -> list[Recommendations]:
+    def recommend_users(
+        self, user_ids: Sequence[str], k: int, call: Call, explain: bool = False
+    ) -> list[Recommendations]:
         """Top-k items for each user (rated items excluded), in order (k=0: `DEFAULT_K`).
 
         Every query is validated and queued before any is waited for, so they join one ranking
@@ -203,7 +205,9 @@ class Recommender:
         pending: list[PendingRank] = []
         try:
             for user_id in user_ids:
-                pending.append(self.submit_recommend(user_id, k, True, (), (), call.deadline_s))
+                pending.append(
+                    self.submit_recommend(user_id, k, True, (), (), call.deadline_s, explain)
+                )
         except BaseException:
             for queued in pending:
                 queued.future.cancel()

@@ -5,7 +5,12 @@
 - `<model>-ranker`: inputs `user_id` BYTES [-1] and optional `k` INT32 or INT64 [1]
   (default 10, capped at max_k) -> outputs `item_ids` BYTES [-1, k] and `scores` FP32 [-1, k],
   the same lists as `Recommend` (rated items excluded). A row with fewer than k candidates
-  left is padded with empty ids and score -inf.
+  left is padded with empty ids and score -inf. With optional input `explain` INT32 or INT64
+  [1] set to 1, also `bias_part`, `collaborative_part`, `text_part` and `contributions_total`
+  FP32 [-1, k] (the native Explanation's fields; padding 0, and NaN for a total the version
+  cannot attribute) and `top_contributors` BYTES [-1, k], each a JSON list of
+  {"item_id", "contribution"} (padding: empty). Naming those outputs without `explain` is
+  INVALID_ARGUMENT; naming no outputs returns the ones computed.
 
 Both run through one public engine method each (`embed_text`, `recommend_users`), so they
 share its validation, dynamic batchers and metrics with the native API: the ranker's users are
@@ -23,6 +28,11 @@ import numpy as np
 from bertrec.results import Recommendations
 from bertrec.server.engine import Call, Recommender
 from bertrec.server.errors import InvalidArgument
+from bertrec.server.oip.explain import (
+    EXPLANATION_PARTS,
+    TOP_CONTRIBUTORS,
+    explanation_tensors,
+)
 from bertrec.server.oip.tensors import BYTES, FP32, INT32, INT64, Tensor
 from bertrec.server.ranking import PAD_SCORE
 
@@ -78,12 +88,15 @@ class RankerModel:
         self.inputs = (
             TensorSpec("user_id", (BYTES,), (-1,)),
             TensorSpec("k", (INT32, INT64), (1,), optional=True),
+            TensorSpec("explain", (INT32, INT64), (1,), optional=True),
         )
 
     def outputs(self, engine: Recommender) -> tuple[TensorSpec, ...]:
         return (
             TensorSpec("item_ids", (BYTES,), (-1, -1)),
             TensorSpec("scores", (FP32,), (-1, -1)),
+            *(TensorSpec(name, (FP32,), (-1, -1)) for name in EXPLANATION_PARTS),
+            TensorSpec(TOP_CONTRIBUTORS, (BYTES,), (-1, -1)),
         )
 
     def infer(
@@ -97,12 +110,14 @@ class RankerModel:
             )
         # Absent or 0: the default, as on the native API (one rule: Recommender.resolve_k).
         k = engine.resolve_k(int(np.asarray(inputs["k"].data)[0]) if "k" in inputs else 0)
-        ranked = engine.recommend_users(users, k, call)
+        explain = "explain" in inputs and bool(np.asarray(inputs["explain"].data)[0])
+        ranked = engine.recommend_users(users, k, call, explain)
         ids = [[i.item_id.encode() for i in r.items] + [PAD_ID] * (k - len(r.items))
                for r in ranked]  # fmt: skip
         return {
             "item_ids": Tensor("item_ids", BYTES, (len(users), k), [i for row in ids for i in row]),
             "scores": Tensor("scores", FP32, (len(users), k), _scores(ranked, k)),
+            **(explanation_tensors(ranked, k) if explain else {}),
         }
 
 

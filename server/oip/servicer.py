@@ -120,7 +120,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         response = pb.ModelInferResponse(
             model_name=model.name, model_version=str(lease.version), id=request.id
         )
-        write_outputs(response, [results[name] for name in wanted], decoded.raw)
+        write_outputs(response, _computed(wanted, results, bool(request.outputs)), decoded.raw)
         return response
 
     def RepositoryIndex(
@@ -210,3 +210,14 @@ def _wanted_outputs(model: V2Model, engine: Recommender, names: list[str]) -> li
     if len(set(names)) != len(names):
         raise InvalidArgument("an output is requested more than once")
     return names
+
+
+def _computed(wanted: list[str], results: dict[str, Tensor], named: bool) -> list[Tensor]:
+    """The wanted outputs the model computed; some only on request (the ranker's explanation
+    outputs need input `explain`): left out unless named, then INVALID_ARGUMENT."""
+    missing = [name for name in wanted if name not in results]
+    if named and missing:
+        raise InvalidArgument(
+            f"output(s) {', '.join(missing)} are computed only when input 'explain' is 1"
+        )
+    return [results[name] for name in wanted if name in results]

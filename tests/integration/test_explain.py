@@ -4,6 +4,7 @@ numpy decomposition of the exported arrays (np.load, no server code)."""
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +15,8 @@ from fakes import make_trained_output
 from server_harness import MODEL, Reference, ServerProcess, start_server
 
 from bertrec.client import AsyncRecommenderClient, ExplainedItem, RecommenderClient
+from bertrec.oip.v2 import grpc_service_pb2 as oip
+from bertrec.oip.v2 import grpc_service_pb2_grpc as oip_grpc
 from bertrec.v1 import recommender_pb2 as pb
 from bertrec.v1 import recommender_pb2_grpc as pb_grpc
 
@@ -173,3 +176,60 @@ def test_async_client_explains(server, dec) -> None:
             return (await c.recommend("u0007", k=5, explain=True)).items
 
     check_user(asyncio.run(call()), dec, "u0007")
+
+
+def _ranker_request(explain: int | None, outputs: tuple[str, ...] = ()) -> oip.ModelInferRequest:
+    Input = oip.ModelInferRequest.InferInputTensor
+    Contents = oip.InferTensorContents
+    inputs = [
+        Input(name="user_id", datatype="BYTES", shape=[len(USERS)],
+              contents=Contents(bytes_contents=[u.encode() for u in USERS])),
+        Input(name="k", datatype="INT32", shape=[1], contents=Contents(int_contents=[4])),
+    ]  # fmt: skip
+    if explain is not None:
+        contents = Contents(int_contents=[explain])
+        inputs.append(Input(name="explain", datatype="INT32", shape=[1], contents=contents))
+    requested = [oip.ModelInferRequest.InferRequestedOutputTensor(name=n) for n in outputs]
+    return oip.ModelInferRequest(model_name=f"{MODEL}-ranker", inputs=inputs, outputs=requested)
+
+
+def _outputs(response: oip.ModelInferResponse) -> dict[str, np.ndarray]:
+    out = {}
+    for t in response.outputs:
+        values = t.contents.bytes_contents if t.datatype == "BYTES" else t.contents.fp32_contents
+        out[t.name] = np.array(list(values), dtype=object if t.datatype == "BYTES" else np.float32)
+        out[t.name] = out[t.name].reshape(list(t.shape))
+    return out
+
+
+def test_oip_ranker_explanation_outputs(channel: grpc.Channel, dec) -> None:
+    stub = oip_grpc.GRPCInferenceServiceStub(channel)
+    out = _outputs(stub.ModelInfer(_ranker_request(1)))
+    assert set(out) == {"item_ids", "scores", "bias_part", "collaborative_part", "text_part",
+                        "contributions_total", "top_contributors"}  # fmt: skip
+    parts = out["bias_part"] + out["collaborative_part"] + out["text_part"]
+    np.testing.assert_allclose(parts, out["scores"], atol=1e-4)
+    for row, user in enumerate(USERS):
+        vector = dec.users[dec.user_ids.index(user)]
+        for col, item in enumerate(i.decode() for i in out["item_ids"][row]):
+            got = [out[n][row, col] for n in ("bias_part", "collaborative_part", "text_part")]
+            np.testing.assert_allclose(got, dec.parts(vector, item), atol=1e-5)
+            expected = dec.contributions(user, item)
+            top = json.loads(out["top_contributors"][row, col])
+            best = sorted(expected, key=lambda j: -expected[j])[:3]
+            assert [c["item_id"] for c in top] == best
+            total = out["contributions_total"][row, col]
+            assert total == pytest.approx(sum(expected.values()), rel=1e-4, abs=1e-5)
+
+
+def test_oip_ranker_explains_only_when_asked(channel: grpc.Channel) -> None:
+    stub = oip_grpc.GRPCInferenceServiceStub(channel)
+    for explain in (None, 0):
+        response = stub.ModelInfer(_ranker_request(explain))
+        assert [o.name for o in response.outputs] == ["item_ids", "scores"]
+    one = stub.ModelInfer(_ranker_request(1, ("text_part",)))
+    assert [o.name for o in one.outputs] == ["text_part"]
+    with pytest.raises(grpc.RpcError) as failed:
+        stub.ModelInfer(_ranker_request(0, ("scores", "text_part")))
+    assert failed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "explain" in (failed.value.details() or "")
