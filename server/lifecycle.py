@@ -8,6 +8,8 @@ ServerReady/ModelReady read it) move together, so probes may ask for any of them
 
 from __future__ import annotations
 
+from typing import Any
+
 from grpc_health.v1 import health, health_pb2
 
 from bertrec.server.engine import Recommender
@@ -21,6 +23,18 @@ HEALTH_SERVICE_NAME: str = health.SERVICE_NAME
 _REPORTED = ("", SERVICE_NAME, OIP_SERVICE_NAME)  # the names whose status this class sets
 
 
+class _HealthServicer(health.HealthServicer):
+    """grpc's health servicer plus `List`, which grpc.health.v1 gained in 2024 and
+    grpcio-health-checking still answers UNIMPLEMENTED (reflection lists it, so callers try it)."""
+
+    def List(self, request: Any, context: Any) -> health_pb2.HealthListResponse:
+        with self._lock:
+            statuses = dict(self._server_status)
+        return health_pb2.HealthListResponse(
+            statuses={n: health_pb2.HealthCheckResponse(status=s) for n, s in statuses.items()}
+        )
+
+
 class Lifecycle:
     """Owns the health status, and hands out leases on the served model once it is ready.
 
@@ -29,7 +43,7 @@ class Lifecycle:
     """
 
     def __init__(self, slot: ModelSlot[Recommender]) -> None:
-        self.health = health.HealthServicer()
+        self.health = _HealthServicer()
         self._slot = slot
         self._ready = False
         self._shutting_down = False

@@ -105,11 +105,17 @@ def wait_for(predicate, timeout_s: float = 5.0) -> bool:
 def test_deadline_exceeded_and_the_queued_text_is_dropped(
     client: RecommenderClient, server
 ) -> None:
-    before = dropped(server, "expired") + dropped(server, "cancelled")
-    # The encoder window is 200 ms, so a 30 ms deadline always passes while the text waits.
+    def never_encoded() -> float:
+        rejected = ("bertrec_rejected_total", (("batcher", "encoder"), ("model", "tiny")))
+        shed = scrape(server).get(rejected, 0.0)  # refused at once: its wait cannot fit
+        return dropped(server, "expired") + dropped(server, "cancelled") + shed
+
+    before = never_encoded()
+    # The encoder window is 200 ms, so a 30 ms deadline always passes while the text waits:
+    # the batcher either refuses it at once (expected wait > deadline) or drops it unencoded.
     code, _ = code_of(client.recommend_for_text, "too slow for this deadline", 3, timeout_s=0.03)
     assert code == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert wait_for(lambda: dropped(server, "expired") + dropped(server, "cancelled") > before)
+    assert wait_for(lambda: never_encoded() > before)
 
 
 def test_cancelled_call_is_dropped_and_counted(channel: grpc.Channel, server) -> None:

@@ -68,13 +68,18 @@ def test_not_serving_until_ready_then_graceful_sigterm_with_calls_in_flight(
             for user, call in zip(users, calls, strict=True):
                 items = [i.item_id for i in call.result(timeout=30).items]
                 assert items == [i for i, _ in ref.recommend(user, 4)]
-            try:
-                stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=5)
-                raise AssertionError("a new call was accepted during shutdown")
-            except grpc.RpcError as exc:
-                assert exc.code() == grpc.StatusCode.UNAVAILABLE
+        # Draining, the server still answers new calls (a pod keeps receiving them until its
+        # endpoints are gone) and stops once none has been in flight for a moment.
         assert server.proc.wait(30) == 0
         assert "stopped" in server.stderr()
+        with grpc.insecure_channel(server.target) as channel:
+            try:
+                pb_grpc.RecommenderServiceStub(channel).GetModelInfo(
+                    pb.GetModelInfoRequest(), timeout=5
+                )
+                raise AssertionError("a call was answered after the server stopped")
+            except grpc.RpcError as exc:
+                assert exc.code() == grpc.StatusCode.UNAVAILABLE
     finally:
         server.terminate()
 
