@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+import pytest
 import scipy.sparse as sp
 
 from bertrec.export.artifacts import FactorArrays
@@ -117,3 +118,39 @@ def test_a_user_without_ratings_gets_an_empty_attribution() -> None:
         empty = np.array([0])
     out = explain(a, [str(i) for i in a.item_ids], a.user_factors[0], int(empty[0]), np.arange(3))
     assert all(e.contributions == () and e.contributions_total == 0.0 for e in out)
+
+
+def test_fit_heads_confidences_follow_the_training_csr() -> None:
+    from bertrec.train.heads import HeadsConfig, fit_heads
+    from bertrec.train.indexing import Interactions
+    from bertrec.train.rating_head import RatingConfig
+
+    rng = np.random.default_rng(3)
+    n = 300
+    users, items = rng.integers(0, 20, n), rng.integers(0, 25, n)  # some pairs rated twice
+    ratings = rng.integers(1, 6, n).astype(np.float32)
+    data = Interactions(users.astype(np.int64), items.astype(np.int64), ratings)
+    cfg = HeadsConfig(IALSConfig(dim=4, iterations=2), RatingConfig(dim=3), use_text=False)
+    heads = fit_heads(data, 20, 25, None, cfg)
+    indptr, indices = data.csr(20)
+    assert heads.rated_confidence is not None and heads.rank_gramian is not None
+    assert heads.rated_confidence.shape == indices.shape
+    for u in (0, 5, 19):
+        for n_row in range(indptr[u], indptr[u + 1]):
+            item = indices[n_row]
+            mask = (users == u) & (items == item)
+            want = (cfg.ranking.alpha * (ratings[mask] / ratings.max()) ** cfg.ranking.power).sum()
+            assert heads.rated_confidence[n_row] == pytest.approx(want, rel=1e-5)
+    y = heads.ranking.item_factors.astype(np.float64)
+    np.testing.assert_allclose(heads.rank_gramian, y.T @ y + cfg.ranking.reg * np.eye(4))
+
+
+def test_no_rows_and_mismatched_arrays() -> None:
+    a, _ = _ials_arrays(IALSConfig(dim=DIM, reg=2.0, iterations=2))
+    assert explain(a, list(map(str, a.item_ids)), a.user_factors[1], 1, np.zeros(0, np.int64)) == []
+    assert a.rated_confidence is not None
+    half = dataclasses.replace(a, rank_gramian=None)
+    assert "both" in (half.shape_mismatch(N_USERS, N_ITEMS, DIM) or "")
+    short = dataclasses.replace(a, rated_confidence=a.rated_confidence[:-1])
+    assert "rated_confidence" in (short.shape_mismatch(N_USERS, N_ITEMS, DIM) or "")
+    assert a.shape_mismatch(N_USERS, N_ITEMS, DIM) is None
