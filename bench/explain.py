@@ -8,6 +8,12 @@ Gram matrix, rated-pair confidences), then `bertrec serve` answers on loopback. 
 thread alternates plain and explained calls for random users (k=10, rated items excluded), so
 noise from the shared machine hits both alike; p50/p99 per kind. Also timed in-process:
 `server.explain.explain` alone for 10 rows, the part an explained call adds.
+
+With `--ratings` (a MovieLens ratings.csv, e.g. ../shared/data/ml-latest-small/ratings.csv)
+it also fits the ranking head (train/ials.py, default config, no text) on every rating and
+measures how close the rated-item attribution comes to the served dot product: the sum of all
+contributions vs collaborative_part + text_part over each user's top 10 (the CG solve stops
+after a few steps, so the two differ slightly; the proto documents it).
 """
 
 from __future__ import annotations
@@ -93,6 +99,53 @@ def time_explain_only(repo: Path, calls: int) -> list[float]:
     return times
 
 
+def attribution_gap(ratings_csv: Path, users: int, seed: int = 0) -> dict[str, float]:
+    """|contributions_total - dot| / |dot| over the top-10 items of `users` random users."""
+    import scipy.sparse as sp
+
+    from bertrec.export.artifacts import FactorArrays
+    from bertrec.server.explain import explain
+    from bertrec.train.ials import IALSConfig, attribution_arrays, confidence_matrix, fit_ials
+
+    table = np.loadtxt(ratings_csv, delimiter=",", skiprows=1, usecols=(0, 1, 2))
+    _, u = np.unique(table[:, 0], return_inverse=True)
+    _, i = np.unique(table[:, 1], return_inverse=True)
+    shape = (int(u.max()) + 1, int(i.max()) + 1)
+    cfg = IALSConfig()
+    conf: sp.csr_matrix = confidence_matrix(u, i, table[:, 2].astype(np.float32), shape, cfg)
+    start = time.monotonic()
+    f = fit_ials(conf, cfg)
+    fit_s = time.monotonic() - start
+    gramian, confidence = attribution_arrays(conf, f.item_factors, cfg.reg)
+    conf.sum_duplicates()
+    n_users, n_items = shape
+    a = FactorArrays(
+        np.arange(n_users).astype(str), np.arange(n_items).astype(str), f.user_factors,
+        f.item_factors, np.zeros(n_users, np.float32), np.zeros(n_items, np.float32),
+        np.zeros(n_items, np.float32), np.eye(cfg.dim, dtype=np.float32),
+        conf.indptr.astype(np.int64), conf.indices.astype(np.int32), 0.0,
+        rank_gramian=gramian, rated_confidence=confidence,
+    )  # fmt: skip
+    ids = [str(n) for n in range(n_items)]
+    gaps = []
+    for user in np.random.default_rng(seed).choice(n_users, min(users, n_users), replace=False):
+        scores = a.item_factors @ a.user_factors[user]
+        scores[conf[user].indices] = -np.inf
+        for e in explain(a, ids, a.user_factors[user], int(user), np.argsort(-scores)[:10]):
+            dot = e.collaborative_part + e.text_part
+            assert e.contributions_total is not None
+            gaps.append(abs(e.contributions_total - dot) / max(abs(dot), 1e-12))
+    g = np.asarray(gaps)
+    return {
+        "ratings": float(len(table)),
+        "fit_s": round(fit_s, 1),
+        "relative_gap_median": round(float(np.median(g)), 5),
+        "relative_gap_p90": round(float(np.percentile(g, 90)), 5),
+        "relative_gap_max": round(float(g.max()), 5),
+        "items_explained": float(len(g)),
+    }
+
+
 def percentiles_ms(times: list[float]) -> dict[str, float]:
     ms = np.asarray(times) * 1e3
     return {
@@ -125,6 +178,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "recommend_k10": result,
         "explain_function_10_rows": percentiles_ms(inner),
+        "attribution_gap": None if args.ratings is None else attribution_gap(args.ratings, 200),
         "loadavg_end": loadavg(),
     }
 
@@ -137,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--items", type=int, default=1200)
     p.add_argument("--dim", type=int, default=64)
     p.add_argument("--rated", type=int, default=60, help="rated items per user")
+    p.add_argument("--ratings", type=Path, help="MovieLens ratings.csv: attribution gap")
     args = p.parse_args(argv)
     payload = run(args)
     write_json(args.out, payload)
@@ -146,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
         f"explain p50 {r['explain']['p50_ms']} ms p99 {r['explain']['p99_ms']} ms; "
         f"explain() alone p50 {payload['explain_function_10_rows']['p50_ms']} ms"
     )
+    if payload["attribution_gap"] is not None:
+        print(f"attribution vs served dot product: {payload['attribution_gap']}")
     return 0
 
 
