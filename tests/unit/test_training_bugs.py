@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_evaluate import FixedScorer
 
 from bertrec.cli import main
 from bertrec.train.encoder import TextEncoder, load_bert
@@ -17,25 +18,12 @@ from bertrec.train.indexing import Interactions
 LONG_TEXT = " ".join(f"word{i}" for i in range(150))  # far more than 64 tokens
 
 
-class _Fixed:
-    name = "fixed"
-
-    def __init__(self, scores: np.ndarray) -> None:
-        self.scores = scores
-
-    def predict(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
-        return self.scores[users, items]
-
-    def rank_scores(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
-        return self.scores[np.ix_(users, items)]
-
-
 def test_ranking_metrics_with_fewer_candidates_than_k() -> None:
     # 3 candidate items, k = 10: the list is 3 long, and the one relevant item ranks second.
     scores = np.array([[3.0, 2.0, 1.0]])
     test = Interactions(np.array([0]), np.array([1]), np.array([5.0]))
     ev = EvalSet(test, np.arange(3), np.array([0, 0]), np.zeros(0, dtype=np.int32))
-    m = ranking_metrics(_Fixed(scores), ev, k=10)
+    m = ranking_metrics(FixedScorer(scores), ev, k=10)
     assert m["ndcg@10"] == pytest.approx(1 / np.log2(3))
     assert m["recall@10"] == pytest.approx(1.0)
 
