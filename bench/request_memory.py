@@ -38,10 +38,20 @@ def padded_request(size: int) -> bytes:
     from bertrec.v1 import recommender_pb2 as pb
 
     request = pb.RecommendForTextRequest(text="a quiet film", k=3).SerializeToString()
-    return request + _varint((1000 << 3) | 2) + _varint(size) + b"\0" * size
+    return with_unknown_field(request, size)
 
 
-def _varint(value: int) -> bytes:
+def with_unknown_field(request: bytes, size: int, field: int = 1000) -> bytes:
+    """`request` plus an unknown length-delimited field `field` of `size` zero bytes.
+
+    Servers keep unknown fields (forward compatibility), so this is a valid request of any
+    size we like; the transport tests pad requests the same way.
+    """
+    return request + varint(field << 3 | 2) + varint(size) + b"\0" * size
+
+
+def varint(value: int) -> bytes:
+    """`value` as a protobuf base-128 varint."""
     out = bytearray()
     while True:
         low, value = value & 0x7F, value >> 7

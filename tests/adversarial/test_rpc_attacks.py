@@ -35,6 +35,7 @@ from adversarial.rpcs import (
     served_methods,
     tracebacks,
 )  # fmt: skip
+from bertrec.bench.request_memory import varint, with_unknown_field
 
 # Overload is made deterministic by slow fillers: with a 1 s encoder window, each admitted
 # RecommendForText holds one of the `max_concurrent_rpcs` slots for about a second.
@@ -78,25 +79,13 @@ UNKNOWN_FIELD = 536_870_911  # the largest field number: never a field of any re
 NEAR_LIMIT = MAX_REQUEST_BYTES - 64 * 1024
 
 
-def with_unknown_field(payload: bytes, size: int) -> bytes:
-    """`payload` plus an unknown length-delimited field of `size` bytes (still valid protobuf)."""
-    return payload + _varint(UNKNOWN_FIELD << 3 | 2) + _varint(size) + b"u" * size
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, value = value & 0x7F, value >> 7
-        out.append(byte | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
-
-
 @pytest.mark.parametrize("method", sorted(RPCS))
 def test_oversize_message_is_resource_exhausted(
     adversarial_channel: grpc.Channel, method: str
 ) -> None:
-    payload = with_unknown_field(VALID[method].SerializeToString(), MAX_REQUEST_BYTES + 1024)
+    payload = with_unknown_field(
+        VALID[method].SerializeToString(), MAX_REQUEST_BYTES + 1024, UNKNOWN_FIELD
+    )
     outcome = invoke(adversarial_channel, RPCS[method], payload)
     assert outcome.problem() is None, outcome.problem()
     assert outcome.code == Code.RESOURCE_EXHAUSTED, (outcome.code, outcome.details)
@@ -109,7 +98,9 @@ def test_message_just_under_the_limit_is_answered(
     # Unknown fields are legal (forward compatibility): the answer is VALID's, or a refusal.
     plain = VALID[method].SerializeToString()
     expected = invoke(adversarial_channel, RPCS[method], plain).code
-    outcome = invoke(adversarial_channel, RPCS[method], with_unknown_field(plain, NEAR_LIMIT))
+    outcome = invoke(
+        adversarial_channel, RPCS[method], with_unknown_field(plain, NEAR_LIMIT, UNKNOWN_FIELD)
+    )
     assert outcome.problem() is None, outcome.problem()
     assert outcome.code in (expected, Code.RESOURCE_EXHAUSTED), (outcome.code, outcome.details)
 
@@ -124,7 +115,7 @@ GARBAGE: dict[str, bytes] = {
     "length-past-end": b"\x0a\x10abc",
     "huge-length": b"\x0a\xff\xff\xff\xff\x0f",
     "open-group": b"\x0b",
-    "deep-groups": _varint(1000 << 3 | 3) * 200 + _varint(1000 << 3 | 4) * 200,
+    "deep-groups": varint(1000 << 3 | 3) * 200 + varint(1000 << 3 | 4) * 200,
     "invalid-utf8-field-1": b"\x0a\x02\xc3\x28",
     "http": b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n",
     "json": b'{"user_id": "u0001", "k": 5}',

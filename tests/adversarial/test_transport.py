@@ -23,6 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 from server_harness import MODEL
 
+from bertrec.bench.request_memory import with_unknown_field
 from bertrec.oip.v2 import grpc_service_pb2 as oip
 from bertrec.oip.v2 import grpc_service_pb2_grpc as oip_grpc
 from bertrec.v1 import recommender_pb2 as pb
@@ -80,23 +81,6 @@ def held_calls(channel: grpc.Channel, requests: list[bytes]) -> list[Code]:
     method = channel.unary_unary(SERVICE + "RecommendForText")
     futures = [method.future(r, timeout=TIMEOUT_S) for r in requests]
     return [outcome(f.result) for f in futures]
-
-
-def with_unknown_field(request: bytes, size: int) -> bytes:
-    """`request` plus an unknown length-delimited field (number 1000) of `size` bytes.
-
-    A server keeps unknown fields, so this is a valid request of any size we like.
-    """
-    return request + _varint((1000 << 3) | 2) + _varint(size) + b"\0" * size
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        low, value = value & 0x7F, value >> 7
-        out.append(low | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
 
 
 TEXT_REQUEST = pb.RecommendForTextRequest(text="a quiet film", k=3).SerializeToString()
