@@ -31,7 +31,7 @@ import numpy as np
 
 from bertrec.bench.quality_bertrec import ExportedModel, train_and_load
 from bertrec.bench.quality_models import fit_ease, fit_implicit_als, fit_popularity
-from bertrec.bench.quality_peers import default_peers, run_peers
+from bertrec.bench.quality_peers import default_peers, json_value, run_peers
 from bertrec.bench.quality_protocol import (
     HoldoutSplit,
     Quality,
@@ -182,18 +182,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         "cold": cold,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2, default=_json_value) + "\n")
+    args.out.write_text(json.dumps(report, indent=2, default=json_value) + "\n")
     print(markdown(warm, ["rmse", "mae", "ndcg@10", "recall@10"]))
     if cold is not None:
         print("\ncold items (ranking only the held-out items, from text):")
         print(markdown(cold["models"], ["rmse", "ndcg@10", "recall@10"]))
-    print("\n" + json.dumps(report["verdict"], indent=2, default=_json_value))
-
-
-def _json_value(value: object) -> object:
-    if isinstance(value, np.generic):
-        return value.item()
-    return repr(value)
+    print("\n" + json.dumps(report["verdict"], indent=2, default=json_value))
 
 
 if __name__ == "__main__":

@@ -244,12 +244,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     sizes = {"n_users": data.ratings.n_users, "n_items": data.ratings.n_items}
     sizes |= {"n_train": len(split.train), "n_test": len(split.test)}
     result = {"data": str(args.ratings), **sizes, "peers": rows}
-    args.out.write_text(json.dumps(result, indent=2, default=_json_value) + "\n")
+    args.out.write_text(json.dumps(result, indent=2, default=json_value) + "\n")
     for row in rows:
-        print(json.dumps(row, default=_json_value))
+        print(json.dumps(row, default=json_value))
 
 
-def _json_value(value: object) -> object:
+def json_value(value: object) -> object:
+    """JSON for what `json` cannot write: numpy scalars as numbers, anything else as its repr
+    (a result file should never be lost to one odd value at the end of a long run)."""
     if isinstance(value, np.generic):
         return value.item()
     return repr(value)
