@@ -1,9 +1,9 @@
 """Build, start, wait for and stop one bertrec server.
 
 Server style: synchronous grpcio (a thread pool of handlers, one batcher thread per model
-part), chosen by measuring both styles on this workload with `python -m bertrec.bench.server`
-(Recommend, 100k x 64 catalogue, k=10, loopback, client on the same 2 cores;
-bench/results/server.json, best of 2 interleaved rounds):
+part of each loaded version), chosen by measuring both styles on this workload with
+`python -m bertrec.bench.server` (Recommend, 100k x 64 catalogue, k=10, loopback, client on
+the same 2 cores; bench/results/server.json, best of 2 interleaved rounds):
 
     q/s (p99 ms)                     c=1          c=16         c=64
     bare echo, sync grpcio          1419 (1.2)   3221 (9.3)   3357 (39)
@@ -18,15 +18,23 @@ while the bare sync transport is consistently faster (1.13-1.66x) and its CPU pe
 transport, take most of the CPU (~1.2 ms per call at c=64 against ~0.3 ms for a bare echo).
 Sync wins the tie: the faster transport, and a simpler hand-off (handler threads block on a
 `concurrent.futures.Future` that the batcher thread resolves; no event loop to keep free).
-Blocked handler threads cost no CPU, so the pool is sized to the concurrency to batch over
-(`grpc_max_workers`). Dynamic batching gave 1.9x at c=64 (batching off scans the whole
-catalogue once per call).
+Blocked handler threads cost no CPU, so the unary pool is sized to the concurrency to batch
+over (`grpc_max_workers`, or more: see below). Dynamic batching gave 1.9x at c=64 (batching off
+scans the whole catalogue once per call).
+
+Admission: grpc's own `maximum_concurrent_rpcs` is not used. The interceptor admits each call
+against `max_concurrent_rpcs`, `max_inflight_request_bytes` and `max_streaming_rpcs` and refuses
+the rest with a counted RESOURCE_EXHAUSTED; unary calls and streams run on separate pools, each
+a few threads above its limit (`admission.py`).
 
 Use:
     server = Server(config)
     server.start()        # checks a version to serve exists, then binds ports; NOT_SERVING
     server.load()         # loads, verifies and warms the version(s); SERVING; starts polling
-    server.wait()         # returns after request_stop() (e.g. from a signal handler)
+    server.wait()         # after request_stop() (e.g. from a signal handler): drains, stops
+
+`stop()` drains: NOT_SERVING, keep answering until the unary calls go quiet, then stop grpc with
+what is left of the grace period (`drain.py`), and only then close the loaded versions.
 
 Model versions: one `ModelSlot` owns the loaded versions (each a started `Recommender`); every
 call leases one at entry. The `VersionWatcher` loads new versions in the background (policy,

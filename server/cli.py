@@ -1,4 +1,4 @@
-"""`bertrec serve`: serve one model version over gRPC until SIGTERM/SIGINT/SIGHUP."""
+"""`bertrec serve`: serve a model's versions over gRPC until SIGTERM/SIGINT/SIGHUP."""
 
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
     parser = sub.add_parser(
         "serve",
-        help="serve a model version over gRPC",
+        help="serve a model's versions over gRPC",
         description=(
-            "Serve a model version over gRPC (RecommenderService, grpc.health.v1, reflection) "
-            "with Prometheus metrics over HTTP. Every flag can also be set with a BERTREC_<NAME> "
-            "environment variable or in a TOML file (--config); flags win over the environment, "
-            "which wins over the file."
+            "Serve the model versions the version policy selects over gRPC (RecommenderService, "
+            "the Open Inference Protocol, grpc.health.v1, reflection), with Prometheus metrics "
+            "over HTTP. Every flag can also be set with a BERTREC_<NAME> environment variable or "
+            "in a TOML file (--config); flags win over the environment, which wins over the file."
         ),
     )
     add_flags(parser)

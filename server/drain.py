@@ -11,11 +11,12 @@ already in a handler.
 So shutdown first lets the server go quiet: health already reports NOT_SERVING (load balancers
 stop sending), the server keeps matching and answering calls, and only once no unary call has
 been in flight or started for `settle_s` (or half the grace period is spent) is grpc stopped,
-with what is left of the grace period. The batchers are closed after that (in `Server.stop`),
-when no handler can submit to them any more.
+with what is left of the grace period. The loaded versions (and their batchers) are closed
+after that (`ModelSlot.shutdown` in `Server.stop`), when no handler can submit to them any more.
 
 SIGTERM, SIGINT and SIGHUP all start this drain and then exit 0; SIGHUP does not re-read the
-configuration (a new model version is picked up by a restart, which the drain makes lossless).
+configuration (new model versions are picked up live, by polling or the model-repository RPCs;
+a restart, which the drain makes lossless, is needed only for a new configuration).
 """
 
 from __future__ import annotations
