@@ -289,15 +289,29 @@ def learn(batcher: Batcher[int, int], batches: int, size: int) -> None:
         assert [f.result(5) for f in futures] == [2 * i for i in range(size)]
 
 
+def busy(
+    setup: tuple[FakeModel, ServerMetrics, list[Batcher[int, int]]],
+    batch_s: float,
+    max_batch_size: int,
+    first: int = 0,
+) -> tuple[Batcher[int, int], Future[int]]:
+    """A started batcher that has learnt its batch time (`batch_s` a batch), now computing
+    `first` held at the model's gate: the state in which admission judges a newcomer."""
+    model, _, _ = setup
+    model.batch_s = batch_s
+    batcher = make(setup, max_batch_size=max_batch_size, delay_us=0)
+    batcher.start()
+    learn(batcher, 2, max_batch_size)
+    model.gate.clear()
+    model.entered.clear()  # set by the learning batches: wait for the held one itself
+    running = batcher.submit(first, far())
+    assert model.entered.wait(5)
+    return batcher, running
+
+
 def test_a_call_that_would_wait_past_its_deadline_is_refused_at_once(setup) -> None:
     model, metrics, _ = setup
-    model.batch_s = 0.1
-    batcher = make(setup, max_batch_size=2, delay_us=0)
-    batcher.start()
-    learn(batcher, 2, 2)
-    model.gate.clear()
-    running = batcher.submit(0, far())
-    assert model.entered.wait(5)
+    batcher, running = busy(setup, batch_s=0.1, max_batch_size=2)
     queued = [batcher.submit(i, far()) for i in range(1, 7)]  # three batches: >= 0.3 s
     assert batcher.expected_wait_s() >= 0.3
     start = time.monotonic()
@@ -312,13 +326,7 @@ def test_a_call_that_would_wait_past_its_deadline_is_refused_at_once(setup) -> N
 
 def test_callers_that_left_do_not_count_toward_the_expected_wait(setup) -> None:
     model, metrics, _ = setup
-    model.batch_s = 0.1
-    batcher = make(setup, max_batch_size=2, delay_us=0)
-    batcher.start()
-    learn(batcher, 2, 2)
-    model.gate.clear()
-    running = batcher.submit(0, far())
-    assert model.entered.wait(5)
+    batcher, running = busy(setup, batch_s=0.1, max_batch_size=2)
     gone = [batcher.submit(i, far()) for i in range(20)]  # ten batches: ~1 s if counted
     for future in gone:
         assert future.cancel()
@@ -375,13 +383,7 @@ def test_dead_items_are_skipped_when_a_batch_is_formed_so_it_fills_with_live_wor
 
 def test_an_item_that_would_expire_during_its_batch_is_dropped_not_computed(setup) -> None:
     model, metrics, _ = setup
-    model.batch_s = 0.2
-    batcher = make(setup, max_batch_size=1, delay_us=0)
-    batcher.start()
-    learn(batcher, 2, 1)
-    model.gate.clear()
-    running = batcher.submit(1, far())
-    assert model.entered.wait(5)
+    batcher, running = busy(setup, batch_s=0.2, max_batch_size=1, first=1)
     # Admitted: ~0.2 s left of the running batch + 0.2 s of its own fit in 0.6 s...
     doomed = batcher.submit(2, time.monotonic() + 0.6)
     time.sleep(0.3)  # ...but the running batch overruns: ~0.1 s will be left, not 0.2
