@@ -4,8 +4,8 @@ Ratings are loaded through the project's loaders and turned into integer rows on
 model (bertrec's exported arrays and each peer) is scored on exactly the same split:
 
 - per user, a seeded random 20% of the ratings is held out (seed 0); users with fewer than 5
-  ratings stay whole in train. The row choice is the one `bertrec.train.split.split_dataset`
-  makes with no cold items, so bertrec's trainer can be fed the same rows;
+  ratings stay whole in train. `bertrec.train.split.per_user_holdout` picks the rows, as in
+  `split_dataset` with no cold items, so bertrec's trainer can be fed the same rows;
 - hyper-parameters are chosen on a validation split cut from train by the same rule (seed 1);
 - rating metrics: RMSE and MAE over every held-out rating;
 - ranking metrics: for every user with a held-out rating >= 4.0, every catalogue item the user
@@ -27,6 +27,7 @@ import scipy.sparse as sp
 
 from bertrec.train.dataset import Ratings
 from bertrec.train.loaders import load_dataset
+from bertrec.train.split import per_user_holdout
 
 TEST_FRACTION = 0.2
 MIN_USER_RATINGS = 5
@@ -230,27 +231,10 @@ def index_ratings(source: Ratings, item_texts: dict[str, str]) -> QualityData:
 # ------------------------------------------------------------------------------- splits
 
 
-def holdout_mask(
-    users: np.ndarray,
-    seed: int,
-    fraction: float = TEST_FRACTION,
-    min_ratings: int = MIN_USER_RATINGS,
-) -> np.ndarray:
-    """Boolean mask of held-out rows: per user with >= `min_ratings` rows, a random `fraction`
-    (rounded down) of them, chosen by one seeded random number per row in row order."""
-    noise = np.random.default_rng(seed).random(len(users))
-    _, inverse, counts = np.unique(users, return_inverse=True, return_counts=True)
-    order = np.lexsort((noise, inverse))  # by user, then by noise: the lowest noise goes out
-    first = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    rank = np.empty(len(users), dtype=np.int64)
-    rank[order] = np.arange(len(users)) - np.repeat(first, counts)
-    n_out = np.where(counts >= min_ratings, np.maximum(1, np.floor(fraction * counts)), 0)
-    return rank < n_out[inverse]
-
-
 def holdout_split(data: RatingArrays, seed: int = TEST_SEED) -> HoldoutSplit:
     """The protocol's test split (seed 0), or with another seed the validation split of a train."""
-    out = holdout_mask(data.users, seed)
+    rng = np.random.default_rng(seed)
+    out = per_user_holdout(data.users, TEST_FRACTION, MIN_USER_RATINGS, rng)
     return HoldoutSplit(train=data.subset(~out), test=data.subset(out))
 
 

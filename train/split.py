@@ -22,7 +22,7 @@ def split_dataset(
     cold = _pick_cold_items(dataset, cold_fraction, rng)
     is_cold = np.fromiter((i in cold for i in ratings.item_ids), dtype=bool, count=len(ratings))
     warm_rows = np.flatnonzero(~is_cold)
-    test_mask = _per_user_holdout(ratings.user_ids[warm_rows], test_fraction, min_user_ratings, rng)
+    test_mask = per_user_holdout(ratings.user_ids[warm_rows], test_fraction, min_user_ratings, rng)
     return Split(
         train=ratings.subset(warm_rows[~test_mask]),
         test=ratings.subset(warm_rows[test_mask]),
@@ -53,10 +53,12 @@ def _pick_cold_items(dataset: Dataset, fraction: float, rng: np.random.Generator
     return {candidates[i] for i in rng.choice(len(candidates), size=n_cold, replace=False)}
 
 
-def _per_user_holdout(
+def per_user_holdout(
     users: np.ndarray, fraction: float, min_ratings: int, rng: np.random.Generator
 ) -> np.ndarray:
-    """Boolean mask of held-out rows: `fraction` of each eligible user's rows, at random."""
+    """Boolean mask of held-out rows: per user with >= `min_ratings` rows, a random `fraction`
+    (rounded down, at least 1) of them. The quality benchmark's protocol cuts its splits with
+    this too, so bertrec's trainer can be fed exactly the benchmark's rows."""
     _, inverse, counts = np.unique(users, return_inverse=True, return_counts=True)
     noise = rng.random(len(users))
     # Rank each row within its user by random noise; hold out the lowest ranks.
