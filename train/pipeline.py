@@ -125,6 +125,8 @@ def train(dataset: Dataset, split: Split, cfg: TrainConfig, out: Path) -> TrainR
         rating_user_factors=heads.rating.user_factors,
         rating_item_factors=heads.rating.item_factors,
         item_text_factors=text_factors,
+        rank_gramian=heads.rank_gramian,
+        rated_confidence=heads.rated_confidence,
     )
     _write(
         out,

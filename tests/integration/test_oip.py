@@ -28,6 +28,7 @@ from bertrec.client import RecommenderClient
 from bertrec.export.verify import measure_parity
 from bertrec.oip.v2 import grpc_service_pb2 as pb
 from bertrec.oip.v2 import grpc_service_pb2_grpc as pb_grpc
+from bertrec.server.oip.explain import EXPLANATION_PARTS
 
 SERVICE = "inference.GRPCInferenceService"
 ENCODER, RANKER = f"{MODEL}-encoder", f"{MODEL}-ranker"
@@ -124,10 +125,16 @@ def test_model_metadata(stub: pb_grpc.GRPCInferenceServiceStub, client: Recommen
     assert tensors(encoder.inputs) == [("text", "BYTES", [-1])]
     assert tensors(encoder.outputs) == [("embedding", "FP32", [-1, dim])]
     ranker = stub.ModelMetadata(pb.ModelMetadataRequest(name=RANKER, version="1"))
-    assert tensors(ranker.inputs) == [("user_id", "BYTES", [-1]), ("k", "INT32", [1])]
+    assert tensors(ranker.inputs) == [
+        ("user_id", "BYTES", [-1]),
+        ("k", "INT32", [1]),
+        ("explain", "INT32", [1]),
+    ]
     assert tensors(ranker.outputs) == [
         ("item_ids", "BYTES", [-1, -1]),
         ("scores", "FP32", [-1, -1]),
+        *((name, "FP32", [-1, -1]) for name in EXPLANATION_PARTS),
+        ("top_contributors", "BYTES", [-1, -1]),
     ]
 
 
@@ -212,7 +219,9 @@ def test_ranker_pads_rows_with_fewer_than_k_items() -> None:
         def resolve_k(self, k: int) -> int:
             return k
 
-        def recommend_users(self, users: list[str], k: int, call: Call) -> list[Recommendations]:
+        def recommend_users(
+            self, users: list[str], k: int, call: Call, explain: bool = False
+        ) -> list[Recommendations]:
             lists = []
             for user in users:
                 n = {"a": 3, "b": 1}[user]

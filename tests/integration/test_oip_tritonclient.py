@@ -23,6 +23,7 @@ from server_harness import MODEL
 from bertrec.client import RecommenderClient
 from bertrec.export.verify import measure_parity
 from bertrec.oip.v2 import grpc_service_pb2 as pb
+from bertrec.server.oip.explain import EXPLANATION_PARTS
 
 ROOT = Path(__file__).resolve().parents[2]
 CI_VENV = Path(os.environ.get("BERTREC_CI_VENV", ROOT / ".ci-venv"))
@@ -169,8 +170,13 @@ def test_health_and_metadata(triton: dict[str, Any], client: RecommenderClient) 
         },
         f"{MODEL}-ranker": {
             "versions": ["1"],
-            "inputs": [["user_id", "BYTES", [-1]], ["k", "INT32", [1]]],
-            "outputs": [["item_ids", "BYTES", [-1, -1]], ["scores", "FP32", [-1, -1]]],
+            "inputs": [["user_id", "BYTES", [-1]], ["k", "INT32", [1]], ["explain", "INT32", [1]]],
+            "outputs": [
+                ["item_ids", "BYTES", [-1, -1]],
+                ["scores", "FP32", [-1, -1]],
+                *([name, "FP32", [-1, -1]] for name in EXPLANATION_PARTS),
+                ["top_contributors", "BYTES", [-1, -1]],
+            ],
         },
     }
 

@@ -93,6 +93,7 @@ def test_rating_head_is_exported_beside_the_ranking_factors(trained: Path) -> No
     info = checkpoint.TrainInfo.load(trained)
     arrays = FactorArrays.load(trained / "factors", info.global_mean)
     assert arrays.has_rating_head
+    assert arrays.has_attribution  # explanations can name the rated items behind a score
     assert arrays.shape_mismatch(len(arrays.user_ids), len(arrays.item_ids), info.dim) is None
     assert info.rating_range == (1.0, 5.0)  # the generated data's scale
 
