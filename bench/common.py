@@ -193,6 +193,19 @@ def loadavg() -> list[float] | None:
         return None
 
 
+def proc_memory_kib(pid: int, field: str = "VmRSS") -> int | None:
+    """A memory line of /proc/<pid>/status, in KiB (VmRSS: resident now, VmHWM: peak so far);
+    None when the process has no such line (a zombie has none).
+
+    Raises:
+        OSError: the process is gone (or this is not Linux).
+    """
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return None
+
+
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     """A GitHub markdown table; floats are shown with 3 significant digits."""
 

@@ -39,7 +39,13 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from bertrec.bench.common import environment, loadavg, markdown_table, write_json
+from bertrec.bench.common import (
+    environment,
+    loadavg,
+    markdown_table,
+    proc_memory_kib,
+    write_json,
+)
 from bertrec.bench.loadtest.recorder import summarize
 from bertrec.bench.loadtest.runner import LoadSpec, run_step
 from bertrec.bench.loadtest.workload import Limits, build_pools, inputs_from_version
@@ -92,16 +98,9 @@ class RssSampler:
 
     def _run(self) -> None:
         while True:
-            self.peak_kb = max(self.peak_kb, rss_kb(self.pid))
+            self.peak_kb = max(self.peak_kb, proc_memory_kib(self.pid) or 0)
             if self._stop.wait(self.period_s):
                 return
-
-
-def rss_kb(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
 
 
 def server_counters(metrics_url: str) -> dict[str, float]:

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,7 +28,6 @@ HOLD_FLAGS = (
     "--encoder-max-batch-size", "512",
     "--encoder-max-queue-size", "4096",
 )  # fmt: skip
-PORTS = re.compile(r"grpc \S+:(\d+)")
 
 
 def padded_request(size: int) -> bytes:
@@ -62,9 +59,9 @@ def varint(value: int) -> bytes:
 
 def status_mb(pid: int, field: str) -> int:
     """A memory line of /proc/<pid>/status (VmRSS, VmHWM), in MiB."""
-    text = Path(f"/proc/{pid}/status").read_text()
-    match = re.search(rf"{field}:\s+(\d+)", text)
-    return int(match.group(1)) // 1024 if match else 0
+    from bertrec.bench.common import proc_memory_kib
+
+    return (proc_memory_kib(pid, field) or 0) // 1024
 
 
 def export_tiny_model(root: Path) -> Path:
@@ -101,31 +98,26 @@ def measure(repo: Path, calls: int, request_bytes: int, serve_flags: Sequence[st
         "--host", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "0",
         *HOLD_FLAGS, *serve_flags,
     ]  # fmt: skip
-    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    from bertrec.bench.server import Spawned
+
+    server = Spawned("memory-server", command, repo.parent)
     try:
-        assert server.stdout is not None
-        port = 0
-        for line in server.stdout:
-            match = PORTS.search(line)
-            port = int(match.group(1)) if match else port
-            if "ready" in line:
-                break
-        idle_mb = status_mb(server.pid, "VmRSS")
+        server.wait_ready()
+        idle_mb = status_mb(server.proc.pid, "VmRSS")
         request = padded_request(request_bytes)
         start = time.monotonic()
-        codes = send_at_once(port, request, calls)
+        codes = send_at_once(server.port, request, calls)
         return {
             "calls": calls,
             "request_bytes": len(request),
             "serve_flags": list(serve_flags),
             "idle_rss_mb": idle_mb,
-            "peak_rss_mb": status_mb(server.pid, "VmHWM"),
+            "peak_rss_mb": status_mb(server.proc.pid, "VmHWM"),
             "codes": dict(codes),
             "seconds": round(time.monotonic() - start, 1),
         }
     finally:
-        server.terminate()
-        server.wait(30)
+        server.stop()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

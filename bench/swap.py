@@ -49,13 +49,13 @@ class SwapWindow:
 
 def rss_mb(pid: int) -> float:
     """Resident set size of a process, in MiB (from /proc; NaN where unreadable)."""
+    from bertrec.bench.common import proc_memory_kib
+
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
+        kib = proc_memory_kib(pid)
     except OSError:
-        pass
-    return float("nan")
+        kib = None
+    return float("nan") if kib is None else kib / 1024
 
 
 def payloads(n_users: int, count: int = 1024) -> dict[str, list[bytes]]:
@@ -253,8 +253,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from bertrec.bench.common import write_json
 
     result = run(args)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    write_json(args.out, result)
+    write_json(args.out, result)  # creates the folder
     print(table(result))
     failed = sum(sum(g["all"]["errors"].values()) for g in result["groups"].values())
     return 1 if failed or any(s["error"] for s in result["swaps"]) else 0
