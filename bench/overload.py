@@ -28,7 +28,6 @@ small machine the highest steps also measure the generator; the JSON keeps every
 from __future__ import annotations
 
 import argparse
-import socket
 import sys
 import tempfile
 import threading
@@ -206,16 +205,9 @@ def build_repo(root: Path, bert: str, n_items: int, n_users: int, dim: int) -> P
     return repo
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def start_server(repo: Path, model: str, log_dir: Path, metrics_port: int) -> Spawned:
+def start_server(repo: Path, model: str, log_dir: Path) -> Spawned:
     argv = [sys.executable, "-m", "bertrec", "serve", "--model-repo", str(repo),
-            "--model", model, "--host", "127.0.0.1", "--grpc-port", "0",
-            "--metrics-port", str(metrics_port),
+            "--model", model, "--host", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "0",
             "--providers", "CPUExecutionProvider"]  # fmt: skip
     server = Spawned("server", argv, log_dir)
     server.wait_ready()
@@ -236,9 +228,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         inputs = inputs_from_version(resolve_version(repo, model, None), Limits(1000, 1000, 64,
                                                                                 16384))  # fmt: skip
         pools = build_pools(inputs, {r: 1.0 for r in args.rpcs}, k=10, seed=0)
-        metrics_port = free_port()
-        server = start_server(repo, model, root, metrics_port)
-        url = f"http://127.0.0.1:{metrics_port}/metrics"
+        server = start_server(repo, model, root)
+        url = f"http://127.0.0.1:{server.metrics_port}/metrics"
         try:
             steps = [s for rpc in args.rpcs for s in run_rpc(rpc, args, pools, server, url)]
         finally:

@@ -232,9 +232,11 @@ def measure(
 
 
 class Spawned:
-    """A server subprocess whose port is read from its first "port N"/"grpc HOST:N" line."""
+    """A server subprocess whose port is read from its first "port N"/"grpc HOST:N" line, and
+    its metrics port (`bertrec serve` only, else None) from the "metrics HOST:N" on that line."""
 
     PORT = re.compile(r"(?:^port (\d+)|grpc \S+:(\d+) )")
+    METRICS_PORT = re.compile(r" metrics \S+:(\d+)")
 
     def __init__(
         self, name: str, argv: list[str], log_dir: Path, cpus: set[int] | None = None
@@ -245,6 +247,7 @@ class Spawned:
             self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=log, text=True)
         if cpus:  # before the server starts its threads: they inherit the affinity
             os.sched_setaffinity(self.proc.pid, cpus)
+        self.metrics_port: int | None = None
         self.port = self._read_port()
 
     def _read_port(self) -> int:
@@ -252,6 +255,8 @@ class Spawned:
         for line in self.proc.stdout:
             match = self.PORT.search(line)
             if match:
+                metrics = self.METRICS_PORT.search(line)
+                self.metrics_port = int(metrics.group(1)) if metrics else None
                 return int(match.group(1) or match.group(2))
         raise RuntimeError(f"{self.name} exited: {self.log.read_text()[-2000:]}")
 
