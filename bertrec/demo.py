@@ -137,6 +137,15 @@ def _query(client: Any, version_dir: Path, cold_items: frozenset[str]) -> None:
             f"predicted {item.predicted_rating:.2f}  {_short(texts, item.item_id, cold_items)}"
         )
 
+    top = client.recommend(user, k=1, explain=True).items[0]
+    why = top.explanation
+    print(
+        f"\nwhy {top.item_id} (score {top.score:.3f} = bias {why.bias_part:.3f} + collaborative "
+        f"{why.collaborative_part:.3f} + text {why.text_part:.3f}); rated items that pulled most:"
+    )
+    for c in why.contributions:
+        print(f"  {c.item_id} {c.contribution:+.3f}  {_short(texts, c.item_id, cold_items)}")
+
     found = client.recommend_for_text(TEXT_QUERY, k=5)
     print(f"\nRecommendForText({TEXT_QUERY!r}, k=5):")
     for item in found.items:
