@@ -48,7 +48,8 @@ from bertrec.bench.common import (
 from bertrec.bench.loadtest.recorder import summarize
 from bertrec.bench.loadtest.runner import LoadSpec, run_step
 from bertrec.bench.loadtest.workload import Limits, build_pools, inputs_from_version
-from bertrec.bench.server import Spawned, process_cpu_s
+from bertrec.bench.server import process_cpu_s
+from bertrec.bench.spawned import Spawned
 
 RPCS = ("recommend_for_text", "recommend")
 MODEL = "overload"

@@ -98,7 +98,7 @@ def measure(repo: Path, calls: int, request_bytes: int, serve_flags: Sequence[st
         "--host", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "0",
         *HOLD_FLAGS, *serve_flags,
     ]  # fmt: skip
-    from bertrec.bench.server import Spawned
+    from bertrec.bench.spawned import Spawned
 
     server = Spawned("memory-server", command, repo.parent)
     try:

@@ -204,7 +204,7 @@ def table(result: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from bertrec.bench.server import Spawned
+    from bertrec.bench.spawned import Spawned
     from bertrec.bench.synthetic import MODEL, build_synthetic_repo
     from bertrec.bench.versions import publish_variant
 
