@@ -84,10 +84,7 @@ class Server:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         self.metrics = ServerMetrics()
-        self.slot, self.watcher = build_versions(
-            config, self.metrics, config.policy, config.poll_s,
-            self.metrics.for_versions(config.model),
-        )  # fmt: skip
+        self.slot, self.watcher = build_versions(config, self.metrics)
         self.lifecycle = Lifecycle(self.slot)
         self.port = 0
         self.metrics_port = 0

@@ -16,8 +16,7 @@ from collections.abc import Callable
 from bertrec.server.config import ServerConfig
 from bertrec.server.engine import Recommender
 from bertrec.server.metrics import ServerMetrics
-from bertrec.server.model_slot import ModelSlot, VersionMetrics
-from bertrec.server.version_policy import VersionPolicy
+from bertrec.server.model_slot import ModelSlot
 from bertrec.server.version_watcher import RepositoryVersions, VersionWatcher
 
 CLOSE_TIMEOUT_S = 30.0  # a retired version has no callers left; its batchers stop at once
@@ -49,20 +48,18 @@ def close_version(engine: Recommender) -> None:
 
 
 def build_versions(
-    config: ServerConfig,
-    metrics: ServerMetrics,
-    policy: VersionPolicy,
-    poll_interval_s: float,
-    version_metrics: VersionMetrics | None = None,
+    config: ServerConfig, metrics: ServerMetrics
 ) -> tuple[ModelSlot[Recommender], VersionWatcher[Recommender]]:
-    """The server's slot and the watcher that fills it (not started: see `VersionWatcher`)."""
+    """The server's slot and the watcher that fills it (not started: see `VersionWatcher`), by
+    the config's version policy and poll interval, with the model's version metrics."""
+    version_metrics = metrics.for_versions(config.model)
     slot: ModelSlot[Recommender] = ModelSlot(close_version, version_metrics)
     watcher = VersionWatcher(
         RepositoryVersions(config.model_repo, config.model),
         slot,
         version_loader(config, metrics),
-        policy,
-        poll_interval_s,
+        config.policy,
+        config.poll_s,
         version_metrics,
     )
     return slot, watcher
