@@ -17,6 +17,17 @@ from bertrec.errors import BertrecError
 Register = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], None]
 
 
+def positive_int(text: str) -> int:
+    """An argparse type for version numbers and counts: one message for 0, -1 and "abc"."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
 def _registrars() -> list[Register]:
     from bertrec import demo
     from bertrec.bench.loadtest import cli as loadtest_cli

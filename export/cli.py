@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from bertrec.cli import positive_int
 from bertrec.export.manifest import EncoderVariant, Parity, read_manifest
 from bertrec.export.repository import resolve_version
 
@@ -36,7 +37,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     export.add_argument(
         "--max-seq-len",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         metavar="N",
         help="tokens per text (default: the training setting)",
@@ -60,21 +61,11 @@ def _add_location(parser: argparse.ArgumentParser, version_help: str) -> None:
     parser.add_argument("--model", required=True, metavar="NAME", help="model name")
     parser.add_argument(
         "--version",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         metavar="N",
         help=version_help,
     )
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
 
 
 def _run_export(args: argparse.Namespace) -> int:

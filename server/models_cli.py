@@ -18,6 +18,7 @@ import argparse
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from bertrec.cli import positive_int
 from bertrec.errors import BertrecError
 
 if TYPE_CHECKING:
@@ -100,22 +101,15 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     listing = actions.add_parser("list", help="the versions the server knows and their state")
     listing.add_argument("--ready", action="store_true", help="only versions ready to serve")
     load = actions.add_parser("load", help="load and serve a version (pinned), or un-pin")
-    load.add_argument("--version", type=_positive, default=None, help="version to serve")
+    load.add_argument("--version", type=positive_int, default=None, help="version to serve")
     unload = actions.add_parser("unload", help="unload a version that is not the only one")
-    unload.add_argument("--version", type=_positive, required=True, help="version to unload")
+    unload.add_argument("--version", type=positive_int, required=True, help="version to unload")
     for action in (listing, load, unload):
         action.add_argument("--target", default=DEFAULT_TARGET, help="host:port (%(default)s)")
         action.add_argument("--timeout-s", type=float, default=120.0, help="deadline per call")
     for action in (load, unload):
         action.add_argument("--model", default=None, help="model name (default: the only one)")
     parser.set_defaults(func=run)
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def run(args: argparse.Namespace) -> int:
