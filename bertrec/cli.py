@@ -14,6 +14,10 @@ from collections.abc import Callable, Sequence
 from bertrec import __version__
 from bertrec.errors import BertrecError
 
+# Where the client-side commands (models, loadtest) look for a server: `bertrec serve`'s default
+# gRPC port on this machine.
+DEFAULT_TARGET = "127.0.0.1:50051"
+
 Register = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], None]
 
 

@@ -18,13 +18,12 @@ import argparse
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from bertrec.cli import positive_int
+from bertrec.cli import DEFAULT_TARGET, positive_int
 from bertrec.errors import BertrecError
 
 if TYPE_CHECKING:
     import grpc
 
-DEFAULT_TARGET = "127.0.0.1:50051"
 VERSION_PARAMETER = "version"  # RepositoryModelLoad/Unload: which version (int64 or string)
 
 

@@ -8,8 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from bertrec.bench.loadtest.verdict import DEFAULT_MAX_ERROR_RATE
-
-DEFAULT_TARGET = "127.0.0.1:50051"
+from bertrec.cli import DEFAULT_TARGET
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
