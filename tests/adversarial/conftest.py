@@ -10,17 +10,20 @@ short (so thousands of fuzzed calls stay fast). Request tables built at import r
 
 from __future__ import annotations
 
+import urllib.request
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from server_harness import MODEL, ServerProcess, start_server
 
 from adversarial.rpcs import LIMITS, MAX_REQUEST_BYTES
 
 Settings = Mapping[str, int | str]
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]  # (name, labels) -> value
 DEFAULTS: Settings = {
     **LIMITS,
     "max_request_bytes": MAX_REQUEST_BYTES,
@@ -48,6 +51,21 @@ class AdversarialServer:
     def log(self) -> str:
         """The server's stderr so far (its log)."""
         return self.process.stderr()
+
+    def samples(self) -> Samples:
+        """Every sample the server's /metrics shows now."""
+        return scrape(self.process.metrics_url)
+
+
+def scrape(metrics_url: str) -> Samples:
+    """Every sample of a Prometheus endpoint, keyed by name and label set."""
+    with urllib.request.urlopen(metrics_url, timeout=10) as response:
+        text = response.read().decode()
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
 
 
 @pytest.fixture(scope="module")

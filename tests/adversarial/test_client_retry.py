@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -20,9 +19,9 @@ from pathlib import Path
 
 import grpc
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 from server_harness import start_server
 
+from adversarial.conftest import scrape
 from bertrec.client import AsyncRecommenderClient, RecommenderClient, RecommenderError, RetryPolicy
 from bertrec.v1 import recommender_pb2 as pb
 from bertrec.v1 import recommender_pb2_grpc as pb_grpc
@@ -141,14 +140,11 @@ def test_throttling_stops_retries_on_a_channel_whose_calls_keep_failing() -> Non
 
 def handled(metrics_url: str, code: str) -> float:
     """grpc_server_handled_total of GetModelInfo with `code`, from the server's /metrics."""
-    with urllib.request.urlopen(metrics_url, timeout=5) as response:
-        text = response.read().decode()
-    want = {"grpc_method": "GetModelInfo", "grpc_code": code}
+    want = {("grpc_method", "GetModelInfo"), ("grpc_code", code)}
     return sum(
-        s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-        if s.name == "grpc_server_handled_total" and want.items() <= s.labels.items()
+        value
+        for (name, labels), value in scrape(metrics_url).items()
+        if name == "grpc_server_handled_total" and want <= labels
     )
 
 

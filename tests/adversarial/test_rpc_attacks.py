@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import threading
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
 import grpc
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from adversarial.bad_inputs import BAD_INPUT, Case
 from adversarial.conftest import AdversarialServer
@@ -149,16 +147,14 @@ def counted(
     server: AdversarialServer, method: str, code: str | None = None, series: str = "handled"
 ) -> float:
     """grpc_server_<series>_total of one method (and code; None: any), scraped from /metrics."""
-    with urllib.request.urlopen(server.process.metrics_url, timeout=5) as response:
-        text = response.read().decode()
     service, name = method.lstrip("/").rsplit("/", 1)
     return sum(
-        s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-        if s.name == f"grpc_server_{series}_total"
-        and (s.labels.get("grpc_service"), s.labels.get("grpc_method")) == (service, name)
-        and code in (None, s.labels.get("grpc_code"))
+        value
+        for (sample, pairs), value in server.samples().items()
+        for labels in [dict(pairs)]
+        if sample == f"grpc_server_{series}_total"
+        and (labels.get("grpc_service"), labels.get("grpc_method")) == (service, name)
+        and code in (None, labels.get("grpc_code"))
     )
 
 

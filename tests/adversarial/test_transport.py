@@ -11,7 +11,6 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -20,7 +19,6 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from prometheus_client.parser import text_string_to_metric_families
 from server_harness import MODEL
 
 from bertrec.bench.request_memory import with_unknown_field
@@ -43,25 +41,14 @@ TIMEOUT_S = 20.0
 SERVICE = "/bertrec.v1.RecommenderService/"
 
 
-def samples(server: AdversarialServer) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    url = f"http://127.0.0.1:{server.process.metrics_port}/metrics"
-    with urllib.request.urlopen(url, timeout=10) as response:
-        text = response.read().decode()
-    return {
-        (s.name, frozenset(s.labels.items())): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
-
-
 def metric(server: AdversarialServer, name: str, **labels: str) -> float:
-    return samples(server).get((name, frozenset(labels.items())), 0.0)
+    return server.samples().get((name, frozenset(labels.items())), 0.0)
 
 
 def handled(server: AdversarialServer, method: str, code: str) -> float:
     return sum(
         value
-        for (name, labels), value in samples(server).items()
+        for (name, labels), value in server.samples().items()
         if name == "grpc_server_handled_total"
         and ("grpc_method", method) in labels
         and ("grpc_code", code) in labels
@@ -92,7 +79,7 @@ TEXT_REQUEST = pb.RecommendForTextRequest(text="a quiet film", k=3).SerializeToS
 def watches_ended(server: AdversarialServer) -> float:
     return sum(
         value
-        for (name, labels), value in samples(server).items()
+        for (name, labels), value in server.samples().items()
         if name == "grpc_server_handled_total" and ("grpc_method", "Watch") in labels
     )
 
