@@ -36,6 +36,7 @@ from bertrec.server.metrics import ServerMetrics
 from bertrec.server.model import WARMUP_TEXTS, Model, RankQuery, RankResult
 
 R = TypeVar("R")
+T = TypeVar("T")
 
 # k when a request leaves it unset (0, proto3's default): the same as the v2 API and the clients.
 DEFAULT_K = 10
@@ -220,12 +221,16 @@ class Recommender:
         """Top-k items for a text folded into user space (k=0: `DEFAULT_K`)."""
         k = self.resolve_k(k)
         self._check_text(text, "text")
-        text_vector = wait(self.encoder.submit(text, call.deadline_s), call)
-        vector = self.model.fold_text(text_vector)
-        pending = PendingRank(
-            self.ranker.submit(RankQuery(vector, k), call.deadline_s), vector, None, explain
-        )
-        return self.ranked(pending, wait(pending.future, call))
+        folded: dict[str, np.ndarray] = {}
+
+        def rank(text_vector: np.ndarray) -> Future[RankResult]:
+            folded["vector"] = vector = self.model.fold_text(text_vector)
+            return self.ranker.submit(RankQuery(vector, k), call.deadline_s)
+
+        # encode -> fold -> rank run on the batchers' side: the handler waits once.
+        chained = _chain(self.encoder.submit(text, call.deadline_s), rank)
+        result = wait(chained, call)
+        return self.ranked(PendingRank(chained, folded["vector"], None, explain), result)
 
     def score_items(self, user_id: str, item_ids: Sequence[str], call: Call) -> Scores:
         """Predicted ratings for the given items, in the given order."""
@@ -336,6 +341,58 @@ class Recommender:
             if item_id in seen:
                 raise InvalidArgument(f"{name} lists {item_id!r} more than once")
             seen.add(item_id)
+
+
+def _chain(first: Future[T], then: Callable[[T], Future[R]]) -> Future[R]:
+    """A future for `then(first's result)`, started by the thread that finishes `first`.
+
+    The handler blocks on one future instead of waking between stages; an error or
+    cancellation of either stage ends the chain, and cancelling the chain cancels the stage
+    still queued, so a caller that leaves frees both batchers' work.
+    """
+    chained: Future[R] = Future()
+    stages: list[Future[Any]] = [first]
+
+    def stop_stages(done: Future[R]) -> None:
+        if done.cancelled():
+            for stage in stages:
+                stage.cancel()
+
+    def pass_on(stage: Future[R]) -> None:
+        if stage.cancelled():
+            chained.cancel()
+        elif (error := stage.exception()) is not None:
+            _settle(chained, error=error)
+        else:
+            _settle(chained, result=stage.result())
+
+    def start_second(done: Future[T]) -> None:
+        if done.cancelled():
+            chained.cancel()
+            return
+        try:
+            second = then(done.result())
+        except BaseException as error:  # the first stage's error, or the second's refusal
+            _settle(chained, error=error)
+            return
+        stages.append(second)
+        second.add_done_callback(pass_on)
+        if chained.cancelled():
+            second.cancel()
+
+    chained.add_done_callback(stop_stages)
+    first.add_done_callback(start_second)
+    return chained
+
+
+def _settle(future: Future[R], result: R | None = None, error: BaseException | None = None) -> None:
+    """Resolve `future` unless it was cancelled meanwhile (the caller left)."""
+    if not future.set_running_or_notify_cancel():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)  # type: ignore[arg-type]
 
 
 def wait(future: Future[R], call: Call) -> R:
