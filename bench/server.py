@@ -134,11 +134,10 @@ async def serve_recommend_aio(repo: Path, batch: int, delay_us: int, threads: in
     async def recommend(request: Any, context: Any) -> Any:
         remaining = context.time_remaining() or config.request_timeout_s
         exclude_rated = request.exclude_rated if request.HasField("exclude_rated") else True
-        pending = engine.submit_recommend(
+        result = await asyncio.wrap_future(engine.recommend_future(
             request.user_id, request.k, exclude_rated, list(request.include_item_ids),
             list(request.exclude_item_ids), time.monotonic() + remaining,
-        )  # fmt: skip
-        result = engine.ranked(pending, await asyncio.wrap_future(pending.future))
+        ))  # fmt: skip
         return pb.RecommendResponse(items=ranked_items(result), model=model_ref(result.model))
 
     handler = grpc.method_handlers_generic_handler(

@@ -180,6 +180,22 @@ class Recommender:
         )
         return self.ranked(pending, wait(pending.future, call))
 
+    def recommend_future(
+        self,
+        user_id: str,
+        k: int,
+        exclude_rated: bool,
+        include_ids: Sequence[str],
+        exclude_ids: Sequence[str],
+        deadline_s: float,
+    ) -> Future[Recommendations]:
+        """`recommend` for callers that must not block (an asyncio server): the future is
+        finished by the ranker's thread. Validation errors are raised at once."""
+        pending = self.submit_recommend(
+            user_id, k, exclude_rated, include_ids, exclude_ids, deadline_s
+        )
+        return _chain(pending.future, lambda result: _finished(self.ranked(pending, result)))
+
     def _explained(
         self, pending: PendingRank, result: RankResult, ratings: np.ndarray
     ) -> Recommendations:
@@ -383,6 +399,12 @@ def _chain(first: Future[T], then: Callable[[T], Future[R]]) -> Future[R]:
     chained.add_done_callback(stop_stages)
     first.add_done_callback(start_second)
     return chained
+
+
+def _finished(result: R) -> Future[R]:
+    done: Future[R] = Future()
+    done.set_result(result)
+    return done
 
 
 def _settle(future: Future[R], result: R | None = None, error: BaseException | None = None) -> None:
