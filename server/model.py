@@ -76,12 +76,11 @@ class Model:
         self.item_ids: list[str] = [str(i) for i in arrays.item_ids.tolist()]
         self._user_rows = _index([str(u) for u in arrays.user_ids.tolist()], "user", version_dir)
         self._item_rows = _index(self.item_ids, "item", version_dir)
+        # The ranker's layout is the one heap copy of the item factors; cosines scan that same
+        # matrix with a per-item 1 / |item| instead of a normalised copy (`Ranker.scaled`).
         self.ranker = Ranker(arrays.item_factors, arrays.item_rank_bias, threads=ranker_threads)
-        norms = np.linalg.norm(arrays.item_factors, axis=1, keepdims=True)
-        # A zero vector has no direction: its cosine with anything is taken as 0.
-        self._unit_items = (arrays.item_factors / np.maximum(norms, 1e-12)).astype(np.float32)
-        no_bias = np.zeros(len(self.item_ids), np.float32)
-        self.similarity = Ranker(self._unit_items, no_bias, threads=ranker_threads)
+        self._inverse_norms = _inverse_norms(arrays.item_factors)
+        self.similarity = self.ranker.scaled(self._inverse_norms)
 
     @property
     def dim(self) -> int:
@@ -124,7 +123,8 @@ class Model:
         return np.asarray(self.arrays.text_to_user @ text_vector, dtype=np.float32)
 
     def unit_item(self, row: int) -> np.ndarray:
-        return self._unit_items[row]
+        """The item's factor vector scaled to unit length (a zero vector stays zero)."""
+        return np.asarray(self.arrays.item_factors[row] * self._inverse_norms[row], np.float32)
 
     def predicted_ratings(
         self, user_vector: np.ndarray, rows: np.ndarray, user_row: int | None
@@ -183,6 +183,14 @@ def _plain_views(arrays: FactorArrays) -> FactorArrays:
         if isinstance(value := getattr(arrays, f.name), np.ndarray)
     }
     return dataclasses.replace(arrays, **views)
+
+
+def _inverse_norms(factors: np.ndarray) -> np.ndarray:
+    """float32 1 / |row| of every row; a zero row has no direction, and its 1e12 keeps its
+    cosine with anything 0. einsum sums the squares without the (n, d) temporary that
+    `np.linalg.norm` allocates, so loading never holds a second matrix even briefly."""
+    squares = np.einsum("ij,ij->i", factors, factors)
+    return (1.0 / np.maximum(np.sqrt(squares), 1e-12)).astype(np.float32)
 
 
 def _topk(ranker: Ranker, queries: list[RankQuery]) -> list[RankResult]:

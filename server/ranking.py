@@ -23,6 +23,11 @@ scan: `bench.ranking` went from 405 to 493 q/s at 1M x 64, batch 32, and from 79
 the read bandwidth at batch 1. The catalogue is padded to whole groups with items that score
 -inf and are never returned.
 
+Cosine similarity (`Ranker.scaled`) scans the same matrix: its first d rows are a C-contiguous
+view, which ONNX Runtime reads in place, and the graph multiplies each item's dot product by a
+per-item scale (1 / |item|) instead of scanning a second, normalised copy of the catalogue. A
+loaded version thus holds one heap copy of the item factors besides the memory-mapped file.
+
 ONNX Runtime splits the MatMul across its intra-op threads, and TopK splits the batch rows
 across them. (Cutting the catalogue into blocks with a TopK each, or slicing it into concurrent
 graph branches, measured slower here.)
@@ -33,6 +38,7 @@ Results are exact: the same items, order and float32 scores as a full sort by
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -51,8 +57,9 @@ class Ranker:
     """Top-k items for batches of query vectors, exact, with exclusions and allow-lists.
 
     Args:
-        item_factors: (n_items, d); kept by reference for `scores_for` and allow-lists, and
-            copied once into the (d + 1, n_items) layout the graph scans.
+        item_factors: (n_items, d); kept by reference (a memory-mapped array stays mapped) for
+            `scores_for` and allow-lists, and copied once into the (d + 1, n_items) layout the
+            graph scans, which `scaled` twins share.
         item_bias: (n_items,), added to every query's dot products.
         threads: CPU threads for one `topk` call (0: one per CPU).
         max_batch_rows: queries per graph run; bounds the (rows, n_items) score buffer.
@@ -91,6 +98,39 @@ class Ranker:
         self._session = make_session(build_topk_graph(), [CPU], intra_op_threads=self.threads)
         masked = build_topk_graph(masked=True)
         self._masked_session = make_session(masked, [CPU], intra_op_threads=self.threads)
+        # Set only on `scaled` twins: per-item factors on the dot product, padded to whole
+        # groups, and the mask that sends the padding to -inf (no bias row is scanned there).
+        self._scale: np.ndarray | None = None
+        self._padded_scale = self._pad_mask = np.zeros(0, dtype=np.float32)
+
+    def scaled(self, scale: np.ndarray) -> Ranker:
+        """A ranker over the same catalogue scoring (query . item) * scale[item], no bias.
+
+        With scale = 1 / |item| and a unit query the scores are cosines (`Model.similar`).
+        The twin scans this ranker's matrix in place, so it costs two float32 vectors of
+        n_items, not a second (n_items, d) copy; results stay exact as for `topk`.
+
+        Raises:
+            ValueError: `scale` is not (n_items,) or not finite.
+        """
+        s = np.asarray(scale, dtype=np.float32)
+        if s.shape != (self.n_items,) or not np.isfinite(s).all():
+            raise ValueError(f"scale must be finite with shape ({self.n_items},): {s.shape}")
+        twin = copy.copy(self)
+        # Its graph holds two (rows, n_items) buffers where `topk`'s holds one (the dot
+        # products and their scaled copy: ONNX Runtime's Mul does not write in place), so
+        # half the rows per run keeps its arena the size of this ranker's (measured at 1M).
+        twin.max_batch_rows = max(1, self.max_batch_rows // 2)
+        twin._scale = s
+        twin._padded_scale = np.zeros(self._items.shape[1], dtype=np.float32)
+        twin._padded_scale[: self.n_items] = s
+        twin._pad_mask = np.zeros(self._items.shape[1], dtype=np.float32)
+        twin._pad_mask[self.n_items :] = PAD_SCORE
+        graph = build_topk_graph(masked=True, scaled=True)
+        twin._session = twin._masked_session = make_session(
+            graph, [CPU], intra_op_threads=self.threads
+        )
+        return twin
 
     @property
     def n_items(self) -> int:
@@ -163,8 +203,7 @@ class Ranker:
         valid = r >= 0
         safe = np.where(valid, r, 0)
         vectors = np.asarray(self.item_factors[safe], dtype=np.float32)
-        dots = np.matmul(vectors, q[:, :, None])[:, :, 0]
-        out = (dots + self.item_bias[safe]).astype(np.float32, copy=False)
+        out = self._scores(np.matmul(vectors, q[:, :, None])[:, :, 0], safe)
         out[~valid] = PAD_SCORE
         return out
 
@@ -175,19 +214,25 @@ class Ranker:
 
         With `excluded`, those rows are masked to -inf first (one query only).
         """
-        augmented = np.ones((len(q), self.dim + 1), dtype=np.float32)
-        augmented[:, :-1] = q
         k = min(k, self.n_items)
         feed: dict[str, Any] = {
-            "queries": augmented,
-            "items": self._items,
             "k": np.array([k], dtype=np.int64),
             "k_groups": np.array([min(k, self._groups)], dtype=np.int64),
         }
+        if self._scale is None:
+            feed["queries"] = np.ones((len(q), self.dim + 1), dtype=np.float32)
+            feed["queries"][:, :-1] = q
+            feed["items"] = self._items
+        else:
+            # The factor rows without the bias row: a contiguous view, read in place.
+            feed.update(queries=q, items=self._items[:-1], scale=self._padded_scale)
+            feed["mask"] = self._pad_mask
         session = self._session
         if excluded is not None:
-            feed["mask"] = np.zeros(self._items.shape[1], dtype=np.float32)
-            feed["mask"][excluded] = PAD_SCORE
+            base = feed.get("mask")
+            mask = np.zeros(self._items.shape[1], np.float32) if base is None else base.copy()
+            mask[excluded] = PAD_SCORE
+            feed["mask"] = mask
             session = self._masked_session
         scores, rows = session.run(["scores", "rows"], feed)
         padding = rows >= self.n_items  # only reached when masking left fewer than k items
@@ -203,7 +248,7 @@ class Ranker:
         if excluded is not None and len(excluded):
             rows = rows[~np.isin(rows, excluded)]
         vectors = np.asarray(self.item_factors[rows], dtype=np.float32)
-        scores = (vectors @ query + self.item_bias[rows]).astype(np.float32)
+        scores = self._scores(vectors @ query, rows)
         if len(rows) > k:
             # Everything scoring at least the k-th best score, so ties there are all seen.
             kth = np.partition(scores, len(scores) - k)[len(scores) - k]
@@ -211,6 +256,12 @@ class Ranker:
             rows, scores = rows[keep], scores[keep]
         order = np.lexsort((rows, -scores))[:k]
         return rows[order], scores[order]
+
+    def _scores(self, dots: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """Dot products of item `rows` -> scores, as the graph computes them."""
+        if self._scale is None:
+            return (dots + self.item_bias[rows]).astype(np.float32, copy=False)
+        return (dots * self._scale[rows]).astype(np.float32, copy=False)
 
     def _queries(self, queries: np.ndarray) -> np.ndarray:
         q = np.ascontiguousarray(queries, dtype=np.float32)
@@ -283,14 +334,16 @@ def _member(rows: np.ndarray, excluded: np.ndarray) -> np.ndarray:
     return excluded[np.minimum(pos, len(excluded) - 1)] == rows
 
 
-def build_topk_graph(masked: bool = False) -> bytes:
-    """Serialised ONNX model: MatMul (+ mask), then the two-stage top-k (module docstring).
+def build_topk_graph(masked: bool = False, scaled: bool = False) -> bytes:
+    """Serialised ONNX model: MatMul (* scale) (+ mask), then the two-stage top-k (module
+    docstring).
 
     Inputs: `queries` (B, d + 1) float32 with a trailing 1, `items` (d + 1, n) (factors
     transposed, bias as the last row, n a multiple of GROUP_WIDTH), `k` (1,) int64 <= n,
-    `k_groups` (1,) int64 = min(k, n / GROUP_WIDTH), and with `masked` a `mask` (n,) added to
-    every row of scores. Outputs: `scores` (B, k) float32 and `rows` (B, k) int64, best first,
-    equal scores in row order.
+    `k_groups` (1,) int64 = min(k, n / GROUP_WIDTH), with `scaled` a `scale` (n,) multiplying
+    every row of dot products (then queries and items may come without the bias column and
+    row), and with `masked` a `mask` (n,) added to every row of scores. Outputs: `scores`
+    (B, k) float32 and `rows` (B, k) int64, best first, equal scores in row order.
     """
     from onnx import TensorProto, helper
 
@@ -308,9 +361,13 @@ def build_topk_graph(masked: bool = False) -> bytes:
     ]
     nodes = [node("MatMul", ["queries", "items"], ["dots"])]
     scores = "dots"
+    if scaled:
+        inputs.append(value("scale", TensorProto.FLOAT, ["n_items"]))
+        nodes.append(node("Mul", ["dots", "scale"], ["scaled"]))
+        scores = "scaled"
     if masked:
         inputs.append(value("mask", TensorProto.FLOAT, ["n_items"]))
-        nodes.append(node("Add", ["dots", "mask"], ["masked"]))
+        nodes.append(node("Add", [scores, "mask"], ["masked"]))
         scores = "masked"
     nodes += [
         # (B, n) -> (B, n / W, W): group g holds rows g*W .. g*W + W - 1.
