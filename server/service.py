@@ -16,7 +16,7 @@ import grpc
 from bertrec.explanation import ExplainedItem, Explanation
 from bertrec.results import ModelRef, Recommendations
 from bertrec.server.engine import Call, Recommender
-from bertrec.server.errors import InvalidArgument
+from bertrec.server.errors import InvalidArgument, NotFound
 from bertrec.server.model_slot import Lease
 from bertrec.v1 import recommender_pb2 as pb
 from bertrec.v1 import recommender_pb2_grpc as pb_grpc
@@ -43,7 +43,7 @@ class RecommenderServicer(pb_grpc.RecommenderServiceServicer):
         self, request: pb.RecommendRequest, context: grpc.ServicerContext
     ) -> pb.RecommendResponse:
         exclude_rated = request.exclude_rated if request.HasField("exclude_rated") else True
-        with self._leased(context) as lease:
+        with self._leased(context, request.model) as lease:
             result = lease.value.recommend(
                 request.user_id,
                 request.k,
@@ -58,7 +58,7 @@ class RecommenderServicer(pb_grpc.RecommenderServiceServicer):
     def RecommendForText(
         self, request: pb.RecommendForTextRequest, context: grpc.ServicerContext
     ) -> pb.RecommendForTextResponse:
-        with self._leased(context) as lease:
+        with self._leased(context, request.model) as lease:
             result = lease.value.recommend_for_text(
                 request.text, request.k, self._call(context), request.explain
             )
@@ -69,7 +69,7 @@ class RecommenderServicer(pb_grpc.RecommenderServiceServicer):
     def ScoreItems(
         self, request: pb.ScoreItemsRequest, context: grpc.ServicerContext
     ) -> pb.ScoreItemsResponse:
-        with self._leased(context) as lease:
+        with self._leased(context, request.model) as lease:
             result = lease.value.score_items(
                 request.user_id, list(request.item_ids), self._call(context)
             )
@@ -80,7 +80,7 @@ class RecommenderServicer(pb_grpc.RecommenderServiceServicer):
     def SimilarItems(
         self, request: pb.SimilarItemsRequest, context: grpc.ServicerContext
     ) -> pb.SimilarItemsResponse:
-        with self._leased(context) as lease:
+        with self._leased(context, request.model) as lease:
             result = lease.value.similar_items(request.item_id, request.k, self._call(context))
         items = [pb.SimilarItem(item_id=i.item_id, similarity=i.similarity, rank=i.rank)
                  for i in result.items]  # fmt: skip
@@ -89,7 +89,7 @@ class RecommenderServicer(pb_grpc.RecommenderServiceServicer):
     def EmbedText(
         self, request: pb.EmbedTextRequest, context: grpc.ServicerContext
     ) -> pb.EmbedTextResponse:
-        with self._leased(context) as lease:
+        with self._leased(context, request.model) as lease:
             result = lease.value.embed_text(list(request.texts), self._call(context))
         embeddings = [pb.Embedding(values=v) for v in result.vectors.tolist()]
         return pb.EmbedTextResponse(
@@ -99,7 +99,7 @@ class RecommenderServicer(pb_grpc.RecommenderServiceServicer):
     def GetModelInfo(
         self, request: pb.GetModelInfoRequest, context: grpc.ServicerContext
     ) -> pb.GetModelInfoResponse:
-        with self._leased(context) as lease:
+        with self._leased(context, request.model) as lease:
             info = lease.value.info()
         return pb.GetModelInfoResponse(
             model=model_ref(info.model),
@@ -121,15 +121,28 @@ class RecommenderServicer(pb_grpc.RecommenderServiceServicer):
     def _call(self, context: grpc.ServicerContext) -> Call:
         return Call.from_context(context, self._timeout_s)
 
-    def _leased(self, context: grpc.ServicerContext) -> Lease[Recommender]:
-        """The call's lease: on the version named in `bertrec-model-version`, else the serving
-        one. The call runs to its end on it, whatever is swapped in meanwhile."""
+    def _leased(self, context: grpc.ServicerContext, wanted: pb.ModelRef) -> Lease[Recommender]:
+        """The call's lease: on the version the request's `model` or the `bertrec-model-version`
+        metadata names, else the serving one. The call runs to its end on it, whatever is
+        swapped in meanwhile."""
+        version = wanted.version or None
         for key, value in context.invocation_metadata() or ():
             if key == VERSION_METADATA:
-                if not isinstance(value, str) or not value.isdigit():
+                if not isinstance(value, str) or not value.isascii() or not value.isdigit():
                     raise InvalidArgument(f"{VERSION_METADATA} must be a version number")
-                return self._lease(int(value))
-        return self._lease(None)
+                named = int(value[:19])
+                if version is not None and named != version:
+                    raise InvalidArgument(
+                        f"model.version {version} and {VERSION_METADATA} {named} disagree"
+                    )
+                version = named
+        if version is not None and version < 0:
+            raise InvalidArgument(f"model.version must be positive, got {version}")
+        lease = self._lease(version)
+        if wanted.name and wanted.name != lease.value.model.name:
+            lease.release()
+            raise NotFound(f"model {wanted.name!r} is not served here")
+        return lease
 
 
 def model_ref(ref: ModelRef) -> pb.ModelRef:

@@ -147,6 +147,14 @@ BAD_INPUT: list[Case] = [
         NOT_FOUND),
     rec("Recommend", "no-candidates-left",
         R(user_id=USERS[1], k=5, include_item_ids=ITEMS[:3], exclude_item_ids=ITEMS[:3]), OK),
+    # model: the version to answer from (0 = serving); only loaded versions of this model
+    rec("Recommend", "model-version-not-loaded",
+        R(user_id=USERS[1], k=5, model=pb.ModelRef(version=INT64_MAX)), NOT_FOUND),
+    rec("Recommend", "model-version-negative",
+        R(user_id=USERS[1], k=5, model=pb.ModelRef(version=-1)), INVALID, "model.version"),
+    rec("Recommend", "model-other-name",
+        R(user_id=USERS[1], k=5, model=pb.ModelRef(name=LONG)), NOT_FOUND),
+    rec("Recommend", "model-serving-version", R(user_id=USERS[1], k=5, model=pb.ModelRef()), OK),
     # explain: validation comes first; the shared version has no attribution arrays (still OK)
     rec("Recommend", "explain-unknown-user", R(user_id="ghost", k=5, explain=True), NOT_FOUND,
         "ghost"),

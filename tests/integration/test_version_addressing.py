@@ -1,5 +1,6 @@
 """Calls that name a version, on a server keeping two (`--version-policy "latest 2"`): the
-native API through `bertrec-model-version` metadata, the Open Inference Protocol through
+native API through the requests' `model` field or `bertrec-model-version` metadata, the Open
+Inference Protocol through
 `model_version`; with `--model-control none` the repository can be read but not changed."""
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from bertrec.v1 import recommender_pb2 as pb
 from bertrec.v1 import recommender_pb2_grpc as pb_grpc
 
 USER, K = "u0005", 5
+VERSION_KEY = "bertrec-model-version"
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +73,44 @@ def test_a_version_not_loaded_or_not_a_number_is_refused(
 ) -> None:
     with pytest.raises(grpc.RpcError) as raised:
         recommend(channel, version)
+    assert raised.value.code() == code
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_native_requests_name_their_version_in_the_model_field(
+    channel: grpc.Channel, repo: Path, version: int
+) -> None:
+    stub = pb_grpc.RecommenderServiceStub(channel)
+    wanted = pb.ModelRef(name=MODEL, version=version)
+    response = stub.Recommend(pb.RecommendRequest(user_id=USER, k=K, model=wanted), timeout=10)
+    assert response.model.version == version
+    ref = Reference(repo / MODEL / str(version))
+    assert [i.item_id for i in response.items] == [i for i, _ in ref.recommend(USER, K)]
+    info = stub.GetModelInfo(pb.GetModelInfoRequest(model=wanted), timeout=10)
+    assert info.model.version == version
+
+
+@pytest.mark.parametrize(
+    ("wanted", "metadata", "code"),
+    [
+        (pb.ModelRef(version=3), (), grpc.StatusCode.NOT_FOUND),
+        (pb.ModelRef(name="other", version=1), (), grpc.StatusCode.NOT_FOUND),
+        (pb.ModelRef(version=-1), (), grpc.StatusCode.INVALID_ARGUMENT),
+        (
+            pb.ModelRef(version=1),
+            (("bertrec-model-version", "2"),),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+    ],
+)
+def test_a_model_field_naming_no_loaded_version_is_refused(
+    channel: grpc.Channel, wanted: pb.ModelRef, metadata: tuple, code: grpc.StatusCode
+) -> None:
+    stub = pb_grpc.RecommenderServiceStub(channel)
+    with pytest.raises(grpc.RpcError) as raised:
+        stub.Recommend(
+            pb.RecommendRequest(user_id=USER, k=K, model=wanted), metadata=metadata, timeout=10
+        )
     assert raised.value.code() == code
 
 

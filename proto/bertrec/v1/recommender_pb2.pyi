@@ -15,20 +15,22 @@ class ModelRef(_message.Message):
     def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
 
 class RecommendRequest(_message.Message):
-    __slots__ = ("user_id", "k", "exclude_rated", "include_item_ids", "exclude_item_ids", "explain")
+    __slots__ = ("user_id", "k", "exclude_rated", "include_item_ids", "exclude_item_ids", "explain", "model")
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     EXCLUDE_RATED_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
     EXCLUDE_ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
     EXPLAIN_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
     user_id: str
     k: int
     exclude_rated: bool
     include_item_ids: _containers.RepeatedScalarFieldContainer[str]
     exclude_item_ids: _containers.RepeatedScalarFieldContainer[str]
     explain: bool
-    def __init__(self, user_id: _Optional[str] = ..., k: _Optional[int] = ..., exclude_rated: _Optional[bool] = ..., include_item_ids: _Optional[_Iterable[str]] = ..., exclude_item_ids: _Optional[_Iterable[str]] = ..., explain: _Optional[bool] = ...) -> None: ...
+    model: ModelRef
+    def __init__(self, user_id: _Optional[str] = ..., k: _Optional[int] = ..., exclude_rated: _Optional[bool] = ..., include_item_ids: _Optional[_Iterable[str]] = ..., exclude_item_ids: _Optional[_Iterable[str]] = ..., explain: _Optional[bool] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ...) -> None: ...
 
 class Contribution(_message.Message):
     __slots__ = ("item_id", "contribution")
@@ -75,14 +77,16 @@ class RecommendResponse(_message.Message):
     def __init__(self, items: _Optional[_Iterable[_Union[RankedItem, _Mapping]]] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ...) -> None: ...
 
 class RecommendForTextRequest(_message.Message):
-    __slots__ = ("text", "k", "explain")
+    __slots__ = ("text", "k", "explain", "model")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     EXPLAIN_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
     text: str
     k: int
     explain: bool
-    def __init__(self, text: _Optional[str] = ..., k: _Optional[int] = ..., explain: _Optional[bool] = ...) -> None: ...
+    model: ModelRef
+    def __init__(self, text: _Optional[str] = ..., k: _Optional[int] = ..., explain: _Optional[bool] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ...) -> None: ...
 
 class RecommendForTextResponse(_message.Message):
     __slots__ = ("items", "model")
@@ -93,12 +97,14 @@ class RecommendForTextResponse(_message.Message):
     def __init__(self, items: _Optional[_Iterable[_Union[RankedItem, _Mapping]]] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ...) -> None: ...
 
 class ScoreItemsRequest(_message.Message):
-    __slots__ = ("user_id", "item_ids")
+    __slots__ = ("user_id", "item_ids", "model")
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
     user_id: str
     item_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, user_id: _Optional[str] = ..., item_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    model: ModelRef
+    def __init__(self, user_id: _Optional[str] = ..., item_ids: _Optional[_Iterable[str]] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ...) -> None: ...
 
 class ScoredItem(_message.Message):
     __slots__ = ("item_id", "predicted_rating")
@@ -117,12 +123,14 @@ class ScoreItemsResponse(_message.Message):
     def __init__(self, items: _Optional[_Iterable[_Union[ScoredItem, _Mapping]]] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ...) -> None: ...
 
 class SimilarItemsRequest(_message.Message):
-    __slots__ = ("item_id", "k")
+    __slots__ = ("item_id", "k", "model")
     ITEM_ID_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
     item_id: str
     k: int
-    def __init__(self, item_id: _Optional[str] = ..., k: _Optional[int] = ...) -> None: ...
+    model: ModelRef
+    def __init__(self, item_id: _Optional[str] = ..., k: _Optional[int] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ...) -> None: ...
 
 class SimilarItem(_message.Message):
     __slots__ = ("item_id", "similarity", "rank")
@@ -143,10 +151,12 @@ class SimilarItemsResponse(_message.Message):
     def __init__(self, items: _Optional[_Iterable[_Union[SimilarItem, _Mapping]]] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ...) -> None: ...
 
 class EmbedTextRequest(_message.Message):
-    __slots__ = ("texts",)
+    __slots__ = ("texts", "model")
     TEXTS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
     texts: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, texts: _Optional[_Iterable[str]] = ...) -> None: ...
+    model: ModelRef
+    def __init__(self, texts: _Optional[_Iterable[str]] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ...) -> None: ...
 
 class Embedding(_message.Message):
     __slots__ = ("values",)
@@ -165,8 +175,10 @@ class EmbedTextResponse(_message.Message):
     def __init__(self, embeddings: _Optional[_Iterable[_Union[Embedding, _Mapping]]] = ..., dim: _Optional[int] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ...) -> None: ...
 
 class GetModelInfoRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: ModelRef
+    def __init__(self, model: _Optional[_Union[ModelRef, _Mapping]] = ...) -> None: ...
 
 class GetModelInfoResponse(_message.Message):
     __slots__ = ("model", "dim", "user_count", "item_count", "execution_provider", "encoder_file", "max_seq_len", "metrics", "scoring", "max_k", "max_item_ids", "max_texts", "max_text_bytes", "created_at")
