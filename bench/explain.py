@@ -34,8 +34,8 @@ from bertrec.bench.synthetic import MODEL, build_synthetic_repo
 
 def build_repo(root: Path, n_users: int, n_items: int, dim: int, rated: int) -> Path:
     """The synthetic version plus explanation arrays, its manifest rewritten to cover them."""
-    from bertrec.export.artifacts import FactorArrays
-    from bertrec.export.manifest import read_manifest, write_manifest
+    from bertrec.repository.artifacts import FactorArrays
+    from bertrec.repository.manifest import read_manifest, write_manifest
 
     repo = build_synthetic_repo(root, n_items, n_users, dim)
     version = repo / MODEL / "1"
@@ -81,8 +81,8 @@ def time_rpcs(target: str, users: list[str], calls: int, seed: int) -> dict[str,
 
 def time_explain_only(repo: Path, calls: int) -> list[float]:
     """Seconds of one `explain` over 10 rows for a random user (as the engine calls it)."""
-    from bertrec.export.artifacts import FactorArrays
-    from bertrec.export.manifest import read_manifest
+    from bertrec.repository.artifacts import FactorArrays
+    from bertrec.repository.manifest import read_manifest
     from bertrec.server.explain import explain
 
     version = repo / MODEL / "1"
@@ -103,7 +103,7 @@ def attribution_gap(ratings_csv: Path, users: int, seed: int = 0) -> dict[str, f
     """|contributions_total - dot| / |dot| over the top-10 items of `users` random users."""
     import scipy.sparse as sp
 
-    from bertrec.export.artifacts import FactorArrays
+    from bertrec.repository.artifacts import FactorArrays
     from bertrec.server.explain import explain
     from bertrec.train.ials import IALSConfig, attribution_arrays, confidence_matrix, fit_ials
 

@@ -224,7 +224,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if repo is None:
             repo, model = build_repo(root, args.bert, args.items, args.users, args.dim), MODEL
         build_s = time.monotonic() - start
-        from bertrec.export.repository import resolve_version
+        from bertrec.repository.versions import resolve_version
 
         inputs = inputs_from_version(resolve_version(repo, model, None), Limits(1000, 1000, 64,
                                                                                 16384))  # fmt: skip

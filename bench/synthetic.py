@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bertrec.export.artifacts import (
+from bertrec.repository.artifacts import (
     ENCODER_ONNX,
     ITEM_TEXTS,
     TOKENIZER,
@@ -56,7 +56,7 @@ WORDS = [
 
 def build_synthetic_repo(root: Path, n_items: int, n_users: int, dim: int, seed: int = 0) -> Path:
     """Publish a synthetic version of `MODEL` under `root`; returns the repository folder."""
-    from bertrec.export.repository import publish_version
+    from bertrec.repository.versions import publish_version
 
     repo = root / "repo"
     publish_version(repo, MODEL, lambda out: _write_version(out, n_items, n_users, dim, seed), 1)
@@ -64,7 +64,8 @@ def build_synthetic_repo(root: Path, n_items: int, n_users: int, dim: int, seed:
 
 
 def _write_version(out: Path, n_items: int, n_users: int, dim: int, seed: int) -> None:
-    from bertrec.export.manifest import (
+    from bertrec.export.verify import ParityFixture, run_onnx
+    from bertrec.repository.manifest import (
         Dims,
         EncoderInfo,
         EncoderVariant,
@@ -73,7 +74,6 @@ def _write_version(out: Path, n_items: int, n_users: int, dim: int, seed: int) -
         Scoring,
         write_manifest,
     )
-    from bertrec.export.verify import ParityFixture, run_onnx
     from bertrec.text import TextTokenizer
 
     rng = np.random.default_rng(seed)

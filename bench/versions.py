@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from bertrec.export.artifacts import ITEM_FACTORS, MANIFEST, USER_FACTORS
-from bertrec.export.manifest import read_manifest, write_manifest
-from bertrec.export.repository import model_dir, next_version, publish_version
+from bertrec.repository.artifacts import ITEM_FACTORS, MANIFEST, USER_FACTORS
+from bertrec.repository.manifest import read_manifest, write_manifest
+from bertrec.repository.versions import model_dir, next_version, publish_version
 
 FACTOR_NOISE = 0.05  # relative to each array's standard deviation: enough to reorder top-k
 

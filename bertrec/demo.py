@@ -36,8 +36,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from bertrec.export.artifacts import MANIFEST
     from bertrec.export.onnx_export import export_model
+    from bertrec.repository.artifacts import MANIFEST
     from bertrec.train.cli import synthetic_config, training_config
     from bertrec.train.loaders import load_dataset
     from bertrec.train.pipeline import metrics_table, train
@@ -117,7 +117,7 @@ def _serve_and_query(
 def _query(client: Any, version_dir: Path, cold_items: frozenset[str]) -> None:
     import numpy as np
 
-    from bertrec.export.artifacts import RATED_INDPTR, USER_IDS
+    from bertrec.repository.artifacts import RATED_INDPTR, USER_IDS
 
     texts = _item_texts(version_dir)
     user_ids = np.load(version_dir / USER_IDS)
@@ -167,7 +167,7 @@ def _query(client: Any, version_dir: Path, cold_items: frozenset[str]) -> None:
 def _item_texts(version_dir: Path) -> dict[str, str]:
     import numpy as np
 
-    from bertrec.export.artifacts import ITEM_IDS, ITEM_TEXTS, load_item_texts
+    from bertrec.repository.artifacts import ITEM_IDS, ITEM_TEXTS, load_item_texts
 
     ids = [str(i) for i in np.load(version_dir / ITEM_IDS).tolist()]
     return dict(zip(ids, load_item_texts(version_dir / ITEM_TEXTS), strict=True))

@@ -9,8 +9,8 @@ import argparse
 from pathlib import Path
 
 from bertrec.cli import positive_int
-from bertrec.export.manifest import EncoderVariant, Parity, read_manifest
-from bertrec.export.repository import resolve_version
+from bertrec.repository.manifest import EncoderVariant, Parity, read_manifest
+from bertrec.repository.versions import resolve_version
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -19,7 +19,15 @@ import numpy as np
 import torch
 
 from bertrec.errors import ArtifactError, BertrecError
-from bertrec.export.artifacts import (
+from bertrec.export.quantize import optimize_bert_graph, quantize_int8
+from bertrec.export.verify import (
+    ParityFixture,
+    measure_parity,
+    parity_problem,
+    run_onnx,
+    select_parity_batches,
+)
+from bertrec.repository.artifacts import (
     ARRAY_FILES,
     ENCODER_INT8_ONNX,
     ENCODER_ONNX,
@@ -30,7 +38,7 @@ from bertrec.export.artifacts import (
     FactorArrays,
     load_item_texts,
 )
-from bertrec.export.manifest import (
+from bertrec.repository.manifest import (
     Dims,
     EncoderInfo,
     EncoderVariant,
@@ -39,15 +47,7 @@ from bertrec.export.manifest import (
     library_versions,
     write_manifest,
 )
-from bertrec.export.quantize import optimize_bert_graph, quantize_int8
-from bertrec.export.repository import list_versions, next_version, publish_version
-from bertrec.export.verify import (
-    ParityFixture,
-    measure_parity,
-    parity_problem,
-    run_onnx,
-    select_parity_batches,
-)
+from bertrec.repository.versions import list_versions, next_version, publish_version
 from bertrec.text import TextTokenizer, TokenBatch
 from bertrec.train.checkpoint import (
     ENCODER_DIR,

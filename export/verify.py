@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 
 from bertrec.errors import ArtifactError
-from bertrec.export.artifacts import PARITY_EXPECTED, PARITY_TEXTS, TOKENIZER
-from bertrec.export.manifest import (
+from bertrec.repository.artifacts import PARITY_EXPECTED, PARITY_TEXTS, TOKENIZER
+from bertrec.repository.manifest import (
     EncoderVariant,
     Manifest,
     Parity,

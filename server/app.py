@@ -52,8 +52,8 @@ from grpc_health.v1 import health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from bertrec.errors import ArtifactError
-from bertrec.export.repository import resolve_version
 from bertrec.oip.v2 import grpc_service_pb2_grpc as oip_grpc
+from bertrec.repository.versions import resolve_version
 from bertrec.server.admission import Admission, AdmissionLimits, handler_pools
 from bertrec.server.config import ConfigError, ServerConfig
 from bertrec.server.drain import drain_grpc, unary_activity

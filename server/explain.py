@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from bertrec.explanation import Contribution, Explanation
-from bertrec.export.artifacts import FactorArrays
+from bertrec.repository.artifacts import FactorArrays
 
 TOP_CONTRIBUTORS = 3
 

@@ -30,8 +30,8 @@ from typing import Generic, Protocol, TypeVar
 import grpc
 
 from bertrec.errors import ArtifactError, BertrecError
-from bertrec.export.manifest import read_manifest
-from bertrec.export.repository import list_versions, model_dir
+from bertrec.repository.manifest import read_manifest
+from bertrec.repository.versions import list_versions, model_dir
 from bertrec.server.errors import NotFound, ServiceError
 from bertrec.server.model_slot import ModelSlot, NoMetrics, VersionMetrics
 from bertrec.server.version_policy import VersionPolicy

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from bertrec.bench.synthetic import random_factor_arrays
-from bertrec.export.artifacts import FactorArrays
+from bertrec.repository.artifacts import FactorArrays
 from bertrec.train.checkpoint import TrainInfo, save_encoder, save_factors
 
 PHRASES = (

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from bertrec.errors import ArtifactError
-from bertrec.export.artifacts import (
+from bertrec.repository.artifacts import (
     ITEM_TEXTS,
     TOKENIZER,
     FactorArrays,

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bertrec.export.artifacts import RANKING_SCORE, FactorArrays
+from bertrec.repository.artifacts import RANKING_SCORE, FactorArrays
 from bertrec.train import checkpoint
 from bertrec.train.baselines import ImplicitALSScorer, PopularityScorer, implicit_available
 from bertrec.train.dataset import Dataset, Split

@@ -274,7 +274,7 @@ def resolve_inputs(args: argparse.Namespace) -> Any:
             info = client.model_info()
             limits = Limits(info.max_k, info.max_item_ids, info.max_texts, info.max_text_bytes)
             if args.model_repo is not None:
-                from bertrec.export.repository import resolve_version
+                from bertrec.repository.versions import resolve_version
 
                 folder = resolve_version(args.model_repo, args.model, args.version)
                 if (info.model.name, str(info.model.version)) != (args.model, folder.name):

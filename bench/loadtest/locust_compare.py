@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     from bertrec.bench.loadtest.recorder import summarize
     from bertrec.bench.loadtest.runner import LoadSpec, run_step
     from bertrec.bench.loadtest.workload import Limits, build_pools, inputs_from_version
-    from bertrec.export.repository import resolve_version
+    from bertrec.repository.versions import resolve_version
 
     mix = {"recommend": 1.0}
     inputs = inputs_from_version(resolve_version(args.model_repo, args.model), Limits())

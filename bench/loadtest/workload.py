@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from bertrec.errors import BertrecError
-from bertrec.export.artifacts import ITEM_IDS, ITEM_TEXTS, USER_IDS, load_item_texts
+from bertrec.repository.artifacts import ITEM_IDS, ITEM_TEXTS, USER_IDS, load_item_texts
 
 SERVICE = "/bertrec.v1.RecommenderService/"
 # Mix keys (CLI spelling) -> gRPC method names.

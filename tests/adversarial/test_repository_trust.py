@@ -25,7 +25,7 @@ import pytest
 
 from bertrec.bench.synthetic import MODEL, build_synthetic_repo
 from bertrec.errors import ArtifactError
-from bertrec.export.artifacts import (
+from bertrec.repository.artifacts import (
     ITEM_BIAS,
     ITEM_FACTORS,
     ITEM_RANK_BIAS,
@@ -34,8 +34,8 @@ from bertrec.export.artifacts import (
     USER_BIAS,
     USER_FACTORS,
 )
-from bertrec.export.manifest import read_manifest, sha256_file, write_manifest
-from bertrec.export.repository import list_versions, publish_version
+from bertrec.repository.manifest import read_manifest, sha256_file, write_manifest
+from bertrec.repository.versions import list_versions, publish_version
 from bertrec.server.config import ServerConfig
 from bertrec.server.model import Model, load_model
 
@@ -257,7 +257,7 @@ EXPORTER = textwrap.dedent(
     """
     import sys
     from pathlib import Path
-    from bertrec.export.repository import publish_version
+    from bertrec.repository.versions import publish_version
 
     def build(out: Path) -> None:
         (out / "half-written.bin").write_bytes(bytes(1 << 20))

@@ -27,8 +27,8 @@ import pytest
 from server_harness import MODEL, Reference, ServerProcess, start_server
 
 from bertrec.bench.versions import publish_variant, write_variant
-from bertrec.export.artifacts import ITEM_FACTORS
-from bertrec.export.repository import publish_version
+from bertrec.repository.artifacts import ITEM_FACTORS
+from bertrec.repository.versions import publish_version
 from bertrec.server.models_cli import ModelsClient
 from bertrec.v1 import recommender_pb2 as pb
 from bertrec.v1 import recommender_pb2_grpc as pb_grpc
@@ -217,7 +217,7 @@ def test_a_corrupted_version_is_refused_and_the_old_one_keeps_serving(
 def test_an_export_killed_midway_leaves_nothing_to_pick_up(live: ServerProcess, repo: Path) -> None:
     script = (
         "import sys, time\nfrom pathlib import Path\n"
-        "from bertrec.export.repository import publish_version\n"
+        "from bertrec.repository.versions import publish_version\n"
         "def build(out):\n"
         "    (out / 'item_factors.npy').write_bytes(b'half')\n"
         "    print('building', flush=True)\n"

@@ -20,7 +20,7 @@ from bertrec.bench.quality_protocol import (
     load_quality_data,
     rating_metrics,
 )
-from bertrec.export.artifacts import RATING_HEAD_SCORE
+from bertrec.repository.artifacts import RATING_HEAD_SCORE
 from bertrec.server.model import Model
 from bertrec.train.finetune import FinetuneConfig
 from bertrec.train.pipeline import TrainConfig

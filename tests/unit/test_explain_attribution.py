@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from bertrec.export.artifacts import FactorArrays
+from bertrec.repository.artifacts import FactorArrays
 from bertrec.server.explain import explain
 from bertrec.train.ials import IALSConfig, attribution_arrays, fit_ials
 

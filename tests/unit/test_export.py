@@ -18,7 +18,14 @@ from fakes import make_trained_output
 
 from bertrec.cli import main
 from bertrec.errors import ArtifactError
-from bertrec.export.artifacts import (
+from bertrec.export.onnx_export import export_model, torch_embed
+from bertrec.export.verify import (
+    ParityFixture,
+    measure_parity,
+    parity_problem,
+    verify_version,
+)
+from bertrec.repository.artifacts import (
     ARRAY_FILES,
     ENCODER_INT8_ONNX,
     ENCODER_ONNX,
@@ -31,20 +38,13 @@ from bertrec.export.artifacts import (
     TOKENIZER,
     USER_IDS,
 )
-from bertrec.export.manifest import (
+from bertrec.repository.manifest import (
     EncoderVariant,
     Parity,
     read_manifest,
     verify_files,
 )
-from bertrec.export.onnx_export import export_model, torch_embed
-from bertrec.export.repository import list_versions
-from bertrec.export.verify import (
-    ParityFixture,
-    measure_parity,
-    parity_problem,
-    verify_version,
-)
+from bertrec.repository.versions import list_versions
 from bertrec.text import TextTokenizer
 from bertrec.train.checkpoint import load_encoder, load_item_texts
 
@@ -351,7 +351,7 @@ def test_torch_is_not_imported_by_the_serving_modules() -> None:
     import subprocess
 
     code = (
-        "import sys; import bertrec.export.manifest, bertrec.export.repository, "
+        "import sys; import bertrec.repository.manifest, bertrec.repository.versions, "
         "bertrec.export.verify, bertrec.export.cli; "
         "bad = {'torch', 'onnx', 'transformers', 'onnxruntime'} & set(sys.modules); "
         "sys.exit(f'imported {bad}' if bad else 0)"

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
-from bertrec.export.artifacts import RATING_HEAD_SCORE, RATING_SCORE, FactorArrays
+from bertrec.repository.artifacts import RATING_HEAD_SCORE, RATING_SCORE, FactorArrays
 from bertrec.train.ials import IALSConfig, _sweep, confidence_matrix, fit_ials
 from bertrec.train.indexing import Interactions
 from bertrec.train.rating_head import RatingConfig, fit_rating_head

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from bertrec.cli import main
-from bertrec.export.artifacts import ARRAY_FILES, FactorArrays
+from bertrec.repository.artifacts import ARRAY_FILES, FactorArrays
 from bertrec.train import checkpoint
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from bertrec.errors import ArtifactError, BertrecError
-from bertrec.export.repository import (
+from bertrec.repository.versions import (
     list_versions,
     next_version,
     publish_version,

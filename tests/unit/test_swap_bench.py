@@ -10,9 +10,9 @@ from bertrec.bench.loadtest.recorder import Calls
 from bertrec.bench.swap import SwapWindow, during_swaps
 from bertrec.bench.synthetic import MODEL, build_synthetic_repo
 from bertrec.bench.versions import publish_variant
-from bertrec.export.artifacts import ITEM_FACTORS, TOKENIZER
-from bertrec.export.manifest import read_manifest, verify_files
-from bertrec.export.repository import list_versions
+from bertrec.repository.artifacts import ITEM_FACTORS, TOKENIZER
+from bertrec.repository.manifest import read_manifest, verify_files
+from bertrec.repository.versions import list_versions
 
 
 def test_a_variant_is_a_complete_verified_version_with_other_factors(tmp_path: Path) -> None:

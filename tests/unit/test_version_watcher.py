@@ -11,7 +11,7 @@ import pytest
 from test_model_slot import FakeVersion, RecordingMetrics, close
 
 from bertrec.errors import ArtifactError
-from bertrec.export.manifest import Dims, EncoderInfo, Manifest, Scoring, write_manifest
+from bertrec.repository.manifest import Dims, EncoderInfo, Manifest, Scoring, write_manifest
 from bertrec.server.errors import NotFound
 from bertrec.server.model_slot import ModelSlot, OnlyVersion
 from bertrec.server.version_policy import VersionPolicy

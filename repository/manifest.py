@@ -17,7 +17,7 @@ import numpy as np
 
 from bertrec import __version__
 from bertrec.errors import ArtifactError
-from bertrec.export.artifacts import (
+from bertrec.repository.artifacts import (
     ARRAY_FILES,
     ENCODER_ONNX,
     ITEM_TEXTS,
@@ -30,7 +30,7 @@ from bertrec.export.artifacts import (
     TEXT_QUERY_SCORE,
     TOKENIZER,
 )
-from bertrec.export.repository import version_of_folder
+from bertrec.repository.versions import version_of_folder
 
 REQUIRED_FILES = (ENCODER_ONNX, TOKENIZER, ITEM_TEXTS, PARITY_TEXTS, PARITY_EXPECTED, *ARRAY_FILES)
 LIBRARIES = ("torch", "transformers", "onnx", "onnxruntime", "numpy", "tokenizers")
