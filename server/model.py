@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 
 from bertrec.errors import ArtifactError
-from bertrec.export.artifacts import TOKENIZER, FactorArrays
-from bertrec.export.manifest import Manifest, read_manifest, verify_files
-from bertrec.export.repository import resolve_version
+from bertrec.repository.artifacts import TOKENIZER, FactorArrays
+from bertrec.repository.manifest import Manifest
+from bertrec.repository.opened import open_version
 from bertrec.server.config import ServerConfig
 from bertrec.server.encoder_runtime import EncoderRuntime
 from bertrec.server.errors import NotFound
@@ -221,11 +221,8 @@ def load_model(config: ServerConfig) -> Model:
         BertrecError: no usable encoder variant or execution provider.
     """
     start = time.monotonic()
-    version_dir = resolve_version(config.model_repo, config.model, config.version)
-    manifest = read_manifest(version_dir)
-    verify_files(version_dir, manifest)
-    arrays = FactorArrays.load(version_dir, manifest.scoring.global_mean, mmap=True)
-    _check_shapes(version_dir, manifest, arrays)
+    opened = open_version(config.model_repo, config.model, config.version)
+    version_dir, manifest, arrays = opened.folder, opened.manifest, opened.arrays
     encoder_file = _encoder_file(manifest, config.encoder_variant, version_dir)
     tokenizer = TextTokenizer.from_file(version_dir / TOKENIZER, manifest.dims.max_seq_len)
     providers = choose_providers(list(config.providers))
@@ -263,12 +260,3 @@ def _encoder_file(manifest: Manifest, variant: str, version_dir: Path) -> str:
         listed = ", ".join(names) or "none"
         raise ArtifactError(f"{version_dir}: no encoder variant {variant!r} (has {listed})")
     return found.file
-
-
-def _check_shapes(version_dir: Path, manifest: Manifest, a: FactorArrays) -> None:
-    dims = manifest.dims
-    problem = a.shape_mismatch(dims.n_users, dims.n_items, dims.factor_dim)
-    if problem is not None:
-        raise ArtifactError(f"{version_dir}: {problem}")
-    if a.rated_indptr[-1] != len(a.rated_indices):
-        raise ArtifactError(f"{version_dir}: rated_indptr does not match rated_indices")
