@@ -145,13 +145,15 @@ class Recommender:
             exclude = np.concatenate([exclude, self.model.rated_rows(row)])
         vector = self.model.user_vector(row)
         query = RankQuery(
-            vector, k, exclude if len(exclude) else None, include if len(include) else None
+            vector, k, exclude if len(exclude) else None, include if len(include) else None, row
         )
         return PendingRank(self.ranker.submit(query, deadline_s), vector, row, explain)
 
     def ranked(self, pending: PendingRank, result: RankResult) -> Recommendations:
         """Assemble ranked items (with predicted ratings) from a finished ranking query."""
-        ratings = self.model.predicted_ratings(pending.vector, result.rows, pending.user_row)
+        ratings = result.ratings
+        if ratings is None:  # not from `Model.rank` (a stand-in model)
+            ratings = self.model.predicted_ratings(pending.vector, result.rows, pending.user_row)
         ids = self.model.item_ids
         if pending.explain:
             return self._explained(pending, result, ratings)

@@ -44,14 +44,20 @@ class RankQuery:
     k: int
     exclude: np.ndarray | None = None  # item rows never returned
     allow: np.ndarray | None = None  # if set, only these item rows are ranked
+    user_row: int | None = None  # whose predicted ratings `rank` returns (None: a text query)
 
 
 @dataclass(frozen=True)
 class RankResult:
-    """Top rows and their scores for one query, best first (may hold fewer than k)."""
+    """Top rows and their scores for one query, best first (may hold fewer than k).
+
+    `rank` also fills the predicted ratings, computed for the whole batch at once, so the
+    request thread only turns arrays into the response (`similar` leaves them None).
+    """
 
     rows: np.ndarray  # int64 (n,)
     scores: np.ndarray  # float32 (n,)
+    ratings: np.ndarray | None = None  # float32 (n,): predicted ratings of `rows`
 
 
 class Model:
@@ -149,8 +155,34 @@ class Model:
         return np.clip(base, low, high).astype(np.float32)
 
     def rank(self, queries: list[RankQuery]) -> list[RankResult]:
-        """One matrix product over the catalogue for all queries, then top-k per row."""
-        return _topk(self.ranker, queries)
+        """One matrix product over the catalogue for all queries, then top-k per row, then
+        every query's predicted ratings in one vectorised pass."""
+        results = _topk(self.ranker, queries)
+        ratings = self._batch_ratings(queries, results)
+        return [
+            RankResult(r.rows, r.scores, ratings[i, : len(r.rows)]) for i, r in enumerate(results)
+        ]
+
+    def _batch_ratings(self, queries: list[RankQuery], results: list[RankResult]) -> np.ndarray:
+        """`predicted_ratings` for every query of a batch at once: (queries, longest result)."""
+        width = max((len(r.rows) for r in results), default=0)
+        rows = np.zeros((len(results), width), np.int64)
+        for i, r in enumerate(results):
+            rows[i, : len(r.rows)] = r.rows
+        users = np.array([-1 if q.user_row is None else q.user_row for q in queries], np.int64)
+        known = users >= 0
+        a = self.arrays
+        user_bias = np.where(known, a.user_bias[np.maximum(users, 0)], 0.0)
+        base = a.global_mean + user_bias[:, None] + a.item_bias[rows]
+        if a.rating_user_factors is None or a.rating_item_factors is None:
+            vectors = np.stack([q.vector for q in queries])
+            return (base + np.einsum("qkd,qd->qk", a.item_factors[rows], vectors)).astype(
+                np.float32
+            )
+        user_vectors = a.rating_user_factors[np.maximum(users, 0)] * known[:, None]
+        base = base + np.einsum("qkd,qd->qk", a.rating_item_factors[rows], user_vectors)
+        low, high = self.manifest.scoring.rating_range
+        return np.clip(base, low, high).astype(np.float32)
 
     def similar(self, queries: list[RankQuery]) -> list[RankResult]:
         """Like `rank`, over unit-length item vectors (so scores are cosines)."""

@@ -21,7 +21,7 @@ from bertrec.bench.quality_protocol import (
     rating_metrics,
 )
 from bertrec.repository.artifacts import RATING_HEAD_SCORE
-from bertrec.server.model import Model
+from bertrec.server.model import Model, RankQuery
 from bertrec.train.finetune import FinetuneConfig
 from bertrec.train.pipeline import TrainConfig
 
@@ -99,3 +99,18 @@ def test_predictions_are_the_exported_arrays(
     got = model.predicted_ratings(model.user_vector(u), rows, u)
     np.testing.assert_allclose(got, np.clip(expected, low, high), atol=1e-5)
     assert low <= 1.0 and high == 5.0  # MovieLens half stars: the range is the data's
+
+
+def test_a_ranking_batch_returns_each_querys_predicted_ratings(
+    trained: tuple[QualityData, HoldoutSplit, Model],
+) -> None:
+    """`Model.rank` fills every query's ratings in one vectorised pass, users and text alike,
+    exactly as `predicted_ratings` gives them one query at a time."""
+    model = trained[2]
+    text_vector = model.fold_text(np.ones(model.arrays.text_to_user.shape[1], np.float32))
+    queries = [RankQuery(model.user_vector(u), 5 + u, user_row=u) for u in range(4)]
+    queries.append(RankQuery(text_vector, 3))
+    for query, result in zip(queries, model.rank(queries), strict=True):
+        assert result.ratings is not None and len(result.ratings) == len(result.rows)
+        one = model.predicted_ratings(query.vector, result.rows, query.user_row)
+        np.testing.assert_allclose(result.ratings, one, atol=1e-5)
