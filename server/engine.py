@@ -32,11 +32,11 @@ from bertrec.server.batcher import Batcher, BatcherConfig
 from bertrec.server.config import ServerConfig
 from bertrec.server.errors import Cancelled, DeadlineExceeded, InvalidArgument
 from bertrec.server.explain import explain as explain_scores
+from bertrec.server.futures import chain, finished
 from bertrec.server.metrics import ServerMetrics
 from bertrec.server.model import WARMUP_TEXTS, Model, RankQuery, RankResult
 
 R = TypeVar("R")
-T = TypeVar("T")
 
 # k when a request leaves it unset (0, proto3's default): the same as the v2 API and the clients.
 DEFAULT_K = 10
@@ -196,7 +196,7 @@ class Recommender:
         pending = self.submit_recommend(
             user_id, k, exclude_rated, include_ids, exclude_ids, deadline_s
         )
-        return _chain(pending.future, lambda result: _finished(self.ranked(pending, result)))
+        return chain(pending.future, lambda result: finished(self.ranked(pending, result)))
 
     def _explained(
         self, pending: PendingRank, result: RankResult, ratings: np.ndarray
@@ -246,7 +246,7 @@ class Recommender:
             return self.ranker.submit(RankQuery(vector, k), call.deadline_s)
 
         # encode -> fold -> rank run on the batchers' side: the handler waits once.
-        chained = _chain(self.encoder.submit(text, call.deadline_s), rank)
+        chained = chain(self.encoder.submit(text, call.deadline_s), rank)
         result = wait(chained, call)
         return self.ranked(PendingRank(chained, folded["vector"], None, explain), result)
 
@@ -359,64 +359,6 @@ class Recommender:
             if item_id in seen:
                 raise InvalidArgument(f"{name} lists {item_id!r} more than once")
             seen.add(item_id)
-
-
-def _chain(first: Future[T], then: Callable[[T], Future[R]]) -> Future[R]:
-    """A future for `then(first's result)`, started by the thread that finishes `first`.
-
-    The handler blocks on one future instead of waking between stages; an error or
-    cancellation of either stage ends the chain, and cancelling the chain cancels the stage
-    still queued, so a caller that leaves frees both batchers' work.
-    """
-    chained: Future[R] = Future()
-    stages: list[Future[Any]] = [first]
-
-    def stop_stages(done: Future[R]) -> None:
-        if done.cancelled():
-            for stage in stages:
-                stage.cancel()
-
-    def pass_on(stage: Future[R]) -> None:
-        if stage.cancelled():
-            chained.cancel()
-        elif (error := stage.exception()) is not None:
-            _settle(chained, error=error)
-        else:
-            _settle(chained, result=stage.result())
-
-    def start_second(done: Future[T]) -> None:
-        if done.cancelled():
-            chained.cancel()
-            return
-        try:
-            second = then(done.result())
-        except BaseException as error:  # the first stage's error, or the second's refusal
-            _settle(chained, error=error)
-            return
-        stages.append(second)
-        second.add_done_callback(pass_on)
-        if chained.cancelled():
-            second.cancel()
-
-    chained.add_done_callback(stop_stages)
-    first.add_done_callback(start_second)
-    return chained
-
-
-def _finished(result: R) -> Future[R]:
-    done: Future[R] = Future()
-    done.set_result(result)
-    return done
-
-
-def _settle(future: Future[R], result: R | None = None, error: BaseException | None = None) -> None:
-    """Resolve `future` unless it was cancelled meanwhile (the caller left)."""
-    if not future.set_running_or_notify_cancel():
-        return
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(result)  # type: ignore[arg-type]
 
 
 def wait(future: Future[R], call: Call) -> R:

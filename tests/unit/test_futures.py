@@ -6,8 +6,8 @@ from concurrent.futures import Future
 
 import pytest
 
-from bertrec.server.engine import _chain
 from bertrec.server.errors import ResourceExhausted
+from bertrec.server.futures import chain
 
 
 def test_result_flows_through_both_stages() -> None:
@@ -19,7 +19,7 @@ def test_result_flows_through_both_stages() -> None:
         seen.append(value)
         return second
 
-    chained = _chain(first, then)
+    chained = chain(first, then)
     first.set_result(3)
     assert seen == [3] and not chained.done()
     second.set_result("ranked")
@@ -27,7 +27,7 @@ def test_result_flows_through_both_stages() -> None:
 
 
 @pytest.mark.parametrize("stage", ["first", "second", "then"])
-def test_an_error_at_any_stage_ends_the_chain(stage: str) -> None:
+def test_an_error_at_any_stage_ends_thechain(stage: str) -> None:
     first: Future[int] = Future()
     second: Future[str] = Future()
 
@@ -36,7 +36,7 @@ def test_an_error_at_any_stage_ends_the_chain(stage: str) -> None:
             raise ResourceExhausted("ranker queue is full")
         return second
 
-    chained = _chain(first, then)
+    chained = chain(first, then)
     if stage == "first":
         first.set_exception(ResourceExhausted("encoder is overloaded"))
     else:
@@ -50,20 +50,20 @@ def test_an_error_at_any_stage_ends_the_chain(stage: str) -> None:
 def test_a_caller_leaving_cancels_the_stage_still_queued() -> None:
     first: Future[int] = Future()
     second: Future[str] = Future()
-    chained = _chain(first, lambda _: second)
+    chained = chain(first, lambda _: second)
     assert chained.cancel()
     assert first.cancelled()  # the encoder drops it before computing
 
     first2: Future[int] = Future()
     second2: Future[str] = Future()
-    chained2 = _chain(first2, lambda _: second2)
+    chained2 = chain(first2, lambda _: second2)
     first2.set_result(1)
     assert chained2.cancel()
     assert second2.cancelled()  # the ranker drops it before computing
 
 
-def test_a_cancelled_stage_cancels_the_chain() -> None:
+def test_a_cancelled_stage_cancels_thechain() -> None:
     first: Future[int] = Future()
-    chained = _chain(first, lambda _: Future())
+    chained = chain(first, lambda _: Future())
     first.cancel()
     assert chained.cancelled()
