@@ -10,8 +10,11 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from bertrec.client import RecommenderClient
 
@@ -118,6 +121,17 @@ def start_server(
     match = server.wait_for_line(PORTS, READY_TIMEOUT_S)
     server.port, server.metrics_port = int(match.group(2)), int(match.group(4))
     return server
+
+
+@contextmanager
+def serving(repo: Path, log_dir: Path, *flags: str, **options: Any) -> Iterator[ServerProcess]:
+    """`start_server`, wait until health is SERVING, and terminate on the way out."""
+    server = start_server(repo, log_dir, *flags, **options)
+    try:
+        server.wait_serving()
+        yield server
+    finally:
+        server.terminate()
 
 
 def _pump(proc: subprocess.Popen[str], lines: queue.Queue[str]) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from server_harness import MODEL, SHARED_FLAGS, Reference, ServerProcess, start_server
+from server_harness import MODEL, SHARED_FLAGS, Reference, ServerProcess, serving
 
 from bertrec.client import RecommenderClient
 
@@ -20,13 +20,10 @@ def version_dir(model_repo: Path) -> Path:
 @pytest.fixture(scope="session")
 def server(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """The shared server (run with -X importtime so its imports can be audited)."""
-    proc = start_server(model_repo, tmp_path_factory.mktemp("logs"), *SHARED_FLAGS,
-                        import_time=True)  # fmt: skip
-    try:
-        proc.wait_serving()
+    with serving(
+        model_repo, tmp_path_factory.mktemp("logs"), *SHARED_FLAGS, import_time=True
+    ) as proc:
         yield proc
-    finally:
-        proc.terminate()
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ import grpc
 import numpy as np
 import pytest
 from fakes import make_trained_output
-from server_harness import MODEL, Reference, ServerProcess, start_server
+from server_harness import MODEL, Reference, ServerProcess, serving
 
 from bertrec.client import AsyncRecommenderClient, ExplainedItem, RecommenderClient
 from bertrec.oip.v2 import grpc_service_pb2 as oip
@@ -78,12 +78,8 @@ def version_dir(tmp_path_factory: pytest.TempPathFactory, tiny_bert_dir: Path) -
 
 @pytest.fixture(scope="module")
 def server(version_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    proc = start_server(version_dir.parent.parent, tmp_path_factory.mktemp("logs"))
-    try:
-        proc.wait_serving()
+    with serving(version_dir.parent.parent, tmp_path_factory.mktemp("logs")) as proc:
         yield proc
-    finally:
-        proc.terminate()
 
 
 @pytest.fixture(scope="module")

@@ -216,16 +216,18 @@ def test_a_corrupted_version_is_refused_and_the_old_one_keeps_serving(
 
 def test_an_export_killed_midway_leaves_nothing_to_pick_up(live: ServerProcess, repo: Path) -> None:
     script = (
-        "import sys, time\nfrom pathlib import Path\n"
+        "import sys\nfrom pathlib import Path\n"
         "from bertrec.repository.versions import publish_version\n"
         "def build(out):\n"
         "    (out / 'item_factors.npy').write_bytes(b'half')\n"
         "    print('building', flush=True)\n"
-        "    time.sleep(600)\n"
+        "    sys.stdin.read()  # holds the build open until the test kills it\n"
         "publish_version(Path(sys.argv[1]), sys.argv[2], build, 8)\n"
     )
-    exporter = subprocess.Popen([sys.executable, "-c", script, str(repo), MODEL],
-                                stdout=subprocess.PIPE, text=True)  # fmt: skip
+    exporter = subprocess.Popen(
+        [sys.executable, "-c", script, str(repo), MODEL],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
     try:
         assert exporter.stdout is not None and exporter.stdout.readline() == "building\n"
         os.kill(exporter.pid, signal.SIGKILL)

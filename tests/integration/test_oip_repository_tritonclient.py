@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from server_harness import MODEL, ServerProcess, start_server
+from server_harness import MODEL, ServerProcess, serving
 from test_oip_tritonclient import triton_python
 
 from bertrec.bench.versions import publish_variant
@@ -65,12 +65,8 @@ def explicit_server(
     shutil.copytree(model_repo / MODEL / "1", repo / MODEL / "1")
     publish_variant(repo, MODEL, 1, seed=2, version=2)
     flags = ("--model-control", "explicit", "--poll-interval-s", "0")
-    server = start_server(repo, tmp_path_factory.mktemp("triton-logs"), *flags)
-    try:
-        server.wait_serving()
+    with serving(repo, tmp_path_factory.mktemp("triton-logs"), *flags) as server:
         yield server
-    finally:
-        server.terminate()
 
 
 @pytest.fixture(scope="module")

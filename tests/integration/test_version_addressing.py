@@ -11,7 +11,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from server_harness import MODEL, Reference, ServerProcess, start_server
+from server_harness import MODEL, Reference, ServerProcess, serving
 
 from bertrec.bench.versions import publish_variant
 from bertrec.oip.v2 import grpc_service_pb2 as oip
@@ -34,12 +34,8 @@ def repo(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def two(repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     flags = ("--version-policy", "latest 2", "--model-control", "none")
-    server = start_server(repo, tmp_path_factory.mktemp("two-logs"), *flags)
-    try:
-        server.wait_serving()
+    with serving(repo, tmp_path_factory.mktemp("two-logs"), *flags) as server:
         yield server
-    finally:
-        server.terminate()
 
 
 @pytest.fixture(scope="module")
