@@ -2,7 +2,7 @@
 # Install the tools tests/deploy runs, on a fresh Debian/Ubuntu machine; safe to run again
 # (each step is skipped when what it installs is already there).
 #
-#   apt:  prometheus (the `prometheus` server and `promtool`), and the toolchains of the
+#   apt:  prometheus (the `prometheus` server and `promtool`), redis-server, and the toolchains of the
 #         Go, C++ and Java clients (clients/<lang>/README.md; tests/integration/test_clients.py)
 #   npm:  clients/typescript/node_modules (grpc-js, ts-proto, typescript and the buf CLI, which
 #         also runs `buf lint` / `buf breaking` in tests/unit/test_proto_buf.py)
@@ -42,6 +42,7 @@ as_root() {
 # or generated code panics at run time).
 APT_PACKAGES=(
   prometheus
+  redis-server  # the shared feedback store (tests/feedback start their own on a free port)
   protobuf-compiler
   golang-go golang-google-grpc-dev golang-google-protobuf-dev protoc-gen-go protoc-gen-go-grpc
   golang-github-golang-protobuf-1-5-dev

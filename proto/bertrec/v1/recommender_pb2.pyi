@@ -1,10 +1,27 @@
+import datetime
+
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class FeedbackKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    FEEDBACK_KIND_UNSPECIFIED: _ClassVar[FeedbackKind]
+    FEEDBACK_KIND_RATING: _ClassVar[FeedbackKind]
+    FEEDBACK_KIND_CLICK: _ClassVar[FeedbackKind]
+    FEEDBACK_KIND_PURCHASE: _ClassVar[FeedbackKind]
+    FEEDBACK_KIND_SKIP: _ClassVar[FeedbackKind]
+FEEDBACK_KIND_UNSPECIFIED: FeedbackKind
+FEEDBACK_KIND_RATING: FeedbackKind
+FEEDBACK_KIND_CLICK: FeedbackKind
+FEEDBACK_KIND_PURCHASE: FeedbackKind
+FEEDBACK_KIND_SKIP: FeedbackKind
 
 class ModelRef(_message.Message):
     __slots__ = ("name", "version")
@@ -225,3 +242,47 @@ class GetModelInfoResponse(_message.Message):
     max_text_bytes: int
     created_at: str
     def __init__(self, model: _Optional[_Union[ModelRef, _Mapping]] = ..., dim: _Optional[int] = ..., user_count: _Optional[int] = ..., item_count: _Optional[int] = ..., execution_provider: _Optional[str] = ..., encoder_file: _Optional[str] = ..., max_seq_len: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., scoring: _Optional[_Mapping[str, str]] = ..., max_k: _Optional[int] = ..., max_item_ids: _Optional[int] = ..., max_texts: _Optional[int] = ..., max_text_bytes: _Optional[int] = ..., created_at: _Optional[str] = ...) -> None: ...
+
+class FeedbackEvent(_message.Message):
+    __slots__ = ("user_id", "item_id", "kind", "rating", "occurred_at", "idempotency_key")
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    ITEM_ID_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    RATING_FIELD_NUMBER: _ClassVar[int]
+    OCCURRED_AT_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
+    user_id: str
+    item_id: str
+    kind: FeedbackKind
+    rating: float
+    occurred_at: _timestamp_pb2.Timestamp
+    idempotency_key: str
+    def __init__(self, user_id: _Optional[str] = ..., item_id: _Optional[str] = ..., kind: _Optional[_Union[FeedbackKind, str]] = ..., rating: _Optional[float] = ..., occurred_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
+
+class RecordFeedbackRequest(_message.Message):
+    __slots__ = ("events",)
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    events: _containers.RepeatedCompositeFieldContainer[FeedbackEvent]
+    def __init__(self, events: _Optional[_Iterable[_Union[FeedbackEvent, _Mapping]]] = ...) -> None: ...
+
+class RecordFeedbackResponse(_message.Message):
+    __slots__ = ("accepted", "duplicates")
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATES_FIELD_NUMBER: _ClassVar[int]
+    accepted: int
+    duplicates: int
+    def __init__(self, accepted: _Optional[int] = ..., duplicates: _Optional[int] = ...) -> None: ...
+
+class ForgetUserRequest(_message.Message):
+    __slots__ = ("user_id",)
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    user_id: str
+    def __init__(self, user_id: _Optional[str] = ...) -> None: ...
+
+class ForgetUserResponse(_message.Message):
+    __slots__ = ("events_deleted", "had_model_factors")
+    EVENTS_DELETED_FIELD_NUMBER: _ClassVar[int]
+    HAD_MODEL_FACTORS_FIELD_NUMBER: _ClassVar[int]
+    events_deleted: int
+    had_model_factors: bool
+    def __init__(self, events_deleted: _Optional[int] = ..., had_model_factors: _Optional[bool] = ...) -> None: ...

@@ -66,6 +66,16 @@ class RecommenderServiceStub:
                 request_serializer=bertrec_dot_v1_dot_recommender__pb2.GetModelInfoRequest.SerializeToString,
                 response_deserializer=bertrec_dot_v1_dot_recommender__pb2.GetModelInfoResponse.FromString,
                 _registered_method=True)
+        self.RecordFeedback = channel.unary_unary(
+                '/bertrec.v1.RecommenderService/RecordFeedback',
+                request_serializer=bertrec_dot_v1_dot_recommender__pb2.RecordFeedbackRequest.SerializeToString,
+                response_deserializer=bertrec_dot_v1_dot_recommender__pb2.RecordFeedbackResponse.FromString,
+                _registered_method=True)
+        self.ForgetUser = channel.unary_unary(
+                '/bertrec.v1.RecommenderService/ForgetUser',
+                request_serializer=bertrec_dot_v1_dot_recommender__pb2.ForgetUserRequest.SerializeToString,
+                response_deserializer=bertrec_dot_v1_dot_recommender__pb2.ForgetUserResponse.FromString,
+                _registered_method=True)
 
 
 class RecommenderServiceServicer:
@@ -118,6 +128,30 @@ class RecommenderServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RecordFeedback(self, request, context):
+        """Records users' reactions to items. OK means every event of the batch is on stable storage
+        (the server's feedback store), and each user's next Recommend reflects them: the user's
+        vector is re-solved against the item factors and the items they reacted to are excluded
+        like rated ones. A user unknown to the model becomes known with their first events.
+        Events sent again with the same idempotency_key are stored and applied once. A batch with
+        one bad event (unknown item, rating out of range, empty ids, timestamp in the future) is
+        rejected whole with INVALID_ARGUMENT naming the event's index: nothing of it is stored.
+        A server started without a feedback store answers FAILED_PRECONDITION.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ForgetUser(self, request, context):
+        """Forgets a user (privacy): deletes their stored events and folded vector, masks their
+        training-data factors, and records a tombstone (a salted hash, not the id) that keeps them
+        out of the next `bertrec train --feedback`. Afterwards the user is unknown (NOT_FOUND)
+        until they send new feedback. Forgetting an unknown user is not an error.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RecommenderServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -150,6 +184,16 @@ def add_RecommenderServiceServicer_to_server(servicer, server):
                     servicer.GetModelInfo,
                     request_deserializer=bertrec_dot_v1_dot_recommender__pb2.GetModelInfoRequest.FromString,
                     response_serializer=bertrec_dot_v1_dot_recommender__pb2.GetModelInfoResponse.SerializeToString,
+            ),
+            'RecordFeedback': grpc.unary_unary_rpc_method_handler(
+                    servicer.RecordFeedback,
+                    request_deserializer=bertrec_dot_v1_dot_recommender__pb2.RecordFeedbackRequest.FromString,
+                    response_serializer=bertrec_dot_v1_dot_recommender__pb2.RecordFeedbackResponse.SerializeToString,
+            ),
+            'ForgetUser': grpc.unary_unary_rpc_method_handler(
+                    servicer.ForgetUser,
+                    request_deserializer=bertrec_dot_v1_dot_recommender__pb2.ForgetUserRequest.FromString,
+                    response_serializer=bertrec_dot_v1_dot_recommender__pb2.ForgetUserResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -316,6 +360,60 @@ class RecommenderService:
             '/bertrec.v1.RecommenderService/GetModelInfo',
             bertrec_dot_v1_dot_recommender__pb2.GetModelInfoRequest.SerializeToString,
             bertrec_dot_v1_dot_recommender__pb2.GetModelInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RecordFeedback(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/bertrec.v1.RecommenderService/RecordFeedback',
+            bertrec_dot_v1_dot_recommender__pb2.RecordFeedbackRequest.SerializeToString,
+            bertrec_dot_v1_dot_recommender__pb2.RecordFeedbackResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ForgetUser(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/bertrec.v1.RecommenderService/ForgetUser',
+            bertrec_dot_v1_dot_recommender__pb2.ForgetUserRequest.SerializeToString,
+            bertrec_dot_v1_dot_recommender__pb2.ForgetUserResponse.FromString,
             options,
             channel_credentials,
             insecure,
