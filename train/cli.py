@@ -41,6 +41,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--test", type=Path, help="evaluation ratings file (default: a seeded split of --ratings)"
     )
     tr.add_argument("--out", type=Path, required=True, help="training output folder (new)")
+    tr.add_argument(
+        "--feedback",
+        metavar="STORE_URL",
+        help="fold a feedback store (sqlite://PATH or redis://host:port/db) into the data: "
+        "its ratings are added (the latest per user and item wins) and forgotten users are "
+        "left out",
+    )
     add_training_args(tr)
     tr.set_defaults(func=run_train)
 
@@ -152,11 +159,20 @@ def run_train(args: argparse.Namespace) -> int:
     if args.out.exists() and any(args.out.iterdir()):
         raise BertrecError(f"{args.out}: output folder exists and is not empty")
     dataset = load_dataset(args.ratings, args.items)
-    if args.test is not None:
-        split = split_with_test(dataset, load_ratings(args.test))
+    test = load_ratings(args.test) if args.test is not None else None
+    notes: dict[str, object] = {}
+    if args.feedback:
+        from bertrec.train.feedback_data import fold_feedback
+
+        folded = fold_feedback(args.feedback, dataset, test)
+        dataset, test = folded.dataset, folded.test
+        notes["feedback"] = folded.summary.as_metrics()
+        print(folded.summary.line())
+    if test is not None:
+        split = split_with_test(dataset, test)
     else:
         split = split_dataset(dataset, args.test_fraction, args.cold_fraction, seed=args.split_seed)
-    result = train(dataset, split, training_config(args), args.out)
+    result = train(dataset, split, training_config(args), args.out, notes)
     print(metrics_table(result.metrics))
     print(f"\ntraining output: {args.out}  (metrics: {args.out / 'metrics.json'})")
     print("timings (s): " + json.dumps(result.seconds))

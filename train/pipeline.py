@@ -60,8 +60,18 @@ def pick_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def train(dataset: Dataset, split: Split, cfg: TrainConfig, out: Path) -> TrainResult:
-    """Run the whole training job and write `out` (created; must not hold a previous run)."""
+def train(
+    dataset: Dataset,
+    split: Split,
+    cfg: TrainConfig,
+    out: Path,
+    notes: dict[str, Any] | None = None,
+) -> TrainResult:
+    """Run the whole training job and write `out` (created; must not hold a previous run).
+
+    `notes` (e.g. what folding a feedback store did) join the metrics, and so the manifest's
+    training metrics of every version exported from `out`.
+    """
     timer = _Timer()
     device = pick_device()
     log.info(
@@ -100,6 +110,7 @@ def train(dataset: Dataset, split: Split, cfg: TrainConfig, out: Path) -> TrainR
     metrics = _evaluate_all(split, index, train_rows, (indptr, indices), heads, rating_range, cfg)
     timer.lap("evaluate")
     metrics["finetune"] = ft_metrics
+    metrics.update(notes or {})
 
     projection = heads.text_projection
     if projection is None:  # trained without text: cold items and text queries score 0
