@@ -1,11 +1,14 @@
 """Folding a feedback store into training data (train/feedback_data.py): latest rating wins,
-new users, unknown items, implicit kinds, tombstones, and paging through a real SQLite store."""
+new users, unknown items, implicit kinds, tombstones, and paging through a real store (SQLite
+and a real redis-server)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from redis_harness import have_redis_server, redis_server
 
 from bertrec.errors import BertrecError
 from bertrec.feedback.events import FeedbackEvent, FeedbackKind, StoredEvent
@@ -116,8 +119,19 @@ def _append(store_url: str, events: list[tuple[str, str, float, float]]) -> None
         store.close()
 
 
-def test_fold_feedback_pages_through_a_sqlite_store(tmp_path: Path) -> None:
-    url = f"sqlite://{tmp_path / 'feedback.db'}"
+@pytest.fixture(params=["sqlite", "redis"])
+def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """An empty store of each kind."""
+    if request.param == "sqlite":
+        yield f"sqlite://{tmp_path / 'feedback.db'}"
+        return
+    if not have_redis_server():
+        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+    with redis_server(tmp_path / "redis") as server:
+        yield server.url
+
+
+def test_fold_feedback_pages_through_a_store(url: str) -> None:
     _append(url, [("fay", "i1", 4.0, 1.0), ("gus", "i1", 2.0, 2.0), ("gus", "i2", 5.0, 3.0)])
     store = open_store(url)
     try:
