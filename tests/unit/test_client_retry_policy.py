@@ -75,3 +75,52 @@ def test_bad_policies_are_refused(kwargs: dict) -> None:
 def test_jitter_is_accepted_but_deprecated() -> None:
     with pytest.warns(DeprecationWarning, match="jitter"):
         RetryPolicy(jitter=0.0)
+
+
+FEEDBACK = [{"service": SERVICE, "method": m} for m in ("RecordFeedback", "ForgetUser")]
+
+
+def feedback_policy(config: dict) -> dict | None:
+    (method,) = [m for m in config["methodConfig"] if all(n in m["name"] for n in FEEDBACK)]
+    return method.get("retryPolicy")
+
+
+def test_the_feedback_writes_retry_only_where_nothing_was_done() -> None:
+    """RecordFeedback and ForgetUser have their own entry (a method's entry wins over the
+    service's): no FAILED_PRECONDITION, which also means "no feedback store" to them."""
+    config = json.loads(FILE.read_text())
+    (entry,) = [m for m in config["methodConfig"] if any(n in m["name"] for n in FEEDBACK)]
+    assert sorted(entry["name"], key=str) == sorted(FEEDBACK, key=str)
+    writes = feedback_policy(config)
+    assert writes is not None
+    assert writes["retryableStatusCodes"] == ["UNAVAILABLE", "RESOURCE_EXHAUSTED"]
+    # One timing for reads and writes: RetryPolicy changes both alike.
+    timing = ("maxAttempts", "initialBackoff", "maxBackoff", "backoffMultiplier")
+    reads = retry_policy(config)
+    assert reads is not None
+    assert {k: writes[k] for k in timing} == {k: reads[k] for k in timing}
+    bundled = RetryPolicy.bundled().feedback_retryable_codes
+    assert bundled == (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
+
+
+def test_a_policy_changes_the_feedback_writes_too() -> None:
+    config = service_config(RetryPolicy(max_attempts=3, initial_backoff_s=0.025))
+    want = feedback_policy(json.loads(FILE.read_text()))
+    assert feedback_policy(config) == {**want, "maxAttempts": 3, "initialBackoff": "0.025s"}
+    # Widening the reads' codes leaves the writes' codes alone; they have a field of their own.
+    policy = RetryPolicy(retryable_codes=(grpc.StatusCode.INTERNAL,))
+    assert feedback_policy(service_config(policy)) == want
+    only = RetryPolicy(feedback_retryable_codes=(grpc.StatusCode.UNAVAILABLE,))
+    assert feedback_policy(service_config(only)) == {
+        **want,
+        "retryableStatusCodes": ["UNAVAILABLE"],
+    }
+    assert retry_policy(service_config(only)) == retry_policy(json.loads(FILE.read_text()))
+
+
+def test_one_attempt_or_no_codes_drops_the_feedback_retry_policy() -> None:
+    assert feedback_policy(service_config(RetryPolicy(max_attempts=1))) is None
+    config = service_config(RetryPolicy(feedback_retryable_codes=()))
+    assert feedback_policy(config) is None and retry_policy(config) is not None
+    with pytest.raises(ValueError):
+        RetryPolicy(feedback_retryable_codes=(grpc.StatusCode.OK,))

@@ -4,17 +4,20 @@
 Every call takes an optional deadline (`timeout_s`, one for all its attempts). gRPC itself
 retries UNAVAILABLE, RESOURCE_EXHAUSTED and FAILED_PRECONDITION (server starting up) with
 exponential backoff, by the service config every bertrec client shares (`bertrec.client.retry`,
-`RetryPolicy` to change it, `channel_options()` for a channel of your own); any other failure,
-or the last attempt's, raises `RecommenderError` with the gRPC status code.
+`RetryPolicy` to change it, `channel_options()` for a channel of your own); the feedback writes
+(`record_feedback`, `forget_user`) on UNAVAILABLE and RESOURCE_EXHAUSTED only. Any other
+failure, or the last attempt's, raises `RecommenderError` with the gRPC status code.
 
-    from bertrec.client import RecommenderClient
+    from bertrec.client import Feedback, RecommenderClient
 
     with RecommenderClient("localhost:50051") as client:
         for item in client.recommend("u0001", k=10).items:
             print(item.rank, item.item_id, item.predicted_rating)
+        client.record_feedback([Feedback("u0001", "i0042", "rating", rating=4.5)])
 """
 
 from bertrec.client.aio import AsyncRecommenderClient
+from bertrec.client.feedback import Feedback, FeedbackKind, FeedbackRecorded, UserForgotten
 from bertrec.client.retry import channel_options
 from bertrec.client.sync import RecommenderClient
 from bertrec.client.types import (
@@ -40,6 +43,9 @@ __all__ = [
     "Embeddings",
     "ExplainedItem",
     "Explanation",
+    "Feedback",
+    "FeedbackKind",
+    "FeedbackRecorded",
     "ModelInfo",
     "ModelRef",
     "RankedItem",
@@ -51,5 +57,6 @@ __all__ = [
     "Scores",
     "SimilarItem",
     "SimilarItems",
+    "UserForgotten",
     "channel_options",
 ]

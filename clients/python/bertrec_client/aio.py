@@ -8,6 +8,7 @@ from typing import Any, TypeVar
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from bertrec.client import feedback as fb
 from bertrec.client import types as t
 from bertrec.client.retry import channel_options
 from bertrec.v1 import recommender_pb2 as pb
@@ -98,6 +99,20 @@ class AsyncRecommenderClient:
         """The served model and the server's request limits."""
         request = pb.GetModelInfoRequest()
         return t.model_info(await self._invoke(self._stub.GetModelInfo, request, timeout_s))
+
+    async def record_feedback(
+        self, events: Sequence[fb.Feedback], *, timeout_s: float | None = None
+    ) -> fb.FeedbackRecorded:
+        """Store users' reactions durably, all or none (see `RecommenderClient`)."""
+        request = fb.record_feedback_request(events)
+        return fb.recorded(await self._invoke(self._stub.RecordFeedback, request, timeout_s))
+
+    async def forget_user(
+        self, user_id: str, *, timeout_s: float | None = None
+    ) -> fb.UserForgotten:
+        """Delete a user's stored feedback and folded vector (see `RecommenderClient`)."""
+        request = pb.ForgetUserRequest(user_id=user_id)
+        return fb.forgotten(await self._invoke(self._stub.ForgetUser, request, timeout_s))
 
     async def health(self, service: str = "", *, timeout_s: float | None = None) -> str:
         """The grpc.health.v1 status name, e.g. "SERVING" or "NOT_SERVING"."""

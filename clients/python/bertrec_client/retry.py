@@ -18,6 +18,14 @@ that a retry would repeat, possibly failing other callers' batches too). `retryT
 retrying on a channel whose calls mostly fail (it spends a token per failure and earns a tenth of
 one per success), so an overloaded server is not sent up to five times its load.
 
+The two feedback writes, RecordFeedback and ForgetUser, have a method config of their own (a
+method's own entry wins over the service's): the same attempts and backoff, on UNAVAILABLE and
+RESOURCE_EXHAUSTED only. Retrying a write is safe because every event carries an idempotency key
+(the store keeps a key once, so an attempt whose answer was lost is counted as a duplicate, not
+stored twice) and forgetting a user twice leaves the same state. FAILED_PRECONDITION is left out
+for them: besides a warm-up it also means the server has no feedback store, which no retry can
+fix, and five attempts would only delay that error and spend the channel's throttling tokens.
+
 gRPC does the retrying (and enforces the deadline across attempts), so the clients need no
 loop of their own. The health service is left out on purpose: a probe should see the server's
 state now, not after retries.
@@ -25,6 +33,7 @@ state now, not after retries.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import warnings
@@ -37,6 +46,8 @@ import grpc
 T = TypeVar("T")
 
 SERVICE = "bertrec.v1.RecommenderService"
+# The writes, with a method config of their own (see the module docstring).
+FEEDBACK_METHODS = ("RecordFeedback", "ForgetUser")
 SERVICE_CONFIG_FILE = "service_config.json"
 # gRFC A6: clients treat more than 5 attempts as 5, so a larger value would only mislead.
 MAX_ATTEMPTS_LIMIT = 5
@@ -54,7 +65,8 @@ class RetryPolicy:
 
     Attempt n+1 starts after a pause drawn uniformly from
     [0, min(initial_backoff_s * multiplier**(n-1), max_backoff_s)] (gRFC A6), never past the
-    call's deadline. `max_attempts=1` turns retries off.
+    call's deadline. The timing fields apply to every method; `max_attempts=1` turns retries
+    off for all of them.
 
     Args:
         max_attempts: attempts including the first, 1 to 5.
@@ -62,7 +74,10 @@ class RetryPolicy:
         max_backoff_s: cap of the pause bound, > 0.
         multiplier: growth of the pause bound per attempt, > 0.
         jitter: deprecated and ignored: gRPC always draws the whole pause at random.
-        retryable_codes: statuses that start another attempt.
+        retryable_codes: statuses that start another attempt of a read (every method but the
+            feedback writes).
+        feedback_retryable_codes: statuses that start another attempt of RecordFeedback and
+            ForgetUser; empty turns their retries off.
 
     Raises:
         ValueError: a value out of range.
@@ -74,6 +89,7 @@ class RetryPolicy:
     multiplier: float | None = None
     jitter: float | None = None  # fifth, as before: positional calls keep their meaning
     retryable_codes: tuple[grpc.StatusCode, ...] | None = None
+    feedback_retryable_codes: tuple[grpc.StatusCode, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.jitter is not None:
@@ -89,13 +105,17 @@ class RetryPolicy:
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise ValueError(f"{name} must be positive, got {value}")
-        if self.retryable_codes is not None and grpc.StatusCode.OK in self.retryable_codes:
-            raise ValueError("OK is not a retryable status")
+        for codes in (self.retryable_codes, self.feedback_retryable_codes):
+            if codes is not None and grpc.StatusCode.OK in codes:
+                raise ValueError("OK is not a retryable status")
 
     @classmethod
     def bundled(cls) -> RetryPolicy:
         """The policy of `service_config.json`, every field set."""
-        return _from_json(_retry_policy_json(json.loads(bundled_service_config())))
+        config = json.loads(bundled_service_config())
+        reads = _from_json(_method_config(config)["retryPolicy"])
+        writes = _codes(_feedback_method_config(config)["retryPolicy"])
+        return dataclasses.replace(reads, feedback_retryable_codes=writes)
 
     def resolved(self) -> RetryPolicy:
         """This policy with each None field taken from the bundled one."""
@@ -106,6 +126,9 @@ class RetryPolicy:
             max_backoff_s=_pick(self.max_backoff_s, base.max_backoff_s),
             multiplier=_pick(self.multiplier, base.multiplier),
             retryable_codes=_pick(self.retryable_codes, base.retryable_codes),
+            feedback_retryable_codes=_pick(
+                self.feedback_retryable_codes, base.feedback_retryable_codes
+            ),
         )
 
 
@@ -115,18 +138,21 @@ def service_config(retry: RetryPolicy | None = None) -> dict[str, Any]:
     if retry is None:
         return config
     policy = retry.resolved()
-    method = _method_config(config)
-    if policy.max_attempts == 1:
-        del method["retryPolicy"]
-        return config
-    assert policy.retryable_codes is not None  # resolved() sets every field
-    method["retryPolicy"] = {
-        "maxAttempts": policy.max_attempts,
-        "initialBackoff": _duration(policy.initial_backoff_s),
-        "maxBackoff": _duration(policy.max_backoff_s),
-        "backoffMultiplier": policy.multiplier,
-        "retryableStatusCodes": [code.name for code in policy.retryable_codes],
-    }
+    for method, codes in (
+        (_method_config(config), policy.retryable_codes),
+        (_feedback_method_config(config), policy.feedback_retryable_codes),
+    ):
+        # gRPC rejects a retry policy without codes (and with it the whole service config).
+        if policy.max_attempts == 1 or not codes:
+            del method["retryPolicy"]
+            continue
+        method["retryPolicy"] = {
+            "maxAttempts": policy.max_attempts,
+            "initialBackoff": _duration(policy.initial_backoff_s),
+            "maxBackoff": _duration(policy.max_backoff_s),
+            "backoffMultiplier": policy.multiplier,
+            "retryableStatusCodes": [code.name for code in codes],
+        }
     return config
 
 
@@ -150,9 +176,14 @@ def _method_config(config: dict[str, Any]) -> dict[str, Any]:
     raise ValueError(f"{SERVICE_CONFIG_FILE} has no methodConfig for {SERVICE}")
 
 
-def _retry_policy_json(config: dict[str, Any]) -> dict[str, Any]:
-    policy: dict[str, Any] = _method_config(config)["retryPolicy"]
-    return policy
+def _feedback_method_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The method config naming the feedback writes (each of them, in one entry)."""
+    names = [{"service": SERVICE, "method": m} for m in FEEDBACK_METHODS]
+    for method in config["methodConfig"]:
+        if all(name in method["name"] for name in names):
+            found: dict[str, Any] = method
+            return found
+    raise ValueError(f"{SERVICE_CONFIG_FILE} has no methodConfig for {', '.join(FEEDBACK_METHODS)}")
 
 
 def _from_json(policy: dict[str, Any]) -> RetryPolicy:
@@ -161,8 +192,12 @@ def _from_json(policy: dict[str, Any]) -> RetryPolicy:
         initial_backoff_s=_seconds(policy["initialBackoff"]),
         max_backoff_s=_seconds(policy["maxBackoff"]),
         multiplier=float(policy["backoffMultiplier"]),
-        retryable_codes=tuple(grpc.StatusCode[name] for name in policy["retryableStatusCodes"]),
+        retryable_codes=_codes(policy),
     )
+
+
+def _codes(policy: dict[str, Any]) -> tuple[grpc.StatusCode, ...]:
+    return tuple(grpc.StatusCode[name] for name in policy["retryableStatusCodes"])
 
 
 def _seconds(duration: str) -> float:

@@ -9,6 +9,7 @@ from typing import Any, TypeVar
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from bertrec.client import feedback as fb
 from bertrec.client import types as t
 from bertrec.client.retry import channel_options
 from bertrec.v1 import recommender_pb2 as pb
@@ -24,7 +25,8 @@ class RecommenderClient:
         target: "host:port".
         timeout_s: default deadline of each call (one deadline covers all its attempts).
         retry: changes to the bundled retry policy (`bertrec.client.retry`: UNAVAILABLE,
-            RESOURCE_EXHAUSTED and FAILED_PRECONDITION, up to 5 attempts), which gRPC applies.
+            RESOURCE_EXHAUSTED and FAILED_PRECONDITION, up to 5 attempts; the feedback writes
+            without FAILED_PRECONDITION), which gRPC applies.
         channel: use this channel instead of opening an insecure one to `target`; it retries
             only if built with `channel_options()` (then `retry` is not used).
 
@@ -104,6 +106,26 @@ class RecommenderClient:
         """The served model and the server's request limits."""
         request = pb.GetModelInfoRequest()
         return t.model_info(self._invoke(self._stub.GetModelInfo, request, timeout_s))
+
+    def record_feedback(
+        self, events: Sequence[fb.Feedback], *, timeout_s: float | None = None
+    ) -> fb.FeedbackRecorded:
+        """Store users' reactions durably, all or none; each user's next `recommend` reflects
+        them. Events whose idempotency key the store holds already count as duplicates, so
+        sending the same `Feedback` objects again is safe.
+
+        Raises:
+            RecommenderError: INVALID_ARGUMENT naming `events[i]` (nothing stored),
+                FAILED_PRECONDITION when the server has no feedback store.
+        """
+        request = fb.record_feedback_request(events)
+        return fb.recorded(self._invoke(self._stub.RecordFeedback, request, timeout_s))
+
+    def forget_user(self, user_id: str, *, timeout_s: float | None = None) -> fb.UserForgotten:
+        """Delete a user's stored feedback and folded vector; they are unknown (NOT_FOUND)
+        until they send feedback again. Forgetting an unknown user is not an error."""
+        request = pb.ForgetUserRequest(user_id=user_id)
+        return fb.forgotten(self._invoke(self._stub.ForgetUser, request, timeout_s))
 
     def health(self, service: str = "", *, timeout_s: float | None = None) -> str:
         """The grpc.health.v1 status name, e.g. "SERVING" or "NOT_SERVING"."""
