@@ -7,7 +7,8 @@
 # meant to be a GOPATH's src/ folder:
 #   OUT_DIR/bertrec.dev/clients/go/gen/bertrec/v1/    package bertrecv1
 # Generated code is never committed; build.sh runs this on every build so it cannot drift
-# from proto/. Exit status 3 means a code generator is missing.
+# from proto/. Exit status 3 means a code generator or protobuf's well-known types are missing;
+# PROTOC_INCLUDE names the folder holding google/protobuf/*.proto if it is not found.
 #
 # The health protocol (clients/proto/grpc/health/v1/health.proto) is deliberately not
 # generated: grpc-go ships that exact API as google.golang.org/grpc/health/grpc_health_v1,
@@ -32,6 +33,23 @@ command -v protoc >/dev/null 2>&1 || missing protoc protobuf-compiler
 command -v protoc-gen-go >/dev/null 2>&1 || missing protoc-gen-go protoc-gen-go
 command -v protoc-gen-go-grpc >/dev/null 2>&1 || missing protoc-gen-go-grpc protoc-gen-go-grpc
 
+# The API imports google/protobuf/timestamp.proto. Debian ships that file with libprotobuf-dev,
+# not with protoc, and only a protoc that finds it next to itself (../include) looks there
+# unasked; so find its folder here and name it, or report the package that provides it.
+wkt_include() {
+  local dir
+  for dir in "${PROTOC_INCLUDE:-}" "$(dirname "$(readlink -f "$1")")/../include" \
+    /usr/include /usr/local/include; do
+    if [[ -n "$dir" && -f "$dir/google/protobuf/timestamp.proto" ]]; then
+      (cd "$dir" && pwd)
+      return 0
+    fi
+  done
+  return 1
+}
+wkt="$(wkt_include "$(command -v protoc)")" ||
+  missing "google/protobuf/timestamp.proto (protobuf's well-known types)" libprotobuf-dev
+
 # Start from an empty package folder so a message or file removed from proto/ cannot linger.
 rm -rf "$out/bertrec.dev/clients/go/gen"
 mkdir -p "$out"
@@ -40,6 +58,7 @@ mkdir -p "$out"
 # which is also the name it registers under in the protobuf registry (as in every language).
 protoc \
   --proto_path="$root/proto" \
+  --proto_path="$wkt" \
   --go_out="$out" \
   --go-grpc_out="$out" \
   bertrec/v1/recommender.proto

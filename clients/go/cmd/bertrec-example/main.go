@@ -3,7 +3,11 @@
 //
 //  1. grpc.health.v1.Health/Check for the whole server (service ""),
 //  2. bertrec.v1.RecommenderService/Recommend for --user-id,
-//  3. bertrec.v1.RecommenderService/EmbedText for --text.
+//  3. bertrec.v1.RecommenderService/EmbedText for --text,
+//  4. with --feedback-user-id F only: bertrec.v1.RecommenderService/RecordFeedback, one event
+//     saying F rated the top item of step 2 with exampleRating. Its idempotency key is fixed,
+//     "bertrec-example:F:ITEM", so running the example again stores nothing new (the answer
+//     then counts a duplicate).
 //
 // Diagnostics go to stderr. Exit status: 0 on success, 1 when an RPC fails (the message names
 // the RPC and its gRPC status code), 2 on bad flags.
@@ -33,12 +37,15 @@ import (
 	"google.golang.org/grpc/codes"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/types/known/timestamppb"
 )
 
 const (
 	exitRPCError = 1
 	exitUsage    = 2
 	defaultText  = "a heartwarming story about friendship and adventure"
+	// exampleRating is the rating step 4 records; any value in the model's rating range works.
+	exampleRating = 4.0
 )
 
 // Full method names, used in error messages so they match server logs and grpcurl.
@@ -46,6 +53,7 @@ const (
 	rpcHealthCheck = "grpc.health.v1.Health/Check"
 	rpcRecommend   = "bertrec.v1.RecommenderService/Recommend"
 	rpcEmbedText   = "bertrec.v1.RecommenderService/EmbedText"
+	rpcFeedback    = "bertrec.v1.RecommenderService/RecordFeedback"
 )
 
 // The output document. Scores and vector values stay float32, as on the wire: encoding/json
@@ -55,6 +63,7 @@ type output struct {
 	Health    string          `json:"health"`
 	Recommend recommendOutput `json:"recommend"`
 	Embed     embedOutput     `json:"embed"`
+	Feedback  *feedbackOutput `json:"feedback,omitempty"`
 }
 
 type modelOutput struct {
@@ -74,6 +83,16 @@ type recommendOutput struct {
 	Items []itemOutput `json:"items"`
 }
 
+// feedbackOutput is the event step 4 sent and what the server's store did with it.
+type feedbackOutput struct {
+	UserID         string  `json:"user_id"`
+	ItemID         string  `json:"item_id"`
+	Rating         float64 `json:"rating"`
+	IdempotencyKey string  `json:"idempotency_key"`
+	Accepted       int32   `json:"accepted"`
+	Duplicates     int32   `json:"duplicates"`
+}
+
 type embedOutput struct {
 	Model  modelOutput `json:"model"`
 	Values []float32   `json:"values"`
@@ -88,11 +107,13 @@ var serviceConfig string
 var errFlagsReported = errors.New("invalid flags")
 
 type options struct {
-	target  string
-	userID  string
-	text    string
-	k       int32
-	timeout time.Duration
+	target string
+	userID string
+	text   string
+	// feedbackUserID, if set, turns on step 4 (a write, so never done unasked).
+	feedbackUserID string
+	k              int32
+	timeout        time.Duration
 }
 
 // rpcError is a failed call, reported as "<rpc> failed: <CODE>: <message>".
@@ -207,6 +228,8 @@ func parseFlags(args []string) (options, error) {
 	fs.SetOutput(os.Stderr)
 	target := fs.String("target", "127.0.0.1:50051", "server address, HOST:PORT")
 	userID := fs.String("user-id", "", "user to recommend for (required)")
+	feedbackUserID := fs.String("feedback-user-id", "",
+		"if set, record that this user rated the top recommended item (a write)")
 	text := fs.String("text", defaultText, "text to embed")
 	k := fs.Int("k", 10, "number of items to recommend")
 	timeoutS := fs.Float64("timeout-s", 10, "deadline of each call, in seconds")
@@ -229,15 +252,16 @@ func parseFlags(args []string) (options, error) {
 		return options{}, fmt.Errorf("--timeout-s must be a positive number of seconds, got %v", *timeoutS)
 	}
 	return options{
-		target:  *target,
-		userID:  *userID,
-		text:    *text,
-		k:       int32(*k),
-		timeout: time.Duration(*timeoutS * float64(time.Second)),
+		target:         *target,
+		userID:         *userID,
+		text:           *text,
+		feedbackUserID: *feedbackUserID,
+		k:              int32(*k),
+		timeout:        time.Duration(*timeoutS * float64(time.Second)),
 	}, nil
 }
 
-// callAll makes the three calls in order, each under its own deadline so a slow call cannot
+// callAll makes the calls in order, each under its own deadline so a slow call cannot
 // eat into the next one's time, and stops at the first failure.
 func callAll(ctx context.Context, conn *grpc.ClientConn, opts options) (*output, error) {
 	health := healthpb.NewHealthClient(conn)
@@ -255,7 +279,19 @@ func callAll(ctx context.Context, conn *grpc.ClientConn, opts options) (*output,
 	if err != nil {
 		return nil, err
 	}
-	return &output{Health: healthStatus, Recommend: rec, Embed: emb}, nil
+	doc := &output{Health: healthStatus, Recommend: rec, Embed: emb}
+	if opts.feedbackUserID == "" {
+		return doc, nil
+	}
+	if len(rec.Items) == 0 {
+		return nil, fmt.Errorf("%s: no recommended item to rate", rpcFeedback)
+	}
+	fb, err := recordFeedback(ctx, recommender, opts, rec.Items[0].ItemID)
+	if err != nil {
+		return nil, err
+	}
+	doc.Feedback = &fb
+	return doc, nil
 }
 
 func checkHealth(ctx context.Context, client healthpb.HealthClient, timeout time.Duration) (string, error) {
@@ -304,6 +340,33 @@ func embed(ctx context.Context, client bertrecv1.RecommenderServiceClient, opts 
 		values = []float32{} // print [] rather than null
 	}
 	return embedOutput{Model: model(resp.GetModel()), Values: values}, nil
+}
+
+func recordFeedback(ctx context.Context, client bertrecv1.RecommenderServiceClient, opts options, itemID string) (feedbackOutput, error) {
+	ctx, cancel := context.WithTimeout(ctx, opts.timeout)
+	defer cancel()
+	out := feedbackOutput{
+		UserID:         opts.feedbackUserID,
+		ItemID:         itemID,
+		Rating:         exampleRating,
+		IdempotencyKey: fmt.Sprintf("bertrec-example:%s:%s", opts.feedbackUserID, itemID),
+	}
+	event := &bertrecv1.FeedbackEvent{
+		UserId:         out.UserID,
+		ItemId:         out.ItemID,
+		Kind:           bertrecv1.FeedbackKind_FEEDBACK_KIND_RATING,
+		Rating:         out.Rating,
+		OccurredAt:     timestamppb.Now(),
+		IdempotencyKey: out.IdempotencyKey,
+	}
+	// Retried on UNAVAILABLE by the service config: the fixed key makes a second attempt of
+	// an event the server did store a duplicate, never a second copy.
+	resp, err := client.RecordFeedback(ctx, &bertrecv1.RecordFeedbackRequest{Events: []*bertrecv1.FeedbackEvent{event}})
+	if err != nil {
+		return feedbackOutput{}, wrapRPC(rpcFeedback, err)
+	}
+	out.Accepted, out.Duplicates = resp.GetAccepted(), resp.GetDuplicates()
+	return out, nil
 }
 
 func model(m *bertrecv1.ModelRef) modelOutput {
