@@ -1,0 +1,134 @@
+"""What only the SQLite store promises: group commit, forgetting down to the bytes of its
+files, and no acknowledged event lost to a kill -9 of the process writing."""
+
+from __future__ import annotations
+
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from bertrec.feedback.events import StoredEvent
+from bertrec.feedback.sqlite_store import SqliteStore
+
+from .conftest import Commits, event
+
+# A child that appends one event per call from 4 threads forever and prints each key once
+# its append has returned (acknowledged).
+APPENDER = """
+import sys, threading
+from bertrec.feedback.events import FeedbackEvent, FeedbackKind
+from bertrec.feedback.sqlite_store import SqliteStore
+from bertrec.feedback.store import NoObserver
+
+store = SqliteStore(sys.argv[1], NoObserver())
+lock = threading.Lock()
+
+def append(thread):
+    for i in range(10**9):
+        key = f"{sys.argv[2]}-{thread}-{i}"
+        store.append([FeedbackEvent("u", f"i{i}", FeedbackKind.CLICK, 0.0, 1.0, key)])
+        with lock:
+            sys.stdout.write(key + "\\n")
+            sys.stdout.flush()
+
+for thread in range(4):
+    threading.Thread(target=append, args=(thread,)).start()
+"""
+
+
+def test_concurrent_callers_share_commits(tmp_path: Path) -> None:
+    commits = Commits()
+    store = SqliteStore(str(tmp_path / "feedback.db"), commits)
+    callers, calls = 64, 5
+    start = threading.Barrier(callers)
+
+    def caller(n: int) -> None:
+        start.wait()
+        for i in range(calls):
+            store.append([event(f"u{n}", "item", f"{n}-{i}")])
+
+    threads = [threading.Thread(target=caller, args=(n,)) for n in range(callers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    store.close()
+
+    assert commits.calls == callers * calls
+    # While one group commits, the other callers queue: each commit carries many calls.
+    assert len(commits.seen) < callers * calls / 4, commits.seen
+    assert max(c for _, _, c in commits.seen) > 1
+
+
+def test_forget_leaves_no_byte_of_the_user_in_the_files(tmp_path: Path) -> None:
+    path = tmp_path / "feedback.db"
+    store = SqliteStore(str(path), Commits())
+    secrets = ["victim-user-5c1e", "victim-item-0a", "victim-item-0b", "victim-key-9f"]
+    store.append(
+        [
+            event(secrets[0], secrets[1], secrets[3]),
+            event(secrets[0], secrets[2], "victim-key-9g"),
+            event("kept-user-77", "kept-item-77", "kept-key-77"),
+        ]
+    )
+    assert all(s.encode() in _file_bytes(path) for s in secrets)  # the search can see them
+
+    store.forget(secrets[0])
+    store.close()
+    held = _file_bytes(path)
+
+    assert [s for s in secrets if s.encode() in held] == []
+    assert b"kept-user-77" in held and b"kept-item-77" in held
+
+
+def test_kill_9_while_appending_loses_no_acknowledged_event(tmp_path: Path) -> None:
+    path = tmp_path / "feedback.db"
+    rng = random.Random(11)
+    acked: list[str] = []
+    for round_ in range(3):
+        acked += _append_until_killed(path, f"r{round_}", rng)
+        store = SqliteStore(str(path), Commits())
+        stored = {r.event.key for r in store.read_since(0) if isinstance(r, StoredEvent)}
+        store.close()
+        missing = [key for key in acked if key not in stored]
+        assert missing == [], f"round {round_}: {len(missing)} acknowledged events lost"
+    assert len(acked) > 3 * 20
+
+
+def _append_until_killed(path: Path, tag: str, rng: random.Random) -> list[str]:
+    """Run the appender, kill -9 it at a random moment after its first 20 acks, and return
+    every key it printed in full (a line cut by the kill is not an ack)."""
+    child = subprocess.Popen(
+        [sys.executable, "-c", APPENDER, str(path), tag], stdout=subprocess.PIPE
+    )
+    assert child.stdout is not None
+    lines: list[bytes] = []
+    enough = threading.Event()
+    wanted = 20 + rng.randrange(200)
+
+    def read() -> None:
+        assert child.stdout is not None
+        for line in child.stdout:
+            lines.append(line)
+            if len(lines) >= wanted:
+                enough.set()
+        enough.set()  # the child ended on its own: the test fails below, not here
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    enough.wait(60.0)
+    time.sleep(rng.uniform(0.0, 0.05))  # land anywhere in an append
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    reader.join()
+    assert child.returncode == -signal.SIGKILL, "the appender died before it was killed"
+    return [line.decode().rstrip("\n") for line in lines if line.endswith(b"\n")]
+
+
+def _file_bytes(db: Path) -> bytes:
+    """The database file and every companion (-wal, -shm, -journal)."""
+    return b"".join(p.read_bytes() for p in sorted(db.parent.glob(db.name + "*")))
