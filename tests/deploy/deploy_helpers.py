@@ -9,6 +9,7 @@ conftest is imported as "conftest", so `from conftest import` is ambiguous in a 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -20,7 +21,10 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 CI_VENV = Path(os.environ.get("BERTREC_CI_VENV", ROOT / ".ci-venv"))
-OVERLAYS = ("cpu", "gpu")
+# Hardware (cpu, gpu) x feedback store (SQLite by default, "-redis" for the shared one).
+OVERLAYS = ("cpu", "gpu", "cpu-redis", "gpu-redis")
+REDIS_OVERLAYS = tuple(o for o in OVERLAYS if o.endswith("-redis"))
+SQLITE_OVERLAYS = tuple(o for o in OVERLAYS if o not in REDIS_OVERLAYS)
 
 
 def tool(name: str) -> str:
@@ -60,3 +64,30 @@ def find(docs: list[dict[str, Any]], kind: str, name: str | None = None) -> dict
     matches = [d for d in docs if d["kind"] == kind and name in (None, d["metadata"].get("name"))]
     assert len(matches) == 1, f"expected one {kind} {name or ''}, found {len(matches)}"
     return matches[0]
+
+
+def pod_spec(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    spec: dict[str, Any] = find(docs, kind, name)["spec"]["template"]["spec"]
+    return spec
+
+
+def server_env(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The server container's env entries, in order (values and secret references)."""
+    entries: list[dict[str, Any]] = pod_spec(docs, "Deployment", "bertrec")["containers"][0]["env"]
+    return entries
+
+
+_REFERENCE = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
+
+
+def kubelet_expand(text: str, defined: dict[str, str]) -> str:
+    """What kubelet makes of a value in env, command or args: `$(NAME)` becomes the value of
+    NAME when NAME is defined (earlier in env), `$$` becomes `$`, anything else stays."""
+
+    def replace(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name is None:
+            return "$"
+        return defined.get(name, match.group(0))
+
+    return _REFERENCE.sub(replace, text)

@@ -11,7 +11,16 @@ from typing import Any
 
 import pytest
 import yaml
-from deploy_helpers import DEPLOY, OVERLAYS, find, load_docs, run_tool
+from deploy_helpers import (
+    DEPLOY,
+    OVERLAYS,
+    REDIS_OVERLAYS,
+    SQLITE_OVERLAYS,
+    find,
+    load_docs,
+    run_tool,
+    server_env,
+)
 
 from bertrec.server.config import ServerConfig
 
@@ -27,7 +36,8 @@ def container(docs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def env(docs: list[dict[str, Any]]) -> dict[str, str]:
-    return {e["name"]: e["value"] for e in container(docs)["env"]}
+    """The server's plain env values (not those taken from a Secret)."""
+    return {e["name"]: e["value"] for e in server_env(docs) if "value" in e}
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -65,10 +75,13 @@ def test_the_image_entrypoint_is_used_and_ports_match_the_settings(
     }
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert c[probe]["grpc"] == {"port": ports["grpc"]}, probe  # grpc.health.v1, service ""
-    model = find(docs, "ConfigMap")["data"]
+    (model_ref,) = c["envFrom"]
+    model = find(docs, "ConfigMap", model_ref["configMapRef"]["name"])["data"]
     assert model["BERTREC_MODEL"] and int(model["BERTREC_VERSION"]) >= 1
     names = {f.name.upper() for f in dataclasses.fields(ServerConfig)}
-    for key in [*settings, *model]:
+    # The server refuses unknown BERTREC_* variables; others (a Secret's value) it ignores.
+    keys = [e["name"] for e in server_env(docs)] + list(model)
+    for key in [k for k in keys if k.startswith("BERTREC_")]:
         assert key.removeprefix("BERTREC_") in names, f"{key} is not a server setting"
 
 
@@ -103,16 +116,17 @@ def test_pod_security(rendered: dict[str, Path], overlay: str) -> None:
     mounts = {m["mountPath"]: m for m in pod["containers"][0]["volumeMounts"]}
     assert mounts["/models"]["readOnly"] is True
     volumes = {v["name"]: v for v in pod["volumes"]}
-    assert (
-        volumes[mounts["/models"]["name"]]["persistentVolumeClaim"]["claimName"]
-        == (find(docs, "PersistentVolumeClaim")["metadata"]["name"])
-    )
+    claim = volumes[mounts["/models"]["name"]]["persistentVolumeClaim"]["claimName"]
+    assert find(docs, "PersistentVolumeClaim", claim)["spec"]["accessModes"] == ["ReadWriteMany"]
 
 
-def test_gpu_overlay_asks_for_a_gpu_and_cpu_overlay_does_not(rendered: dict[str, Path]) -> None:
-    gpu, cpu = (container(load_docs(rendered[o])) for o in ("gpu", "cpu"))
+@pytest.mark.parametrize("store", ["", "-redis"], ids=["sqlite", "redis"])
+def test_gpu_overlay_asks_for_a_gpu_and_cpu_overlay_does_not(
+    rendered: dict[str, Path], store: str
+) -> None:
+    gpu, cpu = (container(load_docs(rendered[o + store])) for o in ("gpu", "cpu"))
     assert gpu["resources"]["limits"]["nvidia.com/gpu"] == 1
-    assert "CUDAExecutionProvider" in env(load_docs(rendered["gpu"]))["BERTREC_PROVIDERS"]
+    assert "CUDAExecutionProvider" in env(load_docs(rendered["gpu" + store]))["BERTREC_PROVIDERS"]
     assert "nvidia.com/gpu" not in str(cpu["resources"])
     assert gpu["image"].endswith("bertrec-gpu:0.1.0") and cpu["image"].endswith("bertrec-cpu:0.1.0")
 
@@ -133,19 +147,32 @@ def test_services_select_the_pods_and_the_headless_one_is_headless(
         assert selector["matchLabels"].items() <= pod_labels.items(), kind
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", REDIS_OVERLAYS)
 def test_hpa_scales_the_deployment_on_the_adapters_metric(
     rendered: dict[str, Path], overlay: str
 ) -> None:
     docs = load_docs(rendered[overlay])
     hpa = find(docs, "HorizontalPodAutoscaler")["spec"]
     assert hpa["scaleTargetRef"]["name"] == find(docs, "Deployment")["metadata"]["name"]
+    assert hpa["maxReplicas"] > hpa["minReplicas"] > 1
     kinds = {m["type"]: m for m in hpa["metrics"]}
     adapter = yaml.safe_load((DEPLOY / "k8s" / "prometheus-adapter" / "values.yaml").read_text())
     served = {rule["name"]["as"] for rule in adapter["rules"]["custom"]}
     assert kinds["Pods"]["pods"]["metric"]["name"] in served
-    if overlay == "cpu":
+    if overlay.startswith("cpu"):
         assert kinds["Resource"]["resource"]["name"] == "cpu"
+    else:  # the GPU component's patch: in-flight calls only, at most 4 pods
+        assert set(kinds) == {"Pods"} and hpa["maxReplicas"] == 4
+
+
+@pytest.mark.parametrize("overlay", SQLITE_OVERLAYS)
+def test_with_the_sqlite_store_nothing_scales_the_deployment(
+    rendered: dict[str, Path], overlay: str
+) -> None:
+    docs = load_docs(rendered[overlay])
+    assert not [d for d in docs if d["kind"] == "HorizontalPodAutoscaler"]
+    deployment = find(docs, "Deployment", "bertrec")["spec"]
+    assert deployment["replicas"] == 1
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
