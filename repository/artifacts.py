@@ -74,6 +74,16 @@ RATING_HEAD_SCORE = (
 TEXT_QUERY_SCORE = "dot(text_to_user @ encoder(text), item_factors[i]) + item_rank_bias[i]"
 
 
+# Training hyper-parameters that serving must match to fold new users in (server/fold_in.py):
+# the ranking head's confidence of a rating r is RANK_ALPHA * (r / top) ** RANK_POWER and its
+# ridge penalty RANK_REG (train/ials.IALSConfig); the rating head's penalties on p_u and b_u
+# (train/rating_head.RatingConfig). The training configs take their defaults from here.
+RANK_ALPHA = 5.0
+RANK_POWER = 2.0
+RANK_REG = 30.0
+RATING_REG = 20.0
+RATING_REG_BIAS = 5.0
+
 @dataclass(frozen=True)
 class FactorArrays:
     """The numeric state of a trained hybrid model, in row order of `user_ids`/`item_ids`."""

@@ -52,11 +52,13 @@ from grpc_health.v1 import health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from bertrec.errors import ArtifactError
+from bertrec.feedback.store import open_store
 from bertrec.oip.v2 import grpc_service_pb2_grpc as oip_grpc
 from bertrec.repository.versions import resolve_version
 from bertrec.server.admission import Admission, AdmissionLimits, handler_pools
 from bertrec.server.config import ConfigError, ServerConfig
 from bertrec.server.drain import drain_grpc, unary_activity
+from bertrec.server.feedback import Feedback
 from bertrec.server.http_endpoints import HttpEndpoints
 from bertrec.server.interceptor import MetricsAndErrorsInterceptor
 from bertrec.server.lifecycle import HEALTH_SERVICE_NAME, SERVICE_NAME, Lifecycle
@@ -84,7 +86,13 @@ class Server:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         self.metrics = ServerMetrics()
-        self.slot, self.watcher = build_versions(config, self.metrics)
+        self.feedback = Feedback(
+            open_store(config.feedback_store, self.metrics.feedback)
+            if config.feedback_store else None,
+            self.metrics.feedback,
+            config.feedback_poll_interval_s,
+        )  # fmt: skip
+        self.slot, self.watcher = build_versions(config, self.metrics, self.feedback)
         self.lifecycle = Lifecycle(self.slot)
         self.port = 0
         self.metrics_port = 0
@@ -112,7 +120,7 @@ class Server:
         server = self._grpc_server()
         lifecycle = self.lifecycle
         recommender_pb2_grpc.add_RecommenderServiceServicer_to_server(
-            RecommenderServicer(lifecycle.lease, c.request_timeout_s), server
+            RecommenderServicer(lifecycle.lease, c, self.feedback), server
         )
         health = lifecycle.health
         repository = RepositoryControl(self.watcher, c.model, c.model_control)
@@ -136,6 +144,7 @@ class Server:
             ArtifactError: no version could be loaded (each failure is named).
         """
         version = self.watcher.load_initial()
+        self.feedback.start()
         self.lifecycle.ready()
         self.watcher.start()
         log.info(
@@ -172,6 +181,7 @@ class Server:
         if self._grpc is not None:
             drain_grpc(self._grpc, lambda: unary_activity(self.metrics.registry), grace)
         self.slot.shutdown(grace)  # in-flight calls are over: every version closes now
+        self.feedback.close()
         if self._stream_pool is not None:
             self._stream_pool.shutdown(wait=False)
         if self._http is not None:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from bertrec.errors import BertrecError
+from bertrec.feedback.store import REDIS_SCHEMES, SQLITE_SCHEME
 from bertrec.server.environment import unknown_variables_problem
 from bertrec.server.providers import CPU, CUDA
 from bertrec.server.version_policy import PolicyError, VersionPolicy
@@ -116,6 +117,21 @@ class ServerConfig:
         "auto", "encoder graph: auto (int8 if export cosine >= 0.99, else fp32), fp32, int8"
     )
     warmup_iterations: int = _opt(3, "warm-up batches per model part before SERVING")
+    feedback_store: str = _opt(
+        "",
+        "feedback store URL: sqlite://PATH (embedded; sqlite:///abs/path.db) or "
+        "redis://[:password@]host:port/db (shared by replicas); empty: no store, and "
+        "RecordFeedback/ForgetUser answer FAILED_PRECONDITION",
+    )
+    max_feedback_events: int = _opt(1000, "most events in one RecordFeedback call")
+    feedback_max_clock_skew_s: float = _opt(
+        300.0, "how far ahead of the server's clock an event's occurred_at may be"
+    )
+    feedback_poll_interval_s: float = _opt(
+        0.05,
+        "seconds between reads of the feedback store for records that other replicas or "
+        "processes wrote (bounds how stale their users' answers are here)",
+    )
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -147,6 +163,12 @@ def _policy_problem(value: str) -> str | None:
     except PolicyError as exc:
         return str(exc)
     return None
+
+
+def _store_problem(url: str) -> str | None:
+    if not url or url.startswith((SQLITE_SCHEME, *REDIS_SCHEMES)):
+        return None
+    return "must be empty, sqlite://PATH or redis://host:port/db"
 
 
 def _at_least(low: float) -> Callable[[Any], str | None]:
@@ -191,6 +213,10 @@ _RULES: dict[str, Callable[[Any], str | None]] = {
     "ranker_threads": _at_least(0),
     "warmup_iterations": _at_least(0),
     "encoder_variant": lambda v: None if str(v).strip() else "must not be empty",
+    "feedback_store": _store_problem,
+    "max_feedback_events": _at_least(1),
+    "feedback_max_clock_skew_s": _at_least(0),
+    "feedback_poll_interval_s": lambda v: None if v > 0 else "must be > 0",
 }
 
 

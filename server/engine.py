@@ -35,6 +35,7 @@ from bertrec.server.explain import explain as explain_scores
 from bertrec.server.futures import chain, finished
 from bertrec.server.metrics import ServerMetrics
 from bertrec.server.model import WARMUP_TEXTS, Model, RankQuery, RankResult
+from bertrec.server.online_users import OnlineUsers, UserState, no_tombstones
 
 R = TypeVar("R")
 
@@ -69,7 +70,7 @@ class PendingRank:
 
     future: Future[RankResult]
     vector: np.ndarray
-    user_row: int | None
+    user: UserState | None  # None: a text query
     explain: bool = False  # attach explanations (server/explain.py) to the ranked items
 
 
@@ -80,10 +81,19 @@ class Recommender:
         model: the loaded model version.
         config: limits and batching windows.
         metrics: where the batchers record their series.
+        users: the version's users, folded-in feedback included (default: its training users
+            only, as without a feedback store).
     """
 
-    def __init__(self, model: Model, config: ServerConfig, metrics: ServerMetrics) -> None:
+    def __init__(
+        self,
+        model: Model,
+        config: ServerConfig,
+        metrics: ServerMetrics,
+        users: OnlineUsers | None = None,
+    ) -> None:
         self.model = model
+        self.users = users if users is not None else OnlineUsers(model, no_tombstones)
         self.config = config
         self.ref = ModelRef(model.name, model.version)
         c = config
@@ -138,22 +148,25 @@ class Recommender:
         k = self.resolve_k(k)
         self._check_ids(include_ids, "include_item_ids", allow_empty=True)
         self._check_ids(exclude_ids, "exclude_item_ids", allow_empty=True)
-        row = self.model.user_row(_nonempty(user_id, "user_id"))
+        user = self.users.lookup(_nonempty(user_id, "user_id"))
         include = self.model.item_rows(list(include_ids))
         exclude = self.model.item_rows(list(exclude_ids))
         if exclude_rated:
-            exclude = np.concatenate([exclude, self.model.rated_rows(row)])
-        vector = self.model.user_vector(row)
+            exclude = np.concatenate([exclude, user.seen])
         query = RankQuery(
-            vector, k, exclude if len(exclude) else None, include if len(include) else None, row
-        )
-        return PendingRank(self.ranker.submit(query, deadline_s), vector, row, explain)
+            user.vector, k, exclude if len(exclude) else None,
+            include if len(include) else None, user.row, user.rating,
+        )  # fmt: skip
+        return PendingRank(self.ranker.submit(query, deadline_s), user.vector, user, explain)
 
     def ranked(self, pending: PendingRank, result: RankResult) -> Recommendations:
         """Assemble ranked items (with predicted ratings) from a finished ranking query."""
         ratings = result.ratings
         if ratings is None:  # not from `Model.rank` (a stand-in model)
-            ratings = self.model.predicted_ratings(pending.vector, result.rows, pending.user_row)
+            user = pending.user
+            ratings = self.model.predicted_ratings(
+                pending.vector, result.rows, user and user.row, user and user.rating
+            )
         ids = self.model.item_ids
         if pending.explain:
             return self._explained(pending, result, ratings)
@@ -201,8 +214,11 @@ class Recommender:
     def _explained(
         self, pending: PendingRank, result: RankResult, ratings: np.ndarray
     ) -> Recommendations:
-        m = self.model
-        why = explain_scores(m.arrays, m.item_ids, pending.vector, pending.user_row, result.rows)
+        m, user = self.model, pending.user
+        why = explain_scores(
+            m.arrays, m.item_ids, pending.vector, user and user.row, result.rows,
+            user and user.touches,
+        )  # fmt: skip
         rows, scores = result.rows.tolist(), result.scores.tolist()
         items: list[RankedItem] = [
             ExplainedItem(m.item_ids[row], float(score), float(rating), rank, reason)
@@ -253,9 +269,9 @@ class Recommender:
     def score_items(self, user_id: str, item_ids: Sequence[str], call: Call) -> Scores:
         """Predicted ratings for the given items, in the given order."""
         self._check_ids(item_ids, "item_ids", allow_empty=False)
-        row = self.model.user_row(_nonempty(user_id, "user_id"))
+        user = self.users.lookup(_nonempty(user_id, "user_id"))
         rows = self.model.item_rows(list(item_ids))
-        ratings = self.model.predicted_ratings(self.model.user_vector(row), rows, row)
+        ratings = self.model.predicted_ratings(user.vector, rows, user.row, user.rating)
         items = [ScoredItem(i, float(r)) for i, r in zip(item_ids, ratings.tolist(), strict=True)]
         return Scores(items, self.ref)
 

@@ -80,6 +80,13 @@ class ResourceExhausted(ServiceError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
+class Unavailable(ServiceError):
+    """A backing service (the feedback store) cannot be reached; nothing was stored, and a
+    retry (with the same idempotency keys) is safe."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+
 class InternalError(ServiceError):
     """A fault on the server side; the message shown to callers is generic."""
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from bertrec.explanation import Contribution, Explanation
-from bertrec.repository.artifacts import FactorArrays
+from bertrec.repository.artifacts import RANK_REG, FactorArrays
 
 TOP_CONTRIBUTORS = 3
 
@@ -24,6 +24,7 @@ def explain(
     vector: np.ndarray,
     user_row: int | None,
     rows: np.ndarray,
+    touches: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
 ) -> list[Explanation]:
     """Explanations of the scores of item `rows` for `vector` (a user's, or a folded text).
 
@@ -33,6 +34,8 @@ def explain(
         vector: the query vector in user space, float32 (d,).
         user_row: the user's row; None for a text query (no rated items to attribute to).
         rows: the returned item rows, int64 (k,).
+        touches: a folded user's (item rows, weights, preferences) (server/fold_in.py),
+            attributed the same way as a training user's rated items.
     """
     items = arrays.item_factors[rows]
     bias = arrays.item_rank_bias[rows].astype(np.float64)
@@ -42,10 +45,13 @@ def explain(
     else:
         text = arrays.item_text_factors[rows].astype(np.float64) @ vector.astype(np.float64)
     collab = total - text
-    if user_row is None or not arrays.has_attribution:
+    if touches is not None:
+        rated, contrib = _folded_attribution(arrays, touches, items)
+    elif user_row is not None and arrays.has_attribution:
+        rated, contrib = _attribution(arrays, user_row, items)
+    else:
         parts = zip(bias.tolist(), collab.tolist(), text.tolist(), strict=True)
         return [Explanation(b, c, t) for b, c, t in parts]
-    rated, contrib = _attribution(arrays, user_row, items)
     order = np.argsort(-contrib, axis=0, kind="stable")[:TOP_CONTRIBUTORS]
     sums = contrib.sum(axis=0)
     return [
@@ -72,3 +78,19 @@ def _attribution(
     system = arrays.rank_gramian + (y_rated.T * (conf - 1.0)) @ y_rated
     solved = np.linalg.solve(system, items.astype(np.float64).T)  # W_u y_i, (d, k)
     return rated, conf[:, None] * (y_rated @ solved)
+
+
+def _folded_attribution(
+    arrays: FactorArrays, touches: tuple[np.ndarray, np.ndarray, np.ndarray], items: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """`_attribution` for a folded user: w_j p_j y_j^T W_u y_i over the items they touched
+    (a skip, p = 0, shapes W_u but contributes no term of its own)."""
+    rated, weights, prefs = touches
+    y_rated = arrays.item_factors[rated].astype(np.float64)
+    gramian = arrays.rank_gramian
+    if gramian is None:  # older versions: fold-in's own G (server/fold_in.py)
+        y = arrays.item_factors.astype(np.float64)
+        gramian = y.T @ y + RANK_REG * np.eye(y.shape[1])
+    system = gramian + (y_rated.T * (weights - 1.0)) @ y_rated
+    solved = np.linalg.solve(system, items.astype(np.float64).T)
+    return rated, (weights * prefs)[:, None] * (y_rated @ solved)

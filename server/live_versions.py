@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 from bertrec.server.config import ServerConfig
 from bertrec.server.engine import Recommender
+from bertrec.server.feedback import Feedback
 from bertrec.server.metrics import ServerMetrics
 from bertrec.server.model_slot import ModelSlot
 from bertrec.server.version_watcher import RepositoryVersions, VersionWatcher
@@ -22,8 +23,11 @@ from bertrec.server.version_watcher import RepositoryVersions, VersionWatcher
 CLOSE_TIMEOUT_S = 30.0  # a retired version has no callers left; its batchers stop at once
 
 
-def version_loader(config: ServerConfig, metrics: ServerMetrics) -> Callable[[int], Recommender]:
-    """Version number -> a verified, warmed-up, started `Recommender` for it."""
+def version_loader(
+    config: ServerConfig, metrics: ServerMetrics, feedback: Feedback
+) -> Callable[[int], Recommender]:
+    """Version number -> a verified, warmed-up, started `Recommender` for it, with the
+    feedback store replayed into its users (folded users survive swaps and restarts)."""
 
     def load(version: int) -> Recommender:
         from bertrec.server.model import load_model  # onnxruntime: only once we serve
@@ -31,8 +35,13 @@ def version_loader(config: ServerConfig, metrics: ServerMetrics) -> Callable[[in
         c = config
         model = load_model(dataclasses.replace(c, version=version))
         model.warm_up(c.warmup_iterations, c.ranker_max_batch_size, c.encoder_max_batch_size)
-        engine = Recommender(model, c, metrics)
-        engine.start()
+        users = feedback.users_for(model)
+        engine = Recommender(model, c, metrics, users)
+        try:
+            engine.start()
+        except BaseException:
+            feedback.detach(users)
+            raise
         metrics.set_model(
             model.name, model.version, model.encoder.provider, model.encoder_file,
             model.n_items, model.n_users,
@@ -42,22 +51,24 @@ def version_loader(config: ServerConfig, metrics: ServerMetrics) -> Callable[[in
     return load
 
 
-def close_version(engine: Recommender) -> None:
-    """Stop a retired version's batchers; its sessions and arrays go with the last reference."""
-    engine.close(drain=True, timeout_s=CLOSE_TIMEOUT_S)
-
-
 def build_versions(
-    config: ServerConfig, metrics: ServerMetrics
+    config: ServerConfig, metrics: ServerMetrics, feedback: Feedback
 ) -> tuple[ModelSlot[Recommender], VersionWatcher[Recommender]]:
     """The server's slot and the watcher that fills it (not started: see `VersionWatcher`), by
     the config's version policy and poll interval, with the model's version metrics."""
     version_metrics = metrics.for_versions(config.model)
+
+    def close_version(engine: Recommender) -> None:
+        """Stop a retired version's batchers and its feedback; its sessions and arrays go
+        with the last reference."""
+        feedback.detach(engine.users)
+        engine.close(drain=True, timeout_s=CLOSE_TIMEOUT_S)
+
     slot: ModelSlot[Recommender] = ModelSlot(close_version, version_metrics)
     watcher = VersionWatcher(
         RepositoryVersions(config.model_repo, config.model),
         slot,
-        version_loader(config, metrics),
+        version_loader(config, metrics, feedback),
         config.policy,
         config.poll_s,
         version_metrics,

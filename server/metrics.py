@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from bertrec.server.feedback_metrics import FeedbackMetrics
+
 GRPC_LABELS = ("grpc_type", "grpc_service", "grpc_method")
 BATCH_LABELS = ("model", "batcher")
 
@@ -159,6 +161,7 @@ class ServerMetrics:
             ("model",),
             registry=r,
         )
+        self.feedback = FeedbackMetrics(r)
         self._info_labels: dict[tuple[str, int], tuple[str, str]] = {}
         self._info_lock = threading.Lock()
 

@@ -23,6 +23,7 @@ from bertrec.repository.opened import open_version
 from bertrec.server.config import ServerConfig
 from bertrec.server.encoder_runtime import EncoderRuntime
 from bertrec.server.errors import NotFound
+from bertrec.server.fold_in import RatingUser
 from bertrec.server.providers import choose_providers
 from bertrec.server.ranking import Ranker
 from bertrec.text import TextTokenizer
@@ -45,6 +46,7 @@ class RankQuery:
     exclude: np.ndarray | None = None  # item rows never returned
     allow: np.ndarray | None = None  # if set, only these item rows are ranked
     user_row: int | None = None  # whose predicted ratings `rank` returns (None: a text query)
+    rating: RatingUser | None = None  # a folded user's rating head (instead of `user_row`'s)
 
 
 @dataclass(frozen=True)
@@ -107,6 +109,14 @@ class Model:
             raise NotFound(f"unknown user_id {user_id!r}")
         return row
 
+    def training_row(self, user_id: str) -> int | None:
+        """Row of a user of the training data, or None."""
+        return self._user_rows.get(user_id)
+
+    def item_row(self, item_id: str) -> int | None:
+        """Row of an item of the catalogue, or None."""
+        return self._item_rows.get(item_id)
+
     def item_rows(self, item_ids: list[str]) -> np.ndarray:
         """Rows (int64) of external item ids, same order. Raises NotFound naming the first."""
         rows = np.empty(len(item_ids), dtype=np.int64)
@@ -133,7 +143,11 @@ class Model:
         return np.asarray(self.arrays.item_factors[row] * self._inverse_norms[row], np.float32)
 
     def predicted_ratings(
-        self, user_vector: np.ndarray, rows: np.ndarray, user_row: int | None
+        self,
+        user_vector: np.ndarray,
+        rows: np.ndarray,
+        user_row: int | None,
+        rating: RatingUser | None = None,
     ) -> np.ndarray:
         """Predicted ratings of item `rows` for a user (`user_row`) or a text query (None).
 
@@ -142,14 +156,20 @@ class Model:
         item_bias[i] + dot(rating_user_factors[u], rating_item_factors[i]); a text query has
         no user there, so it gets global_mean + item_bias[i]. `user_vector` (ranking space)
         is then unused. Older versions: global_mean + user_bias[u] + item_bias[i] +
-        dot(user_vector, item_factors[i]), with user_bias 0 without a user.
+        dot(user_vector, item_factors[i]), with user_bias 0 without a user. A folded user
+        (`rating`) brings their own bias and rating-head vector.
         """
         a = self.arrays
-        user_bias = float(a.user_bias[user_row]) if user_row is not None else 0.0
+        if rating is not None:
+            user_bias = rating.bias
+        else:
+            user_bias = float(a.user_bias[user_row]) if user_row is not None else 0.0
         base = a.global_mean + user_bias + a.item_bias[rows]
         if a.rating_user_factors is None or a.rating_item_factors is None:
             return (base + a.item_factors[rows] @ user_vector).astype(np.float32)
-        if user_row is not None:
+        if rating is not None and rating.vector is not None:
+            base = base + a.rating_item_factors[rows] @ rating.vector
+        elif user_row is not None:
             base = base + a.rating_item_factors[rows] @ a.rating_user_factors[user_row]
         low, high = self.manifest.scoring.rating_range
         return np.clip(base, low, high).astype(np.float32)
@@ -173,6 +193,9 @@ class Model:
         known = users >= 0
         a = self.arrays
         user_bias = np.where(known, a.user_bias[np.maximum(users, 0)], 0.0)
+        folded = [i for i, q in enumerate(queries) if q.rating is not None]
+        for i in folded:
+            user_bias[i] = queries[i].rating.bias  # type: ignore[union-attr]
         base = a.global_mean + user_bias[:, None] + a.item_bias[rows]
         if a.rating_user_factors is None or a.rating_item_factors is None:
             vectors = np.stack([q.vector for q in queries])
@@ -180,6 +203,9 @@ class Model:
                 np.float32
             )
         user_vectors = a.rating_user_factors[np.maximum(users, 0)] * known[:, None]
+        for i in folded:
+            vector = queries[i].rating.vector  # type: ignore[union-attr]
+            user_vectors[i] = 0.0 if vector is None else vector
         base = base + np.einsum("qkd,qd->qk", a.rating_item_factors[rows], user_vectors)
         low, high = self.manifest.scoring.rating_range
         return np.clip(base, low, high).astype(np.float32)

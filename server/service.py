@@ -9,14 +9,18 @@ version policy keeps several loaded); otherwise the serving version answers.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import grpc
 
 from bertrec.explanation import ExplainedItem, Explanation
 from bertrec.results import ModelRef, Recommendations
+from bertrec.server.config import ServerConfig
 from bertrec.server.engine import Call, Recommender
 from bertrec.server.errors import InvalidArgument, NotFound
+from bertrec.server.feedback import Feedback
+from bertrec.server.feedback_events import checked_events
 from bertrec.server.model_slot import Lease
 from bertrec.v1 import recommender_pb2 as pb
 from bertrec.v1 import recommender_pb2_grpc as pb_grpc
@@ -30,14 +34,20 @@ class RecommenderServicer(pb_grpc.RecommenderServiceServicer):
     Args:
         lease: a lease on the serving (or a named) version's `Recommender`; raises
             `NotReady` before the model is loaded, `NotFound` for a version not loaded.
-        request_timeout_s: deadline for calls that set none (or a longer one).
+        config: the request limits and the deadline for calls that set none.
+        feedback: the feedback store's owner (RecordFeedback, ForgetUser).
     """
 
     def __init__(
-        self, lease: Callable[[int | None], Lease[Recommender]], request_timeout_s: float
+        self,
+        lease: Callable[[int | None], Lease[Recommender]],
+        config: ServerConfig,
+        feedback: Feedback,
     ) -> None:
         self._lease = lease
-        self._timeout_s = request_timeout_s
+        self._config = config
+        self._timeout_s = config.request_timeout_s
+        self._feedback = feedback
 
     def Recommend(
         self, request: pb.RecommendRequest, context: grpc.ServicerContext
@@ -117,6 +127,35 @@ class RecommenderServicer(pb_grpc.RecommenderServiceServicer):
             max_text_bytes=info.max_text_bytes,
             created_at=info.created_at,
         )
+
+    def RecordFeedback(
+        self, request: pb.RecordFeedbackRequest, context: grpc.ServicerContext
+    ) -> pb.RecordFeedbackResponse:
+        c = self._config
+        with self._lease(None) as lease:
+            try:
+                events = checked_events(
+                    request.events, lease.value.model, c.max_feedback_events,
+                    c.feedback_max_clock_skew_s, time.time(),
+                )  # fmt: skip
+            except InvalidArgument:
+                self._feedback.rejected()
+                raise
+        accepted, duplicates = self._feedback.record(events, self._remaining(context))
+        return pb.RecordFeedbackResponse(accepted=accepted, duplicates=duplicates)
+
+    def ForgetUser(
+        self, request: pb.ForgetUserRequest, context: grpc.ServicerContext
+    ) -> pb.ForgetUserResponse:
+        if not request.user_id:
+            raise InvalidArgument("user_id is empty")
+        erased, had_factors = self._feedback.forget(request.user_id, self._remaining(context))
+        return pb.ForgetUserResponse(
+            events_deleted=erased.events_deleted, had_model_factors=had_factors
+        )
+
+    def _remaining(self, context: grpc.ServicerContext) -> float:
+        return max(self._call(context).deadline_s - time.monotonic(), 0.001)
 
     def _call(self, context: grpc.ServicerContext) -> Call:
         return Call.from_context(context, self._timeout_s)

@@ -22,13 +22,15 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 
+from bertrec.repository.artifacts import RANK_ALPHA, RANK_POWER, RANK_REG
+
 
 @dataclass(frozen=True)
 class IALSConfig:
     dim: int = 64
-    reg: float = 30.0
-    alpha: float = 5.0  # confidence of a top-rated pair (unrated pairs weigh 1)
-    power: float = 2.0  # confidence = alpha * (rating / max rating) ** power
+    reg: float = RANK_REG
+    alpha: float = RANK_ALPHA  # confidence of a top-rated pair (unrated pairs weigh 1)
+    power: float = RANK_POWER  # confidence = alpha * (rating / max rating) ** power
     iterations: int = 15
     cg_steps: int = 3
     text_reg: float = 1.0  # ridge penalty on the text map T

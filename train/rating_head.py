@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from bertrec.repository.artifacts import RATING_REG, RATING_REG_BIAS
 from bertrec.train.indexing import Interactions
 
 
@@ -27,8 +28,8 @@ class RatingConfig:
     lr: float = 0.02
     # L2 penalties per parameter vector (not per rated pair): a rarely rated item's
     # parameters shrink toward 0 as in a damped mean, which is what rare items need.
-    reg: float = 20.0  # on p_u and q_i
-    reg_bias: float = 5.0  # on b_u and b_i
+    reg: float = RATING_REG  # on p_u and q_i
+    reg_bias: float = RATING_REG_BIAS  # on b_u and b_i
     reg_implicit: float = 20.0  # on the implicit item vectors y_j
     text_reg: float = 10.0  # ridge penalty of the text -> item bias map for unrated items
     seed: int = 0

@@ -1,0 +1,172 @@
+"""The one owner of the feedback store and of which loaded versions see its records.
+
+Three paths deliver records to every attached version's `OnlineUsers`, and may overlap (each
+user applies a seq once):
+
+- live: `record` appends durably, then folds the events into every attached version before
+  it answers, so the caller's next Recommend reflects them;
+- replay: `attach` (a version being loaded, before the slot hands it out) reads the whole
+  store, so folded users survive a restart and a version swap;
+- follow: a thread reads the store every `feedback_poll_interval_s` from where it left off,
+  which brings in what other replicas or worker processes wrote to a shared store.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+
+from bertrec.feedback.events import Erased, FeedbackEvent, Record, StoredEvent
+from bertrec.feedback.store import FeedbackStore, StoreError
+from bertrec.server.errors import NotReady, Unavailable
+from bertrec.server.feedback_metrics import FeedbackMetrics
+from bertrec.server.model import Model
+from bertrec.server.online_users import OnlineUsers, no_tombstones
+
+log = logging.getLogger(__name__)
+
+PAGE = 10_000  # records per read of the store
+
+
+class Feedback:
+    """Durable feedback for the server's loaded versions.
+
+    Args:
+        store: the opened store (None: feedback calls answer FAILED_PRECONDITION).
+        metrics: the feedback series.
+        poll_interval_s: how often the follower reads what others wrote.
+    """
+
+    def __init__(
+        self, store: FeedbackStore | None, metrics: FeedbackMetrics, poll_interval_s: float
+    ) -> None:
+        self.store = store
+        self._metrics = metrics
+        self._poll_s = poll_interval_s
+        self._lock = threading.Lock()
+        self._attached: list[OnlineUsers] = []
+        self._cursor = 0  # the follower has applied every record up to here
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        metrics.track_folded(self._folded_users)
+
+    def users_for(self, model: Model) -> OnlineUsers:
+        """A version's users, attached to the store and replayed (see the module doc).
+
+        Raises:
+            StoreError: the store cannot be read (the version then fails to load).
+        """
+        if self.store is None:
+            return OnlineUsers(model, no_tombstones)
+        model_users = OnlineUsers(model, self.store.user_hash)
+        with self._lock:
+            self._attached.append(model_users)
+        started = time.perf_counter()
+        cursor, total = 0, 0
+        while True:
+            page = self.store.read_since(cursor, PAGE)
+            if not page:
+                break
+            model_users.apply(page)
+            cursor, total = page[-1].seq, total + len(page)
+        if self._thread is None:  # the follower starts where the first replay ended
+            self._cursor = max(self._cursor, cursor)
+        duration = time.perf_counter() - started
+        self._metrics.replayed(duration)
+        log.info(
+            "feedback: replayed %d records into version %d in %.2f s (%d folded users)",
+            total, model_users.model.version, duration, model_users.folded_users,
+        )  # fmt: skip
+        return model_users
+
+    def detach(self, users: OnlineUsers) -> None:
+        with self._lock:
+            if users in self._attached:
+                self._attached.remove(users)
+
+    def record(self, events: Sequence[FeedbackEvent], timeout_s: float) -> tuple[int, int]:
+        """Store a checked batch durably, fold it into every attached version; returns
+        (accepted, duplicates).
+
+        Raises:
+            NotReady: no store is configured.
+            Unavailable: the store failed; the batch may have been stored (retry with the
+                same keys).
+        """
+        store = self._require_store()
+        try:
+            appended = store.append(events, timeout_s)
+        except StoreError as exc:
+            self._metrics.store_failed("append")
+            raise Unavailable(str(exc)) from exc
+        stored = [
+            StoredEvent(seq, event)
+            for seq, event in zip(appended.seqs, events, strict=True)
+            if seq is not None
+        ]
+        self._deliver(stored)
+        self._metrics.recorded(events, appended.seqs)
+        return appended.accepted, appended.duplicates
+
+    def rejected(self) -> None:
+        """Count a batch refused whole by validation."""
+        self._metrics.rejected()
+
+    def forget(self, user_id: str, timeout_s: float) -> tuple[Erased, bool]:
+        """Delete a user's events (durably) and their state on every attached version;
+        returns what the store erased and whether the serving version had training factors
+        for them (the last attached version is the newest)."""
+        store = self._require_store()
+        try:
+            erased = store.forget(user_id, timeout_s)
+        except StoreError as exc:
+            self._metrics.store_failed("forget")
+            raise Unavailable(str(exc)) from exc
+        with self._lock:
+            attached = list(self._attached)
+        had = [users.forget(user_id, erased.tombstone) for users in attached]
+        self._metrics.forgot()
+        return erased, any(had)
+
+    def start(self) -> None:
+        """Start following the store from where the replay on load ended."""
+        if self.store is None or self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._follow, name="feedback-follow", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5.0)
+        if self.store is not None:
+            self.store.close()
+
+    def _follow(self) -> None:
+        while not self._stop.wait(self._poll_s):
+            try:
+                page = self.store.read_since(self._cursor, PAGE) if self.store else []
+            except StoreError as exc:
+                self._metrics.store_failed("follow")
+                log.warning("feedback: cannot read the store: %s", exc)
+                continue
+            if page:
+                self._deliver(page)
+                self._cursor = page[-1].seq
+
+    def _deliver(self, records: Sequence[Record]) -> None:
+        with self._lock:
+            attached = list(self._attached)
+        for users in attached:
+            users.apply(records)
+
+    def _folded_users(self) -> int:
+        with self._lock:
+            return self._attached[-1].folded_users if self._attached else 0
+
+    def _require_store(self) -> FeedbackStore:
+        if self.store is None:
+            raise NotReady("no feedback store: start the server with --feedback-store URL")
+        return self.store

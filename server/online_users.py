@@ -1,0 +1,199 @@
+"""The users one loaded version knows right now: its training users, plus everyone folded in
+from feedback, minus everyone forgotten.
+
+One `OnlineUsers` per loaded version (its item factors decide the folded vectors), fed only by
+`server/feedback.py` with records in the store's order. Writers take the lock; `lookup` reads
+one dict entry of immutable `UserState`s without it, so a Recommend never waits for a fold-in.
+
+Applying a record twice is harmless (each user keeps the seqs it applied), which is what lets
+a replay on load, the live path and the follower of other replicas' writes overlap freely. A
+forget is remembered by its tombstone's seq, so a replayed event older than the forget cannot
+bring the user back.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from bertrec.feedback.events import FeedbackEvent, FeedbackKind, Forgotten, Record, StoredEvent
+from bertrec.server.errors import NotFound
+from bertrec.server.fold_in import FoldIn, RatingUser, Touch
+from bertrec.server.model import Model
+
+
+@dataclass(frozen=True)
+class UserState:
+    """What a call needs about one user on one version.
+
+    Attributes:
+        row: the user's training row when the version's arrays describe them (frozen users);
+            None for folded users, whose parameters are below.
+        vector: ranking-space vector, float32 (d,).
+        seen: item rows `exclude_rated` leaves out (training pairs and feedback), int64.
+        rating: a folded user's rating-head parameters (None: the arrays at `row`).
+        touches: a folded user's (item rows, weights, preferences), for explanations.
+    """
+
+    row: int | None
+    vector: np.ndarray
+    seen: np.ndarray
+    rating: RatingUser | None = None
+    touches: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+
+
+@dataclass
+class _History:
+    """Everything folded for one user on this version (guarded by `OnlineUsers._lock`)."""
+
+    seqs: set[int] = field(default_factory=set)
+    events: list[tuple[int, int, FeedbackEvent]] = field(default_factory=list)  # seq, row, event
+
+
+class OnlineUsers:
+    """Users of one version, updated by feedback records.
+
+    Args:
+        model: the loaded version.
+        user_hash: the store's salted hash of a user id (tombstones carry only that).
+    """
+
+    def __init__(self, model: Model, user_hash: Callable[[str], str]) -> None:
+        self.model = model
+        self._hash = user_hash
+        self._fold = FoldIn(model.arrays, model.manifest.scoring.rating_range[1])
+        self._lock = threading.Lock()
+        self._histories: dict[str, _History] = {}
+        self._folded: dict[str, UserState] = {}  # read without the lock
+        self._masked: set[int] = set()  # training rows of forgotten users
+        self._forgotten: dict[str, int] = {}  # user hash -> tombstone seq
+        self._rows_by_hash: dict[str, int] | None = None  # built on the first hashed forget
+
+    @property
+    def folded_users(self) -> int:
+        return len(self._folded)
+
+    def lookup(self, user_id: str) -> UserState:
+        """The user's current state. Raises NotFound for unknown and forgotten users."""
+        state = self._folded.get(user_id)
+        if state is not None:
+            return state
+        row = self.model.training_row(user_id)
+        if row is None or row in self._masked:
+            raise NotFound(f"unknown user_id {user_id!r}")
+        return UserState(row, self.model.user_vector(row), self.model.rated_rows(row))
+
+    def has_training_factors(self, user_id: str) -> bool:
+        row = self.model.training_row(user_id)
+        return row is not None and row not in self._masked
+
+    def apply(self, records: Iterable[Record]) -> int:
+        """Fold events in and honour tombstones, in order; returns the users re-solved."""
+        changed: set[str] = set()
+        with self._lock:
+            for record in records:
+                if isinstance(record, Forgotten):
+                    self._forget_hash(record)
+                    changed = {u for u in changed if u in self._histories}
+                elif self._add(record):
+                    changed.add(record.event.user_id)
+            for user_id in changed:
+                self._folded[user_id] = self._solve(user_id, self._histories[user_id])
+        return len(changed)
+
+    def forget(self, user_id: str, tombstone: Forgotten) -> bool:
+        """Drop a user's folded state and mask their training row; returns whether the
+        version had training factors for them."""
+        with self._lock:
+            self._forgotten[tombstone.user_hash] = tombstone.seq
+            self._drop(user_id)
+            row = self.model.training_row(user_id)
+            if row is None:
+                return False
+            masked = row in self._masked
+            self._masked.add(row)
+            return not masked
+
+    def _add(self, stored: StoredEvent) -> bool:
+        event = stored.event
+        if self._forgotten:
+            gone = self._forgotten.get(self._hash(event.user_id))
+            if gone is not None and stored.seq < gone:
+                return False  # deleted by a later forget; a replay read it before that
+        row = self.model.item_row(event.item_id)
+        if row is None:
+            return False  # an item of another version's catalogue
+        history = self._histories.setdefault(event.user_id, _History())
+        if stored.seq in history.seqs:
+            return False
+        history.seqs.add(stored.seq)
+        history.events.append((stored.seq, row, event))
+        return True
+
+    def _forget_hash(self, tombstone: Forgotten) -> None:
+        self._forgotten[tombstone.user_hash] = max(
+            tombstone.seq, self._forgotten.get(tombstone.user_hash, 0)
+        )
+        for user_id in [u for u in self._histories if self._hash(u) == tombstone.user_hash]:
+            self._drop(user_id)
+        row = self._training_rows_by_hash().get(tombstone.user_hash)
+        if row is not None:
+            self._masked.add(row)
+
+    def _drop(self, user_id: str) -> None:
+        self._histories.pop(user_id, None)
+        self._folded.pop(user_id, None)
+
+    def _training_rows_by_hash(self) -> dict[str, int]:
+        """Training row of each user's salted hash: one pass over the version's user ids,
+        only once a tombstone arrives without its user id (replay, other replicas)."""
+        if self._rows_by_hash is None:
+            ids = self.model.arrays.user_ids.tolist()
+            self._rows_by_hash = {self._hash(str(u)): row for row, u in enumerate(ids)}
+        return self._rows_by_hash
+
+    def _solve(self, user_id: str, history: _History) -> UserState:
+        """Re-solve the user from their training pairs (unless forgotten) and every event."""
+        row = self.model.training_row(user_id)
+        if row is not None and row in self._masked:
+            row = None
+        touches = self._fold.training_touches(row)
+        ratings: dict[int, float] = {}
+        rated: dict[int, Touch] = {}
+        extra: dict[int, list[Touch]] = {}
+        for _, item, event in sorted(history.events, key=lambda e: (e[2].occurred_at, e[0])):
+            touch = self._fold.confidence(event.kind, event.rating)
+            if event.kind is FeedbackKind.RATING:
+                rated[item] = touch  # the latest rating replaces earlier ones
+                ratings[item] = event.rating
+            else:
+                extra.setdefault(item, []).append(touch)
+        for item, touch in rated.items():
+            touches[item] = touch
+        for item, added in extra.items():
+            touches[item] = _merge([touches[item], *added] if item in touches else added)
+        vector = self._fold.ranking_vector(touches)
+        rows = np.fromiter(touches.keys(), np.int64, len(touches))
+        weights = np.fromiter((t.weight for t in touches.values()), np.float64, len(touches))
+        prefs = np.fromiter((t.preference for t in touches.values()), np.float64, len(touches))
+        return UserState(
+            row=None,
+            vector=vector,
+            seen=np.sort(rows),
+            rating=self._fold.rating_user(row, ratings),
+            touches=(rows, weights, prefs),
+        )
+
+
+def _merge(touches: list[Touch]) -> Touch:
+    weight = sum(t.weight for t in touches)
+    preference = sum(t.weight * t.preference for t in touches) / weight if weight else 0.0
+    return Touch(weight, preference)
+
+
+def no_tombstones(user_id: str) -> str:
+    """The hash of a version without a feedback store: never asked, as no record arrives."""
+    raise AssertionError("no feedback store: no tombstones to match")
