@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import redis
 
@@ -96,7 +97,7 @@ class RedisServer:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
-    def info(self, section: str) -> dict[str, object]:
+    def info(self, section: str) -> dict[str, Any]:
         with self.client() as client:
             return dict(client.info(section))
 
