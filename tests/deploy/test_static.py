@@ -100,6 +100,33 @@ def test_serving_images_run_bertrec_serve_as_non_root_with_a_grpc_healthcheck(na
     assert extras == [name.removeprefix("Dockerfile.")], installs[0]
 
 
+def extra_requirements(extra: str) -> set[str]:
+    """The distribution names `pip install ".[extra]"` brings, following `bertrec[...]`."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    names: set[str] = set()
+    for requirement in extras[extra]:
+        name = re.split(r"[\s\[<>=!~;]", requirement, maxsplit=1)[0].lower()
+        if name == "bertrec":
+            for inner in re.findall(r"\[([\w,]+)\]", requirement)[0].split(","):
+                names |= extra_requirements(inner)
+        else:
+            names.add(name)
+    return names
+
+
+@pytest.mark.parametrize("name", SERVING)
+def test_serving_images_install_the_redis_client_for_the_shared_feedback_store(name: str) -> None:
+    (install,) = [
+        i.args for i in parse_dockerfile(DEPLOY / "docker" / name)
+        if i.keyword == "RUN" and "pip install" in i.args
+    ]  # fmt: skip
+    (extra,) = re.findall(r'"\.\[(\w+)\]"', install)
+    assert {"redis", "onnxruntime" if extra == "cpu" else "onnxruntime-gpu"} <= (
+        extra_requirements(extra)
+    )
+
+
 def test_train_image_runs_bertrec_as_non_root() -> None:
     last = {i.keyword: i for i in parse_dockerfile(DEPLOY / "docker" / "Dockerfile.train")}
     assert exec_form(last["ENTRYPOINT"].args) == ["bertrec"]
@@ -174,6 +201,19 @@ def test_compose_builds_the_cpu_image_and_mounts_existing_files() -> None:
     assert (compose_dir / build["context"] / build["dockerfile"]).resolve() == (
         DEPLOY / "docker" / "Dockerfile.cpu"
     )
+    # The SQLite feedback store sits on a named volume (it outlives the read-only container),
+    # mounted where the image made a folder the server's user owns (a new named volume takes
+    # the folder's owner).
+    store = services["bertrec"]["environment"]["BERTREC_FEEDBACK_STORE"].removeprefix("sqlite://")
+    folder = str(Path(store).parent)
+    mounts = dict(v.split(":")[1::-1] for v in services["bertrec"]["volumes"])
+    assert mounts[folder] in compose["volumes"], f"{folder} is not on a named volume"
+    assert services["bertrec"]["read_only"] is True
+    user_setup = [
+        i.args for i in parse_dockerfile(DEPLOY / "docker" / build["dockerfile"].split("/")[-1])
+        if i.keyword == "RUN" and "useradd" in i.args
+    ]  # fmt: skip
+    assert re.search(rf"chown bertrec:bertrec [^&]*{folder}\b", user_setup[0]), user_setup
     for service in ("prometheus", "grafana"):
         for volume in services[service]["volumes"]:
             source = volume.split(":")[0]
