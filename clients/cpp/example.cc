@@ -1,13 +1,18 @@
 // Example bertrec client: checks health, asks for recommendations and embeds one text, then
-// prints the three answers as one JSON document on stdout. Diagnostics go to stderr.
+// prints the answers as one JSON document on stdout. Diagnostics go to stderr. With
+// --feedback-user-id F it also records that F rated the top recommended item (RecordFeedback,
+// a write, so never done unasked) under the fixed idempotency key "bertrec-example:F:ITEM":
+// running it again stores nothing new, and the answer counts a duplicate.
 //
 //   bertrec-example --user-id U [--target HOST:PORT] [--text T] [--k K] [--timeout-s S]
+//                   [--feedback-user-id F]
 //
 // Exit status: 0 on success, 1 when an RPC fails, 2 on bad usage.
 //
 // The channel retries RecommenderService calls by the service config every bertrec client
 // shares (clients/service_config.json, compiled in by build.sh; see clients/README.md).
 #include <grpc/grpc.h>
+#include <google/protobuf/util/time_util.h>
 #include <grpcpp/grpcpp.h>
 
 #include <charconv>
@@ -38,15 +43,18 @@ constexpr char kServiceConfig[] =
 
 constexpr int kExitRpcError = 1;
 constexpr int kExitUsage = 2;
+// The rating --feedback-user-id records; any value in the model's rating range works.
+constexpr double kExampleRating = 4.0;
 
 constexpr char kUsage[] =
     "usage: bertrec-example --user-id U [--target HOST:PORT] [--text T] [--k K] "
-    "[--timeout-s S]\n"
+    "[--timeout-s S] [--feedback-user-id F]\n"
     "  --target HOST:PORT  server address (default 127.0.0.1:50051)\n"
     "  --user-id U         user to recommend for (required)\n"
     "  --text T            text to embed (default: a sample sentence)\n"
     "  --k K               number of recommendations (default 10)\n"
-    "  --timeout-s S       deadline of each RPC in seconds (default 10)\n";
+    "  --timeout-s S       deadline of each RPC in seconds (default 10)\n"
+    "  --feedback-user-id F  if set, record that F rated the top item (a write)\n";
 
 struct Options {
   std::string target = "127.0.0.1:50051";
@@ -54,6 +62,7 @@ struct Options {
   std::string text = "a quiet film about an old friendship and a long road trip";
   std::int32_t k = 10;
   double timeout_s = 10.0;
+  std::string feedback_user_id;  // empty: no RecordFeedback
 };
 
 // Parses a whole string as a number; nullopt if anything is left over or out of range.
@@ -89,7 +98,7 @@ std::optional<Options> ParseArgs(int argc, char** argv) {
       return std::nullopt;
     };
     if (name != "--target" && name != "--user-id" && name != "--text" && name != "--k" &&
-        name != "--timeout-s") {
+        name != "--timeout-s" && name != "--feedback-user-id") {
       return fail("unknown flag");
     }
     if (!value) return fail("needs a value");
@@ -98,6 +107,8 @@ std::optional<Options> ParseArgs(int argc, char** argv) {
       opts.target = *value;
     } else if (name == "--user-id") {
       opts.user_id = *value;
+    } else if (name == "--feedback-user-id") {
+      opts.feedback_user_id = *value;
     } else if (name == "--text") {
       opts.text = *value;
     } else if (name == "--k") {
@@ -214,6 +225,31 @@ int Run(const Options& opts) {
     return kExitRpcError;
   }
 
+  // One rating of the top recommended item by --feedback-user-id. Retried on UNAVAILABLE by the
+  // service config: the fixed key makes a second attempt of an event the server did store a
+  // duplicate, never a second copy.
+  rec::RecordFeedbackRequest feedback_request;
+  rec::RecordFeedbackResponse feedback_response;
+  if (!opts.feedback_user_id.empty()) {
+    if (recommend_response.items_size() == 0) {
+      std::cerr << "error: RecordFeedback failed: no recommended item to rate\n";
+      return kExitRpcError;
+    }
+    const std::string& item_id = recommend_response.items(0).item_id();
+    rec::FeedbackEvent* event = feedback_request.add_events();
+    event->set_user_id(opts.feedback_user_id);
+    event->set_item_id(item_id);
+    event->set_kind(rec::FEEDBACK_KIND_RATING);
+    event->set_rating(kExampleRating);
+    *event->mutable_occurred_at() = google::protobuf::util::TimeUtil::GetCurrentTime();
+    event->set_idempotency_key("bertrec-example:" + opts.feedback_user_id + ":" + item_id);
+    if (!Invoke("RecordFeedback", opts.timeout_s, [&](grpc::ClientContext* ctx) {
+          return recommender->RecordFeedback(ctx, feedback_request, &feedback_response);
+        })) {
+      return kExitRpcError;
+    }
+  }
+
   // Open enums can carry values this build does not know; show those by number.
   std::string status_name = health::HealthCheckResponse::ServingStatus_Name(
       health_response.status());
@@ -243,6 +279,18 @@ int Run(const Options& opts) {
   for (const float v : embed_response.embeddings(0).values()) json.Float(v);
   json.EndArray();
   json.EndObject();
+
+  if (feedback_request.events_size() == 1) {
+    const rec::FeedbackEvent& event = feedback_request.events(0);
+    json.Key("feedback").BeginObject();
+    json.Key("user_id").String(event.user_id());
+    json.Key("item_id").String(event.item_id());
+    json.Key("rating").Double(event.rating());
+    json.Key("idempotency_key").String(event.idempotency_key());
+    json.Key("accepted").Int(feedback_response.accepted());
+    json.Key("duplicates").Int(feedback_response.duplicates());
+    json.EndObject();
+  }
 
   json.EndObject();
   std::cout << json.str() << std::endl;

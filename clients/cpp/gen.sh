@@ -4,7 +4,9 @@
 #   clients/cpp/gen.sh OUT_DIR
 #
 # Generated code is never committed: it is rebuilt from proto/ on every build so it cannot
-# drift from the API. Exits 3 when protoc or the gRPC C++ plugin is not installed.
+# drift from the API. Exits 3 when protoc, the gRPC C++ plugin or protobuf's well-known types
+# (google/protobuf/*.proto, from libprotobuf-dev; PROTOC_INCLUDE names another folder) are not
+# installed. The C++ code for those types is not generated: it is in libprotobuf.
 set -euo pipefail
 
 if [[ $# -ne 1 ]]; then
@@ -24,12 +26,30 @@ missing() {
 command -v protoc >/dev/null 2>&1 || missing protoc protobuf-compiler
 plugin="$(command -v grpc_cpp_plugin)" || missing grpc_cpp_plugin protobuf-compiler-grpc
 
+# The API imports google/protobuf/timestamp.proto. Debian ships that file with libprotobuf-dev,
+# not with protoc, and only a protoc that finds it next to itself (../include) looks there
+# unasked; so find its folder here and name it, or report the package that provides it.
+wkt_include() {
+  local dir
+  for dir in "${PROTOC_INCLUDE:-}" "$(dirname "$(readlink -f "$1")")/../include" \
+    /usr/include /usr/local/include; do
+    if [[ -n "$dir" && -f "$dir/google/protobuf/timestamp.proto" ]]; then
+      (cd "$dir" && pwd)
+      return 0
+    fi
+  done
+  return 1
+}
+wkt="$(wkt_include "$(command -v protoc)")" ||
+  missing "google/protobuf/timestamp.proto (protobuf's well-known types)" libprotobuf-dev
+
 mkdir -p "$out"
 # Import paths mirror the proto packages, so the headers land at bertrec/v1/... and
 # grpc/health/v1/... under OUT_DIR.
 protoc \
   -I "$root/proto" \
   -I "$root/clients/proto" \
+  -I "$wkt" \
   --cpp_out="$out" \
   --grpc_out="$out" \
   --plugin=protoc-gen-grpc="$plugin" \

@@ -49,17 +49,10 @@ class JsonWriter {
 
   // Writes the shortest decimal that parses back to exactly this float32 (std::to_chars
   // guarantees the round trip). JSON has no NaN or infinity, so those become null.
-  JsonWriter& Float(float value) {
-    Separate();
-    if (!std::isfinite(value)) {
-      out_ += "null";
-      return *this;
-    }
-    std::array<char, 32> buf{};  // the shortest float32 form needs at most 15
-    const auto result = std::to_chars(buf.data(), buf.data() + buf.size(), value);
-    out_.append(buf.data(), result.ptr);
-    return *this;
-  }
+  JsonWriter& Float(float value) { return Shortest(value); }
+
+  // The same for a double (e.g. a rating, a proto `double` field).
+  JsonWriter& Double(double value) { return Shortest(value); }
 
  private:
   JsonWriter& Open(char bracket) {
@@ -72,6 +65,19 @@ class JsonWriter {
   JsonWriter& Close(char bracket) {
     first_.pop_back();
     out_ += bracket;
+    return *this;
+  }
+
+  template <typename T>
+  JsonWriter& Shortest(T value) {
+    Separate();
+    if (!std::isfinite(value)) {
+      out_ += "null";
+      return *this;
+    }
+    std::array<char, 32> buf{};  // the shortest double form needs at most 24
+    const auto result = std::to_chars(buf.data(), buf.data() + buf.size(), value);
+    out_.append(buf.data(), result.ptr);
     return *this;
   }
 

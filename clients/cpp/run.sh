@@ -2,6 +2,7 @@
 # Run the example client built by build.sh.
 #
 #   clients/cpp/run.sh OUT_DIR [--target HOST:PORT] --user-id U [--text T] [--k K] [--timeout-s S]
+#                      [--feedback-user-id F]
 set -euo pipefail
 
 if [[ $# -lt 1 ]]; then

@@ -2,10 +2,11 @@
 # Run the example client built by build.sh.
 #
 #   clients/go/run.sh OUT_DIR [--target HOST:PORT] --user-id U [--text T] [--k K] [--timeout-s S]
+#                     [--feedback-user-id F]
 set -euo pipefail
 
 if [[ $# -lt 1 ]]; then
-  echo "usage: $0 OUT_DIR [--target HOST:PORT] --user-id U [--text T] [--k K] [--timeout-s S]" >&2
+  echo "usage: $0 OUT_DIR [--target HOST:PORT] --user-id U [--text T] [--k K] [--timeout-s S] [--feedback-user-id F]" >&2
   exit 2
 fi
 bin="$1/bertrec-example"

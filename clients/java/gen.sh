@@ -5,7 +5,8 @@
 #
 # The generated code is never committed: it is rebuilt from proto/ on every build, so it cannot
 # drift from the API. Exits 3 with "missing toolchain: ..." when protoc or the gRPC Java plugin
-# is absent. PROTOC and GRPC_JAVA_PLUGIN override where those tools are found.
+# is absent, or protobuf's well-known types (google/protobuf/*.proto). PROTOC, GRPC_JAVA_PLUGIN
+# and PROTOC_INCLUDE override where those are found.
 set -euo pipefail
 
 if [[ $# -ne 1 ]]; then
@@ -27,6 +28,26 @@ if [[ -z "$plugin" || ! -x "$plugin" ]]; then
   exit 3
 fi
 
+# The API imports google/protobuf/timestamp.proto. Debian ships that file with libprotobuf-dev,
+# not with protoc, and only a protoc that finds it next to itself (../include) looks there
+# unasked; so find its folder here and name it, or report the package that provides it.
+wkt_include() {
+  local dir
+  for dir in "${PROTOC_INCLUDE:-}" "$(dirname "$(readlink -f "$1")")/../include" \
+    /usr/include /usr/local/include; do
+    if [[ -n "$dir" && -f "$dir/google/protobuf/timestamp.proto" ]]; then
+      (cd "$dir" && pwd)
+      return 0
+    fi
+  done
+  return 1
+}
+if ! wkt="$(wkt_include "$protoc")"; then
+  echo "missing toolchain: google/protobuf/timestamp.proto, protobuf's well-known types" \
+    "(install: libprotobuf-dev)" >&2
+  exit 3
+fi
+
 mkdir -p -- "$1"
 out="$(cd -- "$1" && pwd)"
 
@@ -34,6 +55,7 @@ out="$(cd -- "$1" && pwd)"
 "$protoc" \
   --proto_path="$root/proto" \
   --proto_path="$root/clients/proto" \
+  --proto_path="$wkt" \
   --plugin=protoc-gen-grpc-java="$plugin" \
   --java_out="$out" \
   --grpc-java_out="$out" \

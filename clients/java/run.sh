@@ -2,6 +2,7 @@
 # Run the example client built by build.sh.
 #
 # Usage: clients/java/run.sh OUT_DIR [--target HOST:PORT] --user-id U [--text T] [--k K] [--timeout-s S]
+#                            [--feedback-user-id F]
 #
 # Prints one JSON document on stdout; logs and errors go to stderr. Extra JVM options can be
 # passed in JAVA_OPTS (split on whitespace).

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Run the example client built by build.sh OUT_DIR:
 #   run.sh OUT_DIR --user-id U [--target HOST:PORT] [--text T] [--k K] [--timeout-s S]
+#          [--feedback-user-id F]
 set -euo pipefail
 
 if [[ $# -lt 1 ]]; then
-  echo "usage: $0 OUT_DIR [--target HOST:PORT] --user-id U [--text T] [--k K] [--timeout-s S]" >&2
+  echo "usage: $0 OUT_DIR [--target HOST:PORT] --user-id U [--text T] [--k K] [--timeout-s S] [--feedback-user-id F]" >&2
   exit 2
 fi
 out="$1"

@@ -4,15 +4,17 @@ Each `clients/<lang>/` holds two scripts with one contract (see clients/README.m
 
     build.sh OUT_DIR                 regenerate the stubs from proto/ and build into OUT_DIR;
                                      exit 3 with "missing toolchain: ..." when one is absent
-    run.sh OUT_DIR --target HOST:PORT --user-id U --text T --k K
-                                     call Health.Check, Recommend and EmbedText once each and
-                                     print one JSON document on stdout
+    run.sh OUT_DIR --target HOST:PORT --user-id U --text T --k K --feedback-user-id F
+                                     call Health.Check, Recommend and EmbedText once each, then
+                                     RecordFeedback (F rated Recommend's top item, with a fixed
+                                     idempotency key), and print one JSON document on stdout
 
-The test builds each client, runs it against the shared server and requires its answers to
-equal the Python client's; then runs it against a server that fails each call's first attempts
-with the retryable codes, which it must ride out by the shared retry policy
-(clients/service_config.json) as the Python client does. A missing toolchain skips with the
-reason, unless
+The test builds each client, runs it against a server with a SQLite feedback store and requires
+its answers to equal the Python client's (the feedback one too: the Python client resending the
+example's event is told it is a duplicate, and F's recommendations leave the rated item out);
+then runs it against a server that fails each call's first attempts with the retryable codes,
+which it must ride out by the shared retry policy (clients/service_config.json) as the Python
+client does. A missing toolchain skips with the reason, unless
 BERTREC_REQUIRE_TOOLCHAINS=1 (set by `make test`, which installs every toolchain) turns it into a
 failure, so CI can never pass by skipping.
 """
@@ -24,6 +26,7 @@ import math
 import os
 import subprocess
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -33,9 +36,9 @@ from typing import Any
 import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from server_harness import Reference, ServerProcess
+from server_harness import Reference, ServerProcess, serving
 
-from bertrec.client import RecommenderClient
+from bertrec.client import Feedback, FeedbackRecorded, RecommenderClient
 from bertrec.v1 import recommender_pb2 as pb
 from bertrec.v1 import recommender_pb2_grpc as pb_grpc
 
@@ -46,6 +49,12 @@ BUILD_TIMEOUT_S = 900
 RUN_TIMEOUT_S = 120
 TEXT = "a gentle story about friendship, music and a long journey home"
 K = 7
+RATING = 4.0  # the rating every example records (clients/README.md)
+
+
+def feedback_key(user_id: str, item_id: str) -> str:
+    """The fixed idempotency key of the examples' one event."""
+    return f"bertrec-example:{user_id}:{item_id}"
 
 
 def _require_toolchains() -> bool:
@@ -72,10 +81,28 @@ def built_client(
     return lang, out
 
 
-def _run(lang: str, out: Path, target: str, user_id: str) -> dict[str, Any]:
+@pytest.fixture(scope="module")
+def feedback_server(
+    model_repo: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerProcess]:
+    """The real server, with a feedback store the examples' RecordFeedback writes to."""
+    store = tmp_path_factory.mktemp("feedback") / "feedback.db"
+    logs = tmp_path_factory.mktemp("logs")
+    with serving(model_repo, logs, "--feedback-store", f"sqlite:///{store}") as proc:
+        yield proc
+
+
+@pytest.fixture(scope="module")
+def feedback_client(feedback_server: ServerProcess) -> Iterator[RecommenderClient]:
+    with RecommenderClient(feedback_server.target, timeout_s=10.0) as c:
+        yield c
+
+
+def _run(lang: str, out: Path, target: str, user_id: str, feedback_user_id: str) -> dict[str, Any]:
     result = subprocess.run(
         ["bash", str(ROOT / "clients" / lang / "run.sh"), str(out),
-         "--target", target, "--user-id", user_id, "--text", TEXT, "--k", str(K)],
+         "--target", target, "--user-id", user_id, "--text", TEXT, "--k", str(K),
+         "--feedback-user-id", feedback_user_id],
         cwd=ROOT, capture_output=True, text=True, timeout=RUN_TIMEOUT_S,
     )  # fmt: skip
     assert result.returncode == 0, f"{lang} client failed:\n{result.stdout}\n{result.stderr}"
@@ -87,11 +114,16 @@ def _run(lang: str, out: Path, target: str, user_id: str) -> dict[str, Any]:
 
 
 def test_client_answers_equal_python_client(
-    built_client: tuple[str, Path], server: ServerProcess, client: RecommenderClient, ref: Reference
+    built_client: tuple[str, Path],
+    feedback_server: ServerProcess,
+    feedback_client: RecommenderClient,
+    ref: Reference,
 ) -> None:
     lang, out = built_client
+    client = feedback_client
     user_id = next(u for u in ref.user_ids if len(ref.rated(u)) > 1)
-    got = _run(lang, out, server.target, user_id)
+    rater = f"example-{lang}"  # a cold user of its own per language
+    got = _run(lang, out, feedback_server.target, user_id, rater)
 
     assert got["health"] == "SERVING"
 
@@ -113,21 +145,37 @@ def test_client_answers_equal_python_client(
     for mine_v, theirs_v in zip(vector, emb.vectors[0].tolist(), strict=True):
         assert math.isclose(mine_v, theirs_v, rel_tol=1e-6, abs_tol=1e-6)
 
+    item, key = want.item_ids[0], feedback_key(rater, want.item_ids[0])
+    assert got["feedback"] == {
+        "user_id": rater, "item_id": item, "rating": RATING, "idempotency_key": key,
+        "accepted": 1, "duplicates": 0,
+    }  # fmt: skip
+    # The example's event is in the store under its key, and folded in: the cold user is known.
+    resent = Feedback(rater, item, "rating", rating=RATING, idempotency_key=key)
+    assert client.record_feedback([resent]) == FeedbackRecorded(accepted=0, duplicates=1)
+    assert item not in client.recommend(rater, K).item_ids
+
 
 # What the flaky server answers each RPC's attempts with before it answers: every code the
-# shared policy retries, and no more failures than retry throttling allows on a fresh channel.
+# shared policy retries, and no more failures than retry throttling allows on a fresh channel
+# (4: each spends one of 10 tokens, and retries stop at 5).
 FAILURES = {
     "Recommend": (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.UNAVAILABLE),
-    "EmbedText": (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.FAILED_PRECONDITION),
+    "EmbedText": (grpc.StatusCode.RESOURCE_EXHAUSTED,),
+    "RecordFeedback": (grpc.StatusCode.UNAVAILABLE,),
 }
 FLAKY_MODEL = pb.ModelRef(name="flaky", version=3)
 
 
 class FlakyRecommender(pb_grpc.RecommenderServiceServicer):
-    """Fails the first attempts of Recommend and EmbedText (`FAILURES`), then answers."""
+    """Fails the first attempts of each RPC (`FAILURES`), then answers. RecordFeedback keeps
+    the keys of every attempt first, as a store whose answer was lost on the way would: the
+    retry must then be counted a duplicate."""
 
     def __init__(self) -> None:
         self.calls: Counter[str] = Counter()
+        self.feedback: list[pb.RecordFeedbackRequest] = []
+        self._keys: set[str] = set()
         self._lock = threading.Lock()
 
     def _attempt(self, method: str, context: grpc.ServicerContext) -> None:
@@ -151,6 +199,17 @@ class FlakyRecommender(pb_grpc.RecommenderServiceServicer):
         vectors = [pb.Embedding(values=[0.5, -0.25]) for _ in request.texts]
         return pb.EmbedTextResponse(embeddings=vectors, dim=2, model=FLAKY_MODEL)
 
+    def RecordFeedback(
+        self, request: pb.RecordFeedbackRequest, context: grpc.ServicerContext
+    ) -> pb.RecordFeedbackResponse:
+        keys = [e.idempotency_key for e in request.events]
+        with self._lock:
+            self.feedback.append(request)
+            new = [k for k in keys if k not in self._keys]
+            self._keys.update(keys)
+        self._attempt("RecordFeedback", context)
+        return pb.RecordFeedbackResponse(accepted=len(new), duplicates=len(keys) - len(new))
+
 
 @pytest.fixture
 def flaky() -> Iterator[tuple[str, FlakyRecommender]]:
@@ -173,7 +232,18 @@ def test_client_retries_by_the_shared_service_config(
 ) -> None:
     lang, out = built_client
     target, servicer = flaky
-    got = _run(lang, out, target, "u7")
+    got = _run(lang, out, target, "u7", "rater")
     assert got["recommend"]["items"][0]["item_id"] == "u7-pick"
     assert got["embed"]["values"] == [0.5, -0.25]
     assert servicer.calls == {m: len(codes) + 1 for m, codes in FAILURES.items()}
+    # The retry resent the event with its key, which the lost first attempt had stored.
+    assert got["feedback"]["accepted"] == 0 and got["feedback"]["duplicates"] == 1
+    first, retry = servicer.feedback
+    assert first == retry
+    (event,) = first.events
+    assert (event.user_id, event.item_id) == ("rater", "u7-pick")
+    assert (event.kind, event.rating) == (pb.FEEDBACK_KIND_RATING, RATING)
+    assert event.idempotency_key == feedback_key("rater", "u7-pick")
+    # The client's clock, sent as a google.protobuf.Timestamp (a day's slack for odd clocks).
+    sent = event.occurred_at.seconds + event.occurred_at.nanos / 1e9
+    assert abs(sent - time.time()) < 86_400

@@ -1,8 +1,12 @@
 /**
  * bertrec example client (TypeScript, Node): checks the server's health, asks for one user's
- * recommendations and embeds one text, then prints a single JSON document on stdout.
+ * recommendations and embeds one text, then prints a single JSON document on stdout. With
+ * --feedback-user-id F it also records that F rated the top recommended item (RecordFeedback, a
+ * write, so never done unasked) under the fixed idempotency key "bertrec-example:F:ITEM": running
+ * it again stores nothing new, and the answer counts a duplicate.
  *
  *   node dist/example.js --user-id U [--target HOST:PORT] [--text T] [--k K] [--timeout-s S]
+ *                        [--feedback-user-id F]
  *
  * Exit status: 0 on success, 1 when an RPC fails (`error: <RPC> failed: <CODE>: <message>` on
  * stderr), 2 on bad flags. Nothing but the JSON document is written to stdout.
@@ -26,9 +30,12 @@ import {
 
 import {
   EmbedTextRequest,
+  FeedbackKind,
   type ModelRef,
   RecommendRequest,
   RecommenderServiceClient,
+  RecordFeedbackRequest,
+  type RecommendResponse,
 } from "./gen/bertrec/v1/recommender.js";
 import {
   HealthCheckRequest,
@@ -41,14 +48,18 @@ const DEFAULT_TEXT = "a heartfelt drama about a family reunited after many years
 const DEFAULT_K = 10;
 const DEFAULT_TIMEOUT_S = 10;
 const MAX_INT32 = 2 ** 31 - 1;
+// The rating --feedback-user-id records; any value in the model's rating range works.
+const EXAMPLE_RATING = 4.0;
 
 const USAGE = `usage: example --user-id U [--target HOST:PORT] [--text T] [--k K] [--timeout-s S]
+               [--feedback-user-id F]
 
   --target HOST:PORT  server address (default ${DEFAULT_TARGET})
   --user-id U         user to recommend for (required)
   --text T            text to embed (default: a sample sentence)
   --k K               number of recommendations (default ${DEFAULT_K})
-  --timeout-s S       deadline of each RPC in seconds (default ${DEFAULT_TIMEOUT_S})`;
+  --timeout-s S       deadline of each RPC in seconds (default ${DEFAULT_TIMEOUT_S})
+  --feedback-user-id F  if set, record that F rated the top item (a write)`;
 
 interface Options {
   target: string;
@@ -56,6 +67,8 @@ interface Options {
   text: string;
   k: number;
   timeoutS: number;
+  /** Empty: no RecordFeedback. */
+  feedbackUserId: string;
 }
 
 /** Bad command-line flags: reported with the usage text, exit status 2. */
@@ -86,6 +99,7 @@ function parseOptions(argv: readonly string[]): Options | "help" {
         text: { type: "string", default: DEFAULT_TEXT },
         k: { type: "string", default: String(DEFAULT_K) },
         "timeout-s": { type: "string", default: String(DEFAULT_TIMEOUT_S) },
+        "feedback-user-id": { type: "string", default: "" },
         help: { type: "boolean", short: "h", default: false },
       },
     }));
@@ -109,7 +123,14 @@ function parseOptions(argv: readonly string[]): Options | "help" {
   if (values["timeout-s"].trim() === "" || !Number.isFinite(timeoutS) || timeoutS <= 0) {
     throw new UsageError(`--timeout-s must be a positive number, got ${JSON.stringify(values["timeout-s"])}`);
   }
-  return { target: values.target, userId, text: values.text, k, timeoutS };
+  return {
+    target: values.target,
+    userId,
+    text: values.text,
+    k,
+    timeoutS,
+    feedbackUserId: values["feedback-user-id"],
+  };
 }
 
 /** The last (fullest) overload of a generated unary client method. */
@@ -149,6 +170,43 @@ interface ModelJson {
 /** An unset message field decodes as undefined; proto3 reads it as the default (empty) value. */
 function modelJson(model: ModelRef | undefined): ModelJson {
   return { name: model?.name ?? "", version: model?.version ?? 0 };
+}
+
+/** One rating of the top recommended item by --feedback-user-id, and the store's answer. */
+async function recordFeedback(
+  recommender: RecommenderServiceClient,
+  options: Options,
+  recommendation: RecommendResponse,
+): Promise<unknown> {
+  const rpc = "bertrec.v1.RecommenderService/RecordFeedback";
+  const itemId = recommendation.items[0]?.itemId;
+  if (itemId === undefined) {
+    throw new Error(`${rpc} failed: no recommended item to rate`);
+  }
+  const event = {
+    userId: options.feedbackUserId,
+    itemId,
+    kind: FeedbackKind.FEEDBACK_KIND_RATING,
+    rating: EXAMPLE_RATING,
+    occurredAt: new Date(), // sent as a google.protobuf.Timestamp
+    idempotencyKey: `bertrec-example:${options.feedbackUserId}:${itemId}`,
+  };
+  // Retried on UNAVAILABLE by the service config: the fixed key makes a second attempt of an
+  // event the server did store a duplicate, never a second copy.
+  const answer = await callUnary(
+    rpc,
+    recommender.recordFeedback.bind(recommender),
+    RecordFeedbackRequest.fromPartial({ events: [event] }),
+    options.timeoutS,
+  );
+  return {
+    user_id: event.userId,
+    item_id: event.itemId,
+    rating: event.rating,
+    idempotency_key: event.idempotencyKey,
+    accepted: answer.accepted,
+    duplicates: answer.duplicates,
+  };
 }
 
 /** clients/service_config.json, which build.sh copies next to this file (dist/). */
@@ -195,6 +253,11 @@ async function run(options: Options): Promise<unknown> {
       throw new Error(`${embedRpc} returned ${embedding.embeddings.length} vectors for 1 text`);
     }
 
+    const feedback =
+      options.feedbackUserId === ""
+        ? undefined // left out of the document
+        : await recordFeedback(recommender, options, recommendation);
+
     // float32 fields arrive as JS numbers holding the exact float32 value; JSON.stringify
     // prints the shortest decimal that reads back to that value.
     return {
@@ -209,6 +272,7 @@ async function run(options: Options): Promise<unknown> {
         })),
       },
       embed: { model: modelJson(embedding.model), values: vector.values },
+      feedback,
     };
   } finally {
     // Closes the shared channel, so the process can exit once the event loop drains.

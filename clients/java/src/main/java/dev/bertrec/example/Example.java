@@ -6,10 +6,15 @@ import com.google.gson.JsonArray;
 import com.google.gson.JsonObject;
 import com.google.gson.JsonParseException;
 import com.google.gson.reflect.TypeToken;
+import com.google.protobuf.Timestamp;
 import dev.bertrec.v1.EmbedTextRequest;
 import dev.bertrec.v1.EmbedTextResponse;
+import dev.bertrec.v1.FeedbackEvent;
+import dev.bertrec.v1.FeedbackKind;
 import dev.bertrec.v1.ModelRef;
 import dev.bertrec.v1.RankedItem;
+import dev.bertrec.v1.RecordFeedbackRequest;
+import dev.bertrec.v1.RecordFeedbackResponse;
 import dev.bertrec.v1.RecommendRequest;
 import dev.bertrec.v1.RecommendResponse;
 import dev.bertrec.v1.RecommenderServiceGrpc;
@@ -30,6 +35,7 @@ import java.io.InputStreamReader;
 import java.io.PrintStream;
 import java.io.Reader;
 import java.nio.charset.StandardCharsets;
+import java.time.Instant;
 import java.util.Map;
 import java.util.Set;
 import java.util.concurrent.TimeUnit;
@@ -39,9 +45,13 @@ import java.util.logging.Logger;
 
 /**
  * Example bertrec client: checks health, asks for recommendations for one user and embeds one
- * text, then prints the three answers as one JSON document on stdout.
+ * text, then prints the answers as one JSON document on stdout. With {@code --feedback-user-id F}
+ * it also records that F rated the top recommended item ({@code RecordFeedback}, a write, so
+ * never done unasked) under the fixed idempotency key {@code bertrec-example:F:ITEM}: running it
+ * again stores nothing new and the answer counts a duplicate.
  *
- * <p>Usage: {@code Example --user-id U [--target HOST:PORT] [--text T] [--k K] [--timeout-s S]}.
+ * <p>Usage: {@code Example --user-id U [--target HOST:PORT] [--text T] [--k K] [--timeout-s S]
+ * [--feedback-user-id F]}.
  * Exit status: 0 on success, 1 when an RPC fails (the status is printed on stderr), 2 on bad
  * arguments.
  *
@@ -56,14 +66,18 @@ public final class Example {
   private static final double DEFAULT_TIMEOUT_S = 10.0;
   private static final long SHUTDOWN_GRACE_MS = 2_000;
   private static final String SERVICE_CONFIG = "service_config.json";
+  // The rating --feedback-user-id records; any value in the model's rating range works.
+  private static final double EXAMPLE_RATING = 4.0;
 
   private static final String USAGE =
-      "usage: Example --user-id U [--target HOST:PORT] [--text T] [--k K] [--timeout-s S]\n"
+      "usage: Example --user-id U [--target HOST:PORT] [--text T] [--k K] [--timeout-s S]"
+          + " [--feedback-user-id F]\n"
           + "  --target     server address (default " + DEFAULT_TARGET + ")\n"
           + "  --user-id    user to recommend for (required)\n"
           + "  --text       text to embed (default: a sample sentence)\n"
           + "  --k          number of recommendations (default " + DEFAULT_K + ")\n"
-          + "  --timeout-s  deadline of each call in seconds (default " + DEFAULT_TIMEOUT_S + ")";
+          + "  --timeout-s  deadline of each call in seconds (default " + DEFAULT_TIMEOUT_S + ")\n"
+          + "  --feedback-user-id  if set, record that this user rated the top item (a write)";
 
   // System.out/err encode with the platform charset, which is ASCII under LANG=C; JSON is UTF-8.
   private static final PrintStream OUT =
@@ -83,9 +97,10 @@ public final class Example {
   private Example() {}
 
   /** Command-line settings, validated. */
-  record Options(String target, String userId, String text, int k, long timeoutMs) {
+  record Options(
+      String target, String userId, String text, int k, long timeoutMs, String feedbackUserId) {
     private static final Set<String> FLAGS =
-        Set.of("--target", "--user-id", "--text", "--k", "--timeout-s");
+        Set.of("--target", "--user-id", "--text", "--k", "--timeout-s", "--feedback-user-id");
 
     static Options parse(String[] args) throws UsageException {
       String target = DEFAULT_TARGET;
@@ -93,6 +108,7 @@ public final class Example {
       String text = DEFAULT_TEXT;
       int k = DEFAULT_K;
       double timeoutS = DEFAULT_TIMEOUT_S;
+      String feedbackUserId = "";
       for (int i = 0; i < args.length; i++) {
         String arg = args[i];
         if (arg.equals("-h") || arg.equals("--help")) {
@@ -118,6 +134,7 @@ public final class Example {
           case "--text" -> text = value;
           case "--k" -> k = parseInt(flag, value);
           case "--timeout-s" -> timeoutS = parseDouble(flag, value);
+          case "--feedback-user-id" -> feedbackUserId = value;
           default -> throw new AssertionError(flag); // FLAGS and this switch list the same flags
         }
       }
@@ -133,7 +150,8 @@ public final class Example {
       if (!(timeoutS > 0) || Double.isInfinite(timeoutS)) {
         throw new UsageException("--timeout-s must be a positive number of seconds");
       }
-      return new Options(target, userId, text, k, Math.max(1, Math.round(timeoutS * 1000)));
+      return new Options(
+          target, userId, text, k, Math.max(1, Math.round(timeoutS * 1000)), feedbackUserId);
     }
 
     private static int parseInt(String flag, String value) throws UsageException {
@@ -302,7 +320,50 @@ public final class Example {
     document.addProperty("health", status.getStatus().name());
     document.add("recommend", toJson(recommended));
     document.add("embed", toJson(embedded));
+    if (!options.feedbackUserId().isEmpty()) {
+      document.add("feedback", recordFeedback(recommender, options, recommended));
+    }
     return document;
+  }
+
+  /** One rating of the top recommended item by --feedback-user-id, and the store's answer. */
+  private static JsonObject recordFeedback(
+      RecommenderServiceGrpc.RecommenderServiceBlockingStub recommender,
+      Options options,
+      RecommendResponse recommended)
+      throws RpcFailure {
+    MethodDescriptor<?, ?> method = RecommenderServiceGrpc.getRecordFeedbackMethod();
+    if (recommended.getItemsCount() == 0) {
+      throw new RpcFailure(method.getFullMethodName(),
+          Status.FAILED_PRECONDITION.withDescription("no recommended item to rate"));
+    }
+    String itemId = recommended.getItems(0).getItemId();
+    String key = "bertrec-example:" + options.feedbackUserId() + ":" + itemId;
+    Instant now = Instant.now();
+    FeedbackEvent event = FeedbackEvent.newBuilder()
+        .setUserId(options.feedbackUserId())
+        .setItemId(itemId)
+        .setKind(FeedbackKind.FEEDBACK_KIND_RATING)
+        .setRating(EXAMPLE_RATING)
+        .setOccurredAt(Timestamp.newBuilder()
+            .setSeconds(now.getEpochSecond())
+            .setNanos(now.getNano()))
+        .setIdempotencyKey(key)
+        .build();
+    // Retried on UNAVAILABLE by the service config: the fixed key makes a second attempt of an
+    // event the server did store a duplicate, never a second copy.
+    RecordFeedbackResponse response =
+        call(method,
+            () -> recommender.withDeadlineAfter(options.timeoutMs(), TimeUnit.MILLISECONDS)
+                .recordFeedback(RecordFeedbackRequest.newBuilder().addEvents(event).build()));
+    JsonObject json = new JsonObject();
+    json.addProperty("user_id", event.getUserId());
+    json.addProperty("item_id", itemId);
+    json.addProperty("rating", event.getRating());
+    json.addProperty("idempotency_key", key);
+    json.addProperty("accepted", response.getAccepted());
+    json.addProperty("duplicates", response.getDuplicates());
+    return json;
   }
 
   /** Runs one blocking call, turning its failure status into an RpcFailure naming the method. */
