@@ -8,17 +8,21 @@ at least one row.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TypeAlias
 
 import grpc
 from google.protobuf.message import Message
+from google.protobuf.timestamp_pb2 import Timestamp
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2
 
 from adversarial.rpcs import (
     ENCODER,
+    FEEDBACK_USER,
+    FORGOTTEN_USER,
     ITEMS,
     LIMITS,
     MODEL,
@@ -33,6 +37,7 @@ from bertrec.v1 import recommender_pb2 as pb
 
 MAX_K, MAX_IDS = LIMITS["max_k"], LIMITS["max_item_ids"]
 MAX_TEXTS, MAX_TEXT_BYTES = LIMITS["max_texts"], LIMITS["max_text_bytes"]
+MAX_EVENTS = LIMITS["max_feedback_events"]
 LONG = "y" * 20_000  # echoed at full length, this passes the 16 KB metadata limit
 INT32_MAX, INT64_MAX = 2**31 - 1, 2**63 - 1
 Input: TypeAlias = oip.ModelInferRequest.InferInputTensor
@@ -91,6 +96,34 @@ def k_tensor(value: int, datatype: str = "INT64", shape: Sequence[int] = (1,)) -
         count *= d
     return Input(name="k", datatype=datatype, shape=list(shape),
                  contents=Contents(**{field: [value] * count}))  # fmt: skip
+
+
+RATING, CLICK = pb.FEEDBACK_KIND_RATING, pb.FEEDBACK_KIND_CLICK
+NAN, INF = float("nan"), float("inf")
+# Past any clock skew the server allows (minutes) for as long as the suite runs.
+AN_HOUR_AHEAD_S = int(time.time()) + 3600
+
+
+def event(n: int, **fields: object) -> pb.FeedbackEvent:
+    """A valid rating of ITEMS[n] by the feedback user, under a key of its own; `fields` laid
+    over it."""
+    base = {"user_id": FEEDBACK_USER, "item_id": ITEMS[n % len(ITEMS)], "kind": RATING,
+            "rating": 4.0, "idempotency_key": f"bad-input-{n}"}  # fmt: skip
+    return pb.FeedbackEvent(**{**base, **fields})
+
+
+def feedback(name: str, code: Code, says: str, *events: pb.FeedbackEvent) -> Case:
+    return rec("RecordFeedback", name, pb.RecordFeedbackRequest(events=events), code, says)
+
+
+def bad_event(name: str, says: str, **fields: object) -> Case:
+    """Four events, the third bad: the whole batch is refused, naming `events[2]` and the field."""
+    events = [event(0), event(1), event(2, **fields), event(3)]
+    return feedback(name, INVALID, f"events[2].{says}", *events)
+
+
+def forget(name: str, user_id: str, code: Code, says: str = "") -> Case:
+    return rec("ForgetUser", name, pb.ForgetUserRequest(user_id=user_id), code, says)
 
 
 TOO_MANY_IDS = list(ITEMS[: MAX_IDS + 1])
@@ -200,6 +233,63 @@ BAD_INPUT: list[Case] = [
         INVALID, "max_text_bytes"),
     rec("EmbedText", "far-too-many-texts", pb.EmbedTextRequest(texts=["a"] * 100_000), INVALID),
     rec("GetModelInfo", "no-fields", pb.GetModelInfoRequest(), OK),
+    # RecordFeedback: the whole batch is checked first; one bad event refuses all of it
+    feedback("no-events", INVALID, "events is empty"),
+    feedback("events-over-max", INVALID, "max_feedback_events",
+             *[event(n) for n in range(MAX_EVENTS + 1)]),
+    feedback("events-far-over-max", INVALID, "max_feedback_events", *[event(0)] * 20_000),
+    bad_event("empty-user", "user_id is empty", user_id=""),
+    bad_event("user-over-max", "user_id is longer", user_id="u" * 513),
+    bad_event("multibyte-user-over-max", "user_id is longer", user_id="é" * 257),
+    bad_event("user-far-over-max", "user_id is longer", user_id=LONG),
+    bad_event("empty-item", "item_id is empty", item_id=""),
+    bad_event("unknown-item", "item_id 'nope'", item_id="nope"),
+    bad_event("nul-item", "item_id", item_id=ITEMS[2] + "\x00"),
+    bad_event("item-far-over-max", "item_id is longer", item_id=LONG),
+    bad_event("rating-over-range", "rating", rating=5.5),
+    bad_event("rating-under-range", "rating", rating=0.5),
+    bad_event("rating-missing", "rating", rating=0.0),
+    bad_event("rating-nan", "rating", rating=NAN),
+    bad_event("rating-inf", "rating", rating=INF),
+    bad_event("rating-minus-inf", "rating", rating=-INF),
+    bad_event("rating-on-click", "rating", kind=CLICK, rating=3.0),
+    bad_event("nan-on-click", "rating", kind=CLICK, rating=NAN),
+    bad_event("kind-unspecified", "kind", kind=pb.FEEDBACK_KIND_UNSPECIFIED),
+    bad_event("kind-unknown-number", "kind", kind=99),
+    bad_event("kind-negative", "kind", kind=-1),
+    bad_event("occurred-beyond-skew", "occurred_at",
+              occurred_at=Timestamp(seconds=AN_HOUR_AHEAD_S)),
+    bad_event("occurred-year-3000", "occurred_at", occurred_at=Timestamp(seconds=32_503_680_000)),
+    bad_event("occurred-int64-max", "occurred_at", occurred_at=Timestamp(seconds=INT64_MAX)),
+    bad_event("occurred-negative", "occurred_at", occurred_at=Timestamp(seconds=-1)),
+    bad_event("occurred-int64-min", "occurred_at", occurred_at=Timestamp(seconds=-(2**63))),
+    bad_event("nanos-negative", "occurred_at.nanos",
+              occurred_at=Timestamp(seconds=1_700_000_000, nanos=-1)),
+    bad_event("nanos-over-range", "occurred_at.nanos",
+              occurred_at=Timestamp(seconds=1_700_000_000, nanos=1_000_000_000)),
+    bad_event("key-over-max", "idempotency_key", idempotency_key="k" * 129),
+    bad_event("multibyte-key-over-max", "idempotency_key", idempotency_key="é" * 65),
+    bad_event("key-far-over-max", "idempotency_key", idempotency_key=LONG),
+    # ... and the edges that are fine
+    feedback("user-and-key-at-max", OK, "",
+             event(40, user_id="u" * 512, idempotency_key="k" * 128)),
+    feedback("every-kind", OK, "", event(41), event(42, kind=CLICK, rating=0.0),
+             event(43, kind=pb.FEEDBACK_KIND_PURCHASE, rating=0.0),
+             event(44, kind=pb.FEEDBACK_KIND_SKIP, rating=-0.0)),
+    feedback("rating-range-ends", OK, "", event(45, rating=1.0), event(46, rating=5.0)),
+    feedback("no-key", OK, "", event(47, idempotency_key="")),
+    feedback("occurred-at-epoch", OK, "", event(48, occurred_at=Timestamp(seconds=0))),
+    feedback("occurred-within-skew", OK, "",
+             event(49, occurred_at=Timestamp(seconds=int(time.time()) + 60))),
+    feedback("same-key-twice", OK, "", event(50), event(51, idempotency_key="bad-input-50")),
+    feedback("events-at-max", OK, "", *[event(52 + n) for n in range(MAX_EVENTS)]),
+    # ForgetUser: any non-empty id; forgetting someone unknown is no error. (None of these may
+    # forget USERS[1], whom every test asks for afterwards.)
+    forget("empty-user", "", INVALID, "user_id is empty"),
+    forget("unknown-user", FORGOTTEN_USER, OK),
+    forget("nul-after-a-known-user", USERS[1] + "\x00", OK),
+    forget("blank-user", " ", OK),
+    forget("long-user", LONG, OK),
     Case(path("oip", "ServerLive"), "no-fields", oip.ServerLiveRequest(), OK),
     Case(path("oip", "ServerReady"), "no-fields", oip.ServerReadyRequest(), OK),
     Case(path("oip", "ServerMetadata"), "no-fields", oip.ServerMetadataRequest(), OK),

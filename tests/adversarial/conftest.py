@@ -6,6 +6,10 @@ which keep the limits small (so "over the limit" is cheap to send) and the batch
 short (so thousands of fuzzed calls stay fast). Request tables built at import read the same
 `rpcs.LIMITS` the servers start with; tests read any other setting from
 `AdversarialServer.settings`, never from a copy, so the two cannot drift apart.
+
+Every server has a feedback store (SQLite in the module's own tmp folder), so RecordFeedback
+and ForgetUser are attacked past their "no store" answer, and a test can read the store file
+to see what an attack left in it.
 """
 
 from __future__ import annotations
@@ -52,6 +56,13 @@ class AdversarialServer:
         """The server's stderr so far (its log)."""
         return self.process.stderr()
 
+    @property
+    def feedback_db(self) -> Path:
+        """The SQLite file of the server's feedback store."""
+        url = str(self.settings["feedback_store"])
+        assert url.startswith("sqlite://"), url
+        return Path(url.removeprefix("sqlite://"))
+
     def samples(self) -> Samples:
         """Every sample the server's /metrics shows now."""
         return scrape(self.process.metrics_url)
@@ -72,8 +83,14 @@ def scrape(metrics_url: str) -> Samples:
 def adversarial_server(
     request: pytest.FixtureRequest, model_repo: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[AdversarialServer]:
-    """A fresh server for this module, with `DEFAULTS` overridden by its `SERVER_SETTINGS`."""
-    settings = {**DEFAULTS, **getattr(request.module, "SERVER_SETTINGS", {})}
+    """A fresh server for this module, with `DEFAULTS` overridden by its `SERVER_SETTINGS`, and
+    a fresh feedback store."""
+    store = tmp_path_factory.mktemp("adversarial-feedback") / "feedback.db"
+    settings = {
+        **DEFAULTS,
+        "feedback_store": f"sqlite://{store}",
+        **getattr(request.module, "SERVER_SETTINGS", {}),
+    }
     flags = [arg for name, value in settings.items()
              for arg in ("--" + name.replace("_", "-"), str(value))]  # fmt: skip
     process = start_server(model_repo, tmp_path_factory.mktemp("adversarial-logs"), *flags)

@@ -44,7 +44,7 @@ MAX_REQUEST_BYTES = 4 * 1024 * 1024
 MODEL = "tiny"
 # The request limits every adversarial server runs with (small, so "over" is cheap to send).
 LIMITS: Mapping[str, int] = {"max_k": 50, "max_item_ids": 20, "max_texts": 12,
-                             "max_text_bytes": 400}  # fmt: skip
+                             "max_text_bytes": 400, "max_feedback_events": 8}  # fmt: skip
 # Load and unload parse their parameters only where explicit model control is on. (Probed so
 # the suite also runs on servers from before the setting: there every load is refused unread.)
 CONTROL: Mapping[str, int | str] = (
@@ -56,6 +56,10 @@ ENCODER, RANKER = f"{MODEL}-encoder", f"{MODEL}-ranker"
 # The ids of tests/fakes.py's model: 40 users and 60 items.
 USERS = tuple(f"u{i:04d}" for i in range(40))
 ITEMS = tuple(f"item-{i:05d}" for i in range(60))
+# Feedback goes to users of its own: `assert_healthy` asks for USERS[1]'s recommendations after
+# every attack, so no attack may forget USERS[1] or fill its list with rated items.
+FEEDBACK_USER = "adversary-feedback"  # a cold user, known once its first event is stored
+FORGOTTEN_USER = "adversary-forgotten"  # never has events: forgetting it is harmless
 
 
 class Kind(enum.Enum):
@@ -130,6 +134,19 @@ VALID: Mapping[str, Message] = {
     path("rec", "SimilarItems"): pb.SimilarItemsRequest(item_id=ITEMS[1], k=5),
     path("rec", "EmbedText"): pb.EmbedTextRequest(texts=["a film about the sea"]),
     path("rec", "GetModelInfo"): pb.GetModelInfoRequest(),
+    # One rating under one fixed key: the first call stores it, every later one is a duplicate.
+    path("rec", "RecordFeedback"): pb.RecordFeedbackRequest(
+        events=[
+            pb.FeedbackEvent(
+                user_id=FEEDBACK_USER,
+                item_id=ITEMS[1],
+                kind=pb.FEEDBACK_KIND_RATING,
+                rating=4.0,
+                idempotency_key="adversarial-valid",
+            )
+        ]
+    ),
+    path("rec", "ForgetUser"): pb.ForgetUserRequest(user_id=FORGOTTEN_USER),
     path("oip", "ServerLive"): oip.ServerLiveRequest(),
     path("oip", "ServerReady"): oip.ServerReadyRequest(),
     path("oip", "ModelReady"): oip.ModelReadyRequest(name=RANKER),
