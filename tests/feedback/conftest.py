@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from redis_harness import RedisServer, have_redis_server, redis_server
+from redis_harness import RedisServer, need_redis_server, redis_server
 
 from bertrec.feedback.events import FeedbackEvent, FeedbackKind
 from bertrec.feedback.store import FeedbackStore, open_store
@@ -64,8 +64,7 @@ def event(user: str, item: str, key: str, rating: float = 4.0) -> FeedbackEvent:
 
 @pytest.fixture(scope="session")
 def shared_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    if not have_redis_server():
-        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+    need_redis_server()
     with redis_server(tmp_path_factory.mktemp("redis")) as server:
         yield server
 

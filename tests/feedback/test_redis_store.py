@@ -13,14 +13,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from redis_harness import RedisServer, have_redis_server, redis_server, wait_until
+from redis_harness import RedisServer, need_redis_server, redis_server, wait_until
 
 from bertrec.feedback.events import FeedbackEvent, StoredEvent
 from bertrec.feedback.store import FeedbackStore, StoreError, open_store
 
 from .conftest import event
 
-pytestmark = pytest.mark.skipif(not have_redis_server(), reason="redis-server is not installed")
+
+@pytest.fixture(autouse=True)
+def _redis_installed() -> None:
+    need_redis_server()
 
 
 @pytest.fixture
