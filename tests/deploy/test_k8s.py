@@ -15,7 +15,6 @@ from deploy_helpers import (
     DEPLOY,
     OVERLAYS,
     REDIS_OVERLAYS,
-    SQLITE_OVERLAYS,
     find,
     load_docs,
     run_tool,
@@ -163,16 +162,6 @@ def test_hpa_scales_the_deployment_on_the_adapters_metric(
         assert kinds["Resource"]["resource"]["name"] == "cpu"
     else:  # the GPU component's patch: in-flight calls only, at most 4 pods
         assert set(kinds) == {"Pods"} and hpa["maxReplicas"] == 4
-
-
-@pytest.mark.parametrize("overlay", SQLITE_OVERLAYS)
-def test_with_the_sqlite_store_nothing_scales_the_deployment(
-    rendered: dict[str, Path], overlay: str
-) -> None:
-    docs = load_docs(rendered[overlay])
-    assert not [d for d in docs if d["kind"] == "HorizontalPodAutoscaler"]
-    deployment = find(docs, "Deployment", "bertrec")["spec"]
-    assert deployment["replicas"] == 1
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
