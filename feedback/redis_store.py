@@ -44,6 +44,7 @@ leave the disk when that rewrite finishes (`aof_rewrite_in_progress:0` in INFO p
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
 import secrets
@@ -78,6 +79,9 @@ FORGET_KIND = "forget"  # the kind of a tombstone record
 POOL_SIZE = 64  # connections: concurrent callers share Redis's fsync, not one socket
 SOCKET_TIMEOUT_S = 30.0  # a call with no `timeout_s` of its own gives up after this
 REWRITE_POLL_S = 0.2  # how often to look whether a running AOF rewrite has finished
+# Newer redis-py (checked: 8.1) reads one reply with its own timeout; with an older one a
+# call's `timeout_s` falls back to the connection's socket timeout.
+_READ_TIMEOUT = "timeout" in inspect.signature(redis.Connection.read_response).parameters
 
 # Every script's KEYS start with these, in this order; the rest are users' index hashes.
 _KEY_TYPES = "{'zset', 'string', 'hash', 'hash'}"  # log, seq, keys, tombstones
@@ -206,7 +210,9 @@ class RedisStore:
     ) -> Any:
         """EVALSHA on a pooled connection, reading the reply within `timeout_s` (loading the
         script first where this Redis has not seen it: NOSCRIPT means nothing ran)."""
-        read = {} if timeout_s is None else {"timeout": max(timeout_s, 0.001)}
+        read: dict[str, float] = {}
+        if timeout_s is not None and _READ_TIMEOUT:
+            read["timeout"] = max(timeout_s, 0.001)
         command = ("EVALSHA", script.sha, len(keys), *keys, *args)
         try:
             conn = self._pool.get_connection()
