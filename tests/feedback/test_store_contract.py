@@ -4,6 +4,7 @@ Redis alike: the server, the replay and training rely on nothing else."""
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
@@ -171,3 +172,44 @@ def test_tombstones_read_back_in_seq_order(store: FeedbackStore) -> None:
     assert [t.user_hash for t in tombstones] == [store.user_hash(u) for u in ["c", "a", "b"]]
     assert [t.seq for t in tombstones] == sorted(t.seq for t in tombstones)
     assert all(isinstance(t, Forgotten) for t in tombstones)
+
+
+def test_a_follower_reading_while_others_append_sees_every_record_once_in_order(
+    backend: Backend, store: FeedbackStore
+) -> None:
+    writers, calls = 8, 40
+    done = threading.Event()
+    follower = backend.open()  # another replica, following the shared log
+    seen: list[int] = []
+
+    def follow() -> None:
+        cursor = 0
+        while True:
+            finished = done.is_set()  # read once more after the last append returned
+            page = follower.read_since(cursor, limit=7)
+            seen.extend(r.seq for r in page)
+            cursor = page[-1].seq if page else cursor
+            if finished and not page:
+                return
+            if not page:
+                time.sleep(0.001)  # nothing new yet; leave the CPU to the writers
+
+    def write(n: int) -> None:
+        for i in range(calls):
+            store.append([event(f"u{n}", f"i{i}", f"w{n}-{i}")])
+            if i % 10 == 9:
+                store.forget(f"gone{n}")
+
+    reader = threading.Thread(target=follow)
+    reader.start()
+    threads = [threading.Thread(target=write, args=(n,)) for n in range(writers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    done.set()
+    reader.join()
+    follower.close()
+
+    assert seen == [r.seq for r in store.read_since(0)]  # none skipped, none twice, in order
+    assert len(seen) == writers * calls + writers * (calls // 10)
