@@ -98,13 +98,19 @@ def feedback_client(feedback_server: ServerProcess) -> Iterator[RecommenderClien
         yield c
 
 
-def _run(lang: str, out: Path, target: str, user_id: str, feedback_user_id: str) -> dict[str, Any]:
-    result = subprocess.run(
+def _start(
+    lang: str, out: Path, target: str, user_id: str, feedback_user_id: str
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
         ["bash", str(ROOT / "clients" / lang / "run.sh"), str(out),
          "--target", target, "--user-id", user_id, "--text", TEXT, "--k", str(K),
          "--feedback-user-id", feedback_user_id],
         cwd=ROOT, capture_output=True, text=True, timeout=RUN_TIMEOUT_S,
     )  # fmt: skip
+
+
+def _run(lang: str, out: Path, target: str, user_id: str, feedback_user_id: str) -> dict[str, Any]:
+    result = _start(lang, out, target, user_id, feedback_user_id)
     assert result.returncode == 0, f"{lang} client failed:\n{result.stdout}\n{result.stderr}"
     try:
         document: dict[str, Any] = json.loads(result.stdout)
@@ -172,7 +178,8 @@ class FlakyRecommender(pb_grpc.RecommenderServiceServicer):
     the keys of every attempt first, as a store whose answer was lost on the way would: the
     retry must then be counted a duplicate."""
 
-    def __init__(self) -> None:
+    def __init__(self, failures: dict[str, tuple[grpc.StatusCode, ...]]) -> None:
+        self.failures = failures
         self.calls: Counter[str] = Counter()
         self.feedback: list[pb.RecordFeedbackRequest] = []
         self._keys: set[str] = set()
@@ -182,8 +189,8 @@ class FlakyRecommender(pb_grpc.RecommenderServiceServicer):
         with self._lock:
             self.calls[method] += 1
             n = self.calls[method]
-        if n <= len(FAILURES[method]):
-            context.abort(FAILURES[method][n - 1], f"{method} attempt {n} refused")
+        if n <= len(self.failures[method]):
+            context.abort(self.failures[method][n - 1], f"{method} attempt {n} refused")
 
     def Recommend(
         self, request: pb.RecommendRequest, context: grpc.ServicerContext
@@ -211,9 +218,18 @@ class FlakyRecommender(pb_grpc.RecommenderServiceServicer):
         return pb.RecordFeedbackResponse(accepted=len(new), duplicates=len(keys) - len(new))
 
 
+# A server without a feedback store: FAILED_PRECONDITION, which the feedback writes' own entry
+# of the policy leaves out (a retry cannot help), though the service-wide entry retries it.
+NO_STORE = {
+    "Recommend": (),
+    "EmbedText": (),
+    "RecordFeedback": (grpc.StatusCode.FAILED_PRECONDITION,) * 5,
+}
+
+
 @pytest.fixture
-def flaky() -> Iterator[tuple[str, FlakyRecommender]]:
-    servicer = FlakyRecommender()
+def flaky(request: pytest.FixtureRequest) -> Iterator[tuple[str, FlakyRecommender]]:
+    servicer = FlakyRecommender(getattr(request, "param", FAILURES))
     server = grpc.server(ThreadPoolExecutor(4))
     pb_grpc.add_RecommenderServiceServicer_to_server(servicer, server)
     checks = health.HealthServicer()
@@ -247,3 +263,16 @@ def test_client_retries_by_the_shared_service_config(
     # The client's clock, sent as a google.protobuf.Timestamp (a day's slack for odd clocks).
     sent = event.occurred_at.seconds + event.occurred_at.nanos / 1e9
     assert abs(sent - time.time()) < 86_400
+
+
+@pytest.mark.parametrize("flaky", [NO_STORE], indirect=True, ids=["no-store"])
+def test_client_takes_the_feedback_writes_own_retry_entry(
+    built_client: tuple[str, Path], flaky: tuple[str, FlakyRecommender]
+) -> None:
+    """A method's own entry wins over the service's in every language: one attempt only."""
+    lang, out = built_client
+    target, servicer = flaky
+    result = _start(lang, out, target, "u7", "rater")
+    assert result.returncode == 1, f"{lang}: {result.stdout}\n{result.stderr}"
+    assert "RecordFeedback failed: FAILED_PRECONDITION" in result.stderr
+    assert servicer.calls["RecordFeedback"] == 1
