@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from redis_harness import have_redis_server, redis_server
+from redis_harness import need_redis_server, redis_server
 
 from bertrec.errors import BertrecError
 from bertrec.feedback.events import FeedbackEvent, FeedbackKind, StoredEvent
@@ -125,8 +125,7 @@ def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     if request.param == "sqlite":
         yield f"sqlite://{tmp_path / 'feedback.db'}"
         return
-    if not have_redis_server():
-        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+    need_redis_server()
     with redis_server(tmp_path / "redis") as server:
         yield server.url
 
