@@ -1,7 +1,7 @@
 """`bertrec demo`: the whole product on the embedded data, in one command.
 
-generate -> train -> export -> serve -> query over gRPC, all under one work folder, printing
-the evaluation table and real recommendations with their item texts.
+generate -> train -> export -> serve -> query -> feedback over gRPC, all under one work folder,
+printing the evaluation table and real recommendations with their item texts.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
     p = sub.add_parser(
         "demo",
-        help="generate -> train -> export -> serve -> query on the embedded data",
+        help="generate -> train -> export -> serve -> query -> feedback on the embedded data",
         description="Run the whole pipeline on the embedded synthetic catalogue and query the "
         "live gRPC server. Everything is written under --workdir.",
     )
@@ -92,6 +92,7 @@ def _serve_and_query(
             "host": "127.0.0.1",
             "grpc_port": args.port,
             "metrics_port": args.metrics_port,
+            "feedback_store": f"sqlite://{repo.parent.resolve() / 'feedback.db'}",
         }
     )
     server = Server(config)
@@ -154,6 +155,8 @@ def _query(client: Any, version_dir: Path, cold_items: frozenset[str]) -> None:
             f"{_short(texts, item.item_id, cold_items)}"
         )
 
+    _feedback(client, texts, cold_items, [i.item_id for i in found.items[:2]])
+
     anchor = recs.items[0].item_id
     similar = client.similar_items(anchor, k=3)
     print(f"\nSimilarItems({anchor!r}, k=3):  {_short(texts, anchor, cold_items)}")
@@ -161,6 +164,26 @@ def _query(client: Any, version_dir: Path, cold_items: frozenset[str]) -> None:
         print(
             f"  {item.item_id} cosine {item.similarity:.3f}  "
             f"{_short(texts, item.item_id, cold_items)}"
+        )
+
+
+def _feedback(client: Any, texts: dict[str, str], cold: frozenset[str], liked: list[str]) -> None:
+    """A new user rates two items: stored durably, folded in, and their next answer uses it."""
+    from bertrec.client import Feedback, RecommenderError
+
+    user = "demo-newcomer"
+    client.forget_user(user)  # a rerun with --workdir starts this user afresh
+    try:
+        client.recommend(user, k=3)
+    except RecommenderError as exc:
+        print(f"\nRecommend(user={user!r}) before any feedback: {exc.code.name}")
+    recorded = client.record_feedback([Feedback(user, i, "rating", 5.0) for i in liked])
+    print(f"RecordFeedback: {user} rated {', '.join(liked)} 5/5 -> accepted {recorded.accepted}")
+    print(f"Recommend(user={user!r}, k=3), folded in from those two ratings:")
+    for item in client.recommend(user, k=3).items:
+        print(
+            f"  {item.rank}. {item.item_id} score {item.score:.3f} "
+            f"predicted {item.predicted_rating:.2f}  {_short(texts, item.item_id, cold)}"
         )
 
 

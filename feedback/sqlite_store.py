@@ -207,13 +207,13 @@ class SqliteStore:
             sum(j.events for j, _, e in outcomes if e is None),
             len(outcomes),
         )
+        for action in after_commit:
+            action()  # a forget answers only once the WAL no longer holds the deleted rows
         for job, value, error in outcomes:
             if error is None:
                 job.future.set_result(value)
             else:
                 job.future.set_exception(StoreError(f"feedback store {self.url}: {error}"))
-        for action in after_commit:
-            action()
 
     def _checkpoint(self) -> None:
         """Move every committed page into the main file and truncate the WAL (after a forget:

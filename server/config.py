@@ -339,8 +339,14 @@ def flags_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _quote(value: Any) -> str:
-    """A value as error messages show it: its repr, but paths plain (not `PosixPath(...)`)."""
-    return str(value) if isinstance(value, Path) else repr(value)
+    """A value as error messages show it: its repr, but paths plain (not `PosixPath(...)`)
+    and a URL's credentials hidden (a mistyped store URL must not print its password)."""
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, str) and "://" in value and "@" in value:
+        scheme, rest = value.split("://", 1)
+        return repr(f"{scheme}://***@{rest.rsplit('@', 1)[1]}")
+    return repr(value)
 
 
 def _show(value: Any) -> str:
