@@ -23,6 +23,7 @@ OTHER_TOOLS_VARIABLES = frozenset(
         "BERTREC_JAVA_LIB_DIR",  # clients/java/classpath.sh
         "BERTREC_MODELS",  # deploy/compose: host folder mounted as the repository
         "BERTREC_MODEL_NAME",  # deploy/compose: becomes BERTREC_MODEL in the container
+        "BERTREC_TRAIN_FEEDBACK",  # default of `bertrec train --feedback` (no password in argv)
     }
 )
 

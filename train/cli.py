@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -44,9 +45,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     tr.add_argument(
         "--feedback",
         metavar="STORE_URL",
+        default=os.environ.get("BERTREC_TRAIN_FEEDBACK") or None,
         help="fold a feedback store (sqlite://PATH or redis://host:port/db) into the data: "
         "its ratings are added (the latest per user and item wins) and forgotten users are "
-        "left out",
+        "left out (default: $BERTREC_TRAIN_FEEDBACK, which keeps a Redis password off the "
+        "command line)",
     )
     add_training_args(tr)
     tr.set_defaults(func=run_train)
