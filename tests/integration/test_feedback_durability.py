@@ -6,8 +6,9 @@ Each round starts the server on the store, lets two client threads send RecordFe
 moment more and SIGKILLs the server mid-traffic. After the rounds a last server must hold and
 fold in every acknowledged event: each user's acknowledged items are all excluded from their
 Recommend, the store holds each acknowledged key exactly once, and the acknowledged calls sent
-again are all reported as duplicates and change no answer. Runs on SQLite and on a real
-redis-server (only the bertrec server is killed; Redis stays up with appendfsync always).
+again are all reported as duplicates and change no answer; a user forgotten just before a
+kill -9 stays forgotten. Runs on SQLite and on a real redis-server (only the bertrec server is
+killed; Redis stays up with appendfsync always).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +36,7 @@ from bertrec.v1 import recommender_pb2_grpc as pb_grpc
 ROUNDS = 3
 SENDERS = 2
 USERS = [f"durable-user-{n}" for n in range(6)]
+FORGOTTEN = USERS[0]  # forgotten at the end, just before a kill -9
 ACKS_BEFORE_KILL = 4  # per round: the kill lands while calls keep coming
 KINDS = (pb.FEEDBACK_KIND_RATING, pb.FEEDBACK_KIND_CLICK, pb.FEEDBACK_KIND_PURCHASE,
          pb.FEEDBACK_KIND_SKIP)  # fmt: skip
@@ -145,17 +148,14 @@ def recommend(server: ServerProcess, user: str, items: set[str], exclude_rated: 
 
 
 def check_recovered(repo: Path, logs: Path, url: str, acked: Acked) -> None:
-    """A last server folds in every acknowledged event once; resending them changes nothing."""
-    by_user = acked.items_by_user()
+    """A last server folds in every acknowledged event once; resending them changes nothing.
+    Then it forgets FORGOTTEN and is killed right after the answer: the forget is durable too."""
     server = start_server(repo, logs, "--feedback-store", url)
     try:
         server.wait_serving()
         answers = {}
-        for user, items in by_user.items():
-            # Every acknowledged item of the user is seen: asking only for them leaves nothing,
-            # while without the exclusion the same request returns them all.
-            assert recommend(server, user, items, exclude_rated=True) == [], user
-            assert sorted(recommend(server, user, items, exclude_rated=False)) == sorted(items)
+        for user, items in acked.items_by_user().items():
+            assert_folded(server, user, items)
             answers[user] = stub_call(server, "Recommend", pb.RecommendRequest(user_id=user, k=10))
         for call in acked.calls:
             response = stub_call(server, "RecordFeedback", pb.RecordFeedbackRequest(events=call))
@@ -164,6 +164,34 @@ def check_recovered(repo: Path, logs: Path, url: str, acked: Acked) -> None:
         for user, before in answers.items():  # applied once: the same vectors, the same answer
             after = stub_call(server, "Recommend", pb.RecommendRequest(user_id=user, k=10))
             assert after == before, user
+        stub_call(server, "ForgetUser", pb.ForgetUserRequest(user_id=FORGOTTEN))
+    finally:
+        server.proc.kill()
+        server.proc.wait()
+
+
+def assert_folded(server: ServerProcess, user: str, items: set[str]) -> None:
+    """Every acknowledged item of the user is seen: asking only for them leaves nothing, while
+    without the exclusion the same request returns them all."""
+    assert recommend(server, user, items, exclude_rated=True) == [], user
+    assert sorted(recommend(server, user, items, exclude_rated=False)) == sorted(items)
+
+
+def check_forgotten_after_kill(repo: Path, logs: Path, url: str, acked: Acked) -> None:
+    with serving_on(repo, logs, url) as server:
+        with pytest.raises(grpc.RpcError) as caught:
+            stub_call(server, "Recommend", pb.RecommendRequest(user_id=FORGOTTEN))
+        assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+        kept = next(u for u in acked.items_by_user() if u != FORGOTTEN)
+        assert_folded(server, kept, acked.items_by_user()[kept])
+
+
+@contextmanager
+def serving_on(repo: Path, logs: Path, url: str) -> Iterator[ServerProcess]:
+    server = start_server(repo, logs, "--feedback-store", url)
+    try:
+        server.wait_serving()
+        yield server
     finally:
         assert server.terminate() == 0, server.stderr()[-3000:]
 
@@ -190,11 +218,14 @@ def repo(model_repo: Path, tmp_path: Path) -> Path:
 def run_kill_loop(repo: Path, logs: Path, url: str, ref: Reference, seed: int) -> None:
     acked = kill_rounds(repo, logs, url, ref.item_ids, seed)
     check_recovered(repo, logs, url, acked)
+    check_forgotten_after_kill(repo, logs, url, acked)
     keys = stored_keys(url)
-    acked_keys = [e.idempotency_key for e in acked.events()]
+    acked_keys = [e.idempotency_key for e in acked.events() if e.user_id != FORGOTTEN]
     missing = set(acked_keys) - set(keys)
     assert not missing, f"{len(missing)} of {len(acked_keys)} acknowledged events lost"
     assert len(keys) == len(set(keys)), "a key stored twice"
+    forgotten = {e.idempotency_key for e in acked.events() if e.user_id == FORGOTTEN}
+    assert forgotten and not forgotten & set(keys), "a forgotten user's event is still stored"
     unanswered = len(keys) - len(acked_keys)
     print(f"{len(acked_keys)} events acknowledged in {len(acked.calls)} calls, all stored once; "
           f"{unanswered} stored without an answer (in flight at a kill)")  # fmt: skip

@@ -1,0 +1,141 @@
+"""Two bertrec servers sharing one Redis store see each other's feedback and forgets.
+
+Replica A records feedback (or forgets a user); replica B, which never received the call,
+must answer exactly as A does once its follower has read the store. B is polled until it
+does, failing after REFLECT_TIMEOUT_S; the delay it took is printed for the record (its size
+is bench material, never asserted here).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from redis_harness import need_redis_server, redis_server
+from server_harness import Reference, ServerProcess, start_server
+
+from bertrec.v1 import recommender_pb2 as pb
+from bertrec.v1 import recommender_pb2_grpc as pb_grpc
+
+Code = grpc.StatusCode
+REFLECT_TIMEOUT_S = 10.0
+TIMEOUT_S = 10.0
+K = 6
+KNOWN = "u0003"
+COLD = "replica-cold-user-7d1e52b0a8c94f63"
+
+
+class Replica:
+    """One server of the pair and a stub on it."""
+
+    def __init__(self, name: str, server: ServerProcess) -> None:
+        self.name, self.server = name, server
+        self.channel = grpc.insecure_channel(server.target)
+        self.stub = pb_grpc.RecommenderServiceStub(self.channel)
+
+    def recommend(self, user: str) -> list[tuple[str, float]] | Code:
+        """The user's top K (item, score), or the status code of a failed call."""
+        try:
+            response = self.stub.Recommend(
+                pb.RecommendRequest(user_id=user, k=K), timeout=TIMEOUT_S
+            )
+        except grpc.RpcError as exc:
+            return exc.code()
+        return [(i.item_id, i.score) for i in response.items]
+
+    def record(self, *events: pb.FeedbackEvent) -> None:
+        response = self.stub.RecordFeedback(
+            pb.RecordFeedbackRequest(events=events), timeout=TIMEOUT_S
+        )
+        assert (response.accepted, response.duplicates) == (len(events), 0)
+
+    def forget(self, user: str) -> None:
+        self.stub.ForgetUser(pb.ForgetUserRequest(user_id=user), timeout=TIMEOUT_S)
+
+
+@pytest.fixture(scope="module")
+def replicas(
+    model_repo: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Replica, Replica]]:
+    need_redis_server()
+    root = tmp_path_factory.mktemp("replicas")
+    with redis_server(root / "redis") as redis:
+        flags = ("--feedback-store", redis.url, "--feedback-poll-interval-s", "0.05")
+        servers = [start_server(model_repo, root / "logs", *flags) for _ in range(2)]
+        try:
+            for server in servers:
+                server.wait_serving()
+            yield Replica("A", servers[0]), Replica("B", servers[1])
+        finally:
+            for server in servers:
+                server.terminate()
+
+
+def event(user: str, item: str, kind: int, rating: float = 0.0) -> pb.FeedbackEvent:
+    return pb.FeedbackEvent(
+        user_id=user, item_id=item, kind=kind, rating=rating, idempotency_key=uuid.uuid4().hex
+    )
+
+
+def wait_reflected(
+    replica: Replica, condition: Callable[[], bool], what: str, since: float
+) -> float:
+    """Seconds from `since` (the other replica's answer) until `condition` holds on `replica`."""
+    while not condition():
+        if time.monotonic() - since > REFLECT_TIMEOUT_S:
+            raise AssertionError(
+                f"replica {replica.name} never reflected {what} in {REFLECT_TIMEOUT_S} s"
+            )
+        time.sleep(0.005)
+    delay = time.monotonic() - since
+    print(f"replica {replica.name} reflected {what} after {delay * 1000:.0f} ms")
+    return delay
+
+
+def test_feedback_on_a_is_reflected_on_b(replicas: tuple[Replica, Replica], ref: Reference) -> None:
+    a, b = replicas
+    assert a.recommend(COLD) == b.recommend(COLD) == Code.NOT_FOUND
+    before = a.recommend(KNOWN)
+    assert before == b.recommend(KNOWN) and isinstance(before, list)
+    liked = before[0][0]
+    a.record(
+        event(KNOWN, liked, pb.FEEDBACK_KIND_RATING, 5.0),
+        event(COLD, ref.item_ids[4], pb.FEEDBACK_KIND_RATING, 4.0),
+        event(COLD, ref.item_ids[5], pb.FEEDBACK_KIND_CLICK),
+    )
+    acked = time.monotonic()
+    after = {user: a.recommend(user) for user in (KNOWN, COLD)}
+    assert after[KNOWN] != before and isinstance(after[COLD], list)
+    for user, answer in after.items():
+        wait_reflected(b, lambda u=user, x=answer: b.recommend(u) == x, f"{user}'s feedback", acked)
+    # ...and the other way round, into a user A already holds.
+    b.record(event(COLD, ref.item_ids[6], pb.FEEDBACK_KIND_SKIP))
+    acked = time.monotonic()
+    answer = b.recommend(COLD)
+    assert answer != after[COLD]
+    wait_reflected(a, lambda: a.recommend(COLD) == answer, "B's skip", acked)
+
+
+def test_forget_on_a_makes_the_user_unknown_on_b(
+    replicas: tuple[Replica, Replica], ref: Reference
+) -> None:
+    a, b = replicas
+    for user in (KNOWN, COLD):
+        assert isinstance(b.recommend(user), list)
+        a.forget(user)
+        forgotten = time.monotonic()
+        assert a.recommend(user) == Code.NOT_FOUND
+        wait_reflected(
+            b, lambda u=user: b.recommend(u) == Code.NOT_FOUND, f"the forget of {user}", forgotten
+        )
+    # B sees the tombstone by hash only, yet masks the training row: new feedback on A makes
+    # the same cold user (no training pairs) on both.
+    a.record(event(KNOWN, ref.item_ids[7], pb.FEEDBACK_KIND_RATING, 3.0))
+    acked = time.monotonic()
+    answer = a.recommend(KNOWN)
+    assert isinstance(answer, list)
+    wait_reflected(b, lambda: b.recommend(KNOWN) == answer, "feedback after the forget", acked)
