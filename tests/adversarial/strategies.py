@@ -3,7 +3,9 @@
 `STRATEGIES` maps each method path to a strategy of request messages whose every field is
 hostile somewhere in its range (huge or negative k, empty, blank, unicode, NUL and very long
 strings, unknown and duplicate ids, tensors whose shapes, datatypes and byte lengths disagree,
-model-control parameters that do not parse); `mutated(method)` serializes one and damages its
+model-control parameters that do not parse, feedback events whose every field is wrong
+somewhere: kind numbers past the enum, NaN ratings, timestamps past the year 3000 or before
+1970, keys over 128 bytes); `mutated(method)` serializes one and damages its
 bytes (bit flips, truncation, insertions, random bytes, a string field re-sent as invalid UTF-8).
 Values sit on both sides of the limits in `rpcs.LIMITS`, the limits the servers run with.
 """
@@ -11,19 +13,34 @@ Values sit on both sides of the limits in `rpcs.LIMITS`, the limits the servers 
 from __future__ import annotations
 
 import json
+import time
 
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
+from google.protobuf.timestamp_pb2 import Timestamp
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2
 from hypothesis import strategies as st
 
-from adversarial.rpcs import ENCODER, ITEMS, LIMITS, MODEL, RANKER, RPCS, USERS, VALID, path
+from adversarial.rpcs import (
+    ENCODER,
+    FEEDBACK_USER,
+    FORGOTTEN_USER,
+    ITEMS,
+    LIMITS,
+    MODEL,
+    RANKER,
+    RPCS,
+    USERS,
+    VALID,
+    path,
+)
 from bertrec.oip.v2 import grpc_service_pb2 as oip
 from bertrec.v1 import recommender_pb2 as pb
 
 MAX_K, MAX_IDS = LIMITS["max_k"], LIMITS["max_item_ids"]
 MAX_TEXTS, MAX_TEXT_BYTES = LIMITS["max_texts"], LIMITS["max_text_bytes"]
+MAX_EVENTS = LIMITS["max_feedback_events"]
 
 # -- hostile values ----------------------------------------------------------------------------
 
@@ -254,6 +271,88 @@ def _control(message: type[Message]) -> st.SearchStrategy[Message]:
     return _control_fields().map(lambda fields: message(**fields))
 
 
+# -- feedback ------------------------------------------------------------------------------------
+
+# Feedback may fold in anyone but USERS[1], whom `assert_healthy` asks for after every attack:
+# a USERS[1] who had rated every item would have no list left to recommend.
+FEEDBACK_USERS = (FEEDBACK_USER, *USERS[2:])
+feedback_users = st.one_of(st.sampled_from(FEEDBACK_USERS), strings).filter(lambda u: u != USERS[1])
+kinds = st.one_of(
+    st.sampled_from([pb.FEEDBACK_KIND_RATING, pb.FEEDBACK_KIND_CLICK, pb.FEEDBACK_KIND_PURCHASE,
+                     pb.FEEDBACK_KIND_SKIP]),
+    st.sampled_from([pb.FEEDBACK_KIND_UNSPECIFIED, 5, 99, -1, 2**31 - 1, -(2**31)]),
+)  # fmt: skip
+ratings = st.one_of(
+    st.sampled_from([1.0, 5.0, 3.5, 0.0, -0.0, 5.0000001, 0.9999999]),
+    st.floats(0.5, 5.5),
+    st.floats(),  # NaN, infinities, subnormals, huge
+)
+NOW_S = int(time.time())
+timestamps = st.one_of(
+    st.none(),  # unset: the server's clock
+    st.builds(Timestamp, seconds=st.integers(0, NOW_S), nanos=st.integers(0, 999_999_999)),
+    st.builds(
+        Timestamp,
+        seconds=st.one_of(st.integers(-(2**63), 2**63 - 1),
+                          st.sampled_from([-1, NOW_S + 3600, 32_503_680_000, 253_402_300_800])),
+        nanos=st.one_of(st.integers(-(2**31), 2**31 - 1), st.integers(0, 999_999_999)),
+    ),
+)  # fmt: skip
+keys = st.one_of(
+    st.just(""),
+    st.text(max_size=20),
+    st.integers(125, 132).map(lambda n: "k" * n),
+    st.integers(60, 70).map(lambda n: "é" * n),  # 120..140 bytes in UTF-8
+    strings,
+)
+
+
+@st.composite
+def feedback_event(draw: st.DrawFn, hostile: bool = True) -> pb.FeedbackEvent:
+    """An event with every field drawn hostile (`hostile`), or a valid one (a batch of them
+    reaches the store and the fold-in)."""
+    if not hostile:
+        return pb.FeedbackEvent(
+            user_id=draw(st.sampled_from(FEEDBACK_USERS)), item_id=draw(st.sampled_from(ITEMS)),
+            kind=pb.FEEDBACK_KIND_RATING, rating=draw(st.floats(1.0, 5.0)),
+            idempotency_key=draw(st.one_of(st.just(""), st.text(max_size=20))),
+        )  # fmt: skip
+    event = pb.FeedbackEvent(
+        user_id=draw(feedback_users), item_id=draw(items), kind=draw(kinds),
+        rating=draw(ratings), idempotency_key=draw(keys),
+    )  # fmt: skip
+    stamp = draw(timestamps)
+    if stamp is not None:
+        event.occurred_at.CopyFrom(stamp)
+    return event
+
+
+@st.composite
+def record_feedback(draw: st.DrawFn) -> Message:
+    """Mostly valid events with a hostile one mixed in somewhere, or hostile throughout, or far
+    too many."""
+    mix = draw(st.sampled_from(["one-bad", "all-hostile", "valid", "too-many"]))
+    if mix == "too-many":
+        count = draw(st.integers(MAX_EVENTS + 1, 5_000))
+        return pb.RecordFeedbackRequest(events=[draw(feedback_event(hostile=False))] * count)
+    valid = draw(st.lists(feedback_event(hostile=False), max_size=MAX_EVENTS))
+    if mix == "valid":
+        return pb.RecordFeedbackRequest(events=valid)
+    if mix == "all-hostile":
+        return pb.RecordFeedbackRequest(
+            events=draw(st.lists(feedback_event(), max_size=MAX_EVENTS + 3))
+        )
+    valid.insert(draw(st.integers(0, len(valid))), draw(feedback_event()))
+    return pb.RecordFeedbackRequest(events=valid)
+
+
+# Forgetting takes a training user for good (NOT_FOUND afterwards), so only the last few are
+# forgotten: the other methods' fuzz keeps most training users to ask about.
+forget_users = st.one_of(
+    st.sampled_from([FEEDBACK_USER, FORGOTTEN_USER, *USERS[-5:]]),
+    strings.filter(lambda u: u != USERS[1]),
+)
+
 health_services = st.one_of(
     st.sampled_from(["", "bertrec.v1.RecommenderService", "inference.GRPCInferenceService"]),
     strings,
@@ -288,6 +387,8 @@ STRATEGIES: dict[str, st.SearchStrategy[Message]] = {
         pb.EmbedTextRequest, texts=st.lists(texts, max_size=MAX_TEXTS + 3)
     ),
     path("rec", "GetModelInfo"): st.just(pb.GetModelInfoRequest()),
+    path("rec", "RecordFeedback"): record_feedback(),
+    path("rec", "ForgetUser"): st.builds(pb.ForgetUserRequest, user_id=forget_users),
     path("oip", "ServerLive"): st.just(oip.ServerLiveRequest()),
     path("oip", "ServerReady"): st.just(oip.ServerReadyRequest()),
     path("oip", "ModelReady"): st.builds(oip.ModelReadyRequest, name=model_names, version=versions),

@@ -39,7 +39,8 @@ SERVER_SETTINGS = {**LIMITS, **CONTROL}
 # the requests with the most ways to be wrong (tensors, model-control parameters) get more.
 EXAMPLES = 40
 MORE_EXAMPLES = {path("oip", "ModelInfer"): 200, path("oip", "RepositoryModelLoad"): 300,
-                 path("oip", "RepositoryModelUnload"): 300}  # fmt: skip
+                 path("oip", "RepositoryModelUnload"): 300,
+                 path("rec", "RecordFeedback"): 150}  # fmt: skip
 FUZZ = settings(
     deadline=None,
     derandomize=True,
@@ -50,6 +51,10 @@ FUZZ = settings(
 CALL_TIMEOUT_S = 5.0
 # Mostly a roomy deadline; sometimes one that expires while the call is queued or running.
 deadlines = st.sampled_from([CALL_TIMEOUT_S, CALL_TIMEOUT_S, CALL_TIMEOUT_S, 0.002, 0.05])
+# The feedback writes answer a deadline that passes while the store commits with UNAVAILABLE
+# (a server defect, pinned down by test_feedback_stalled_store.py): until it is fixed they get
+# roomy deadlines only, or this fuzz would fail at random.
+STORE_WRITES = {path("rec", "RecordFeedback"), path("rec", "ForgetUser")}
 
 
 # -- the properties ------------------------------------------------------------------------------
@@ -68,7 +73,10 @@ def test_hostile_messages(
     rpc, logged = RPCS[method], len(adversarial_server.log())
 
     @settings(FUZZ, max_examples=MORE_EXAMPLES.get(method, EXAMPLES))
-    @given(request=STRATEGIES[method], timeout_s=deadlines)
+    @given(
+        request=STRATEGIES[method],
+        timeout_s=st.just(CALL_TIMEOUT_S) if method in STORE_WRITES else deadlines,
+    )
     def answers_properly(request: Message, timeout_s: float) -> None:
         outcome = invoke(adversarial_channel, rpc, request.SerializeToString(), timeout_s)
         assert outcome.problem() is None, outcome.problem()
