@@ -65,12 +65,16 @@ class Feedback:
             self._attached.append(model_users)
         started = time.perf_counter()
         cursor, total = 0, 0
-        while True:
-            page = self.store.read_since(cursor, PAGE)
-            if not page:
-                break
-            model_users.apply(page)
-            cursor, total = page[-1].seq, total + len(page)
+        try:
+            while True:
+                page = self.store.read_since(cursor, PAGE)
+                if not page:
+                    break
+                model_users.apply(page)
+                cursor, total = page[-1].seq, total + len(page)
+        except BaseException:
+            self.detach(model_users)  # the version fails to load: nothing may keep it
+            raise
         if self._thread is None:  # the follower starts where the first replay ended
             self._cursor = max(self._cursor, cursor)
         duration = time.perf_counter() - started

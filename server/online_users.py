@@ -68,7 +68,7 @@ class OnlineUsers:
         self._lock = threading.Lock()
         self._histories: dict[str, _History] = {}
         self._folded: dict[str, UserState] = {}  # read without the lock
-        self._masked: set[int] = set()  # training rows of forgotten users
+        self._masked: dict[int, int] = {}  # training row of a forgotten user -> tombstone seq
         self._forgotten: dict[str, int] = {}  # user hash -> tombstone seq
         self._rows_by_hash: dict[str, int] | None = None  # built on the first hashed forget
 
@@ -96,8 +96,8 @@ class OnlineUsers:
         with self._lock:
             for record in records:
                 if isinstance(record, Forgotten):
-                    self._forget_hash(record)
-                    changed = {u for u in changed if u in self._histories}
+                    remaining = self._forget_hash(record)
+                    changed = {u for u in changed if u in self._histories} | remaining
                 elif self._add(record):
                     changed.add(record.event.user_id)
             for user_id in changed:
@@ -108,14 +108,15 @@ class OnlineUsers:
         """Drop a user's folded state and mask their training row; returns whether the
         version had training factors for them."""
         with self._lock:
-            self._forgotten[tombstone.user_hash] = tombstone.seq
-            self._drop(user_id)
+            self._remember(tombstone)
             row = self.model.training_row(user_id)
-            if row is None:
-                return False
-            masked = row in self._masked
-            self._masked.add(row)
-            return not masked
+            # The follower may have applied this same tombstone first: that still counts.
+            had = row is not None and self._masked.get(row, tombstone.seq) == tombstone.seq
+            if row is not None:
+                self._masked.setdefault(row, tombstone.seq)
+            if self._truncate(user_id, tombstone.seq):
+                self._folded[user_id] = self._solve(user_id, self._histories[user_id])
+            return had
 
     def _add(self, stored: StoredEvent) -> bool:
         event = stored.event
@@ -133,19 +134,33 @@ class OnlineUsers:
         history.events.append((stored.seq, row, event))
         return True
 
-    def _forget_hash(self, tombstone: Forgotten) -> None:
-        self._forgotten[tombstone.user_hash] = max(
-            tombstone.seq, self._forgotten.get(tombstone.user_hash, 0)
-        )
-        for user_id in [u for u in self._histories if self._hash(u) == tombstone.user_hash]:
-            self._drop(user_id)
+    def _forget_hash(self, tombstone: Forgotten) -> set[str]:
+        """Honour a tombstone known only by its hash; returns the users whose newer events
+        remain (to re-solve, now without their training row)."""
+        self._remember(tombstone)
         row = self._training_rows_by_hash().get(tombstone.user_hash)
         if row is not None:
-            self._masked.add(row)
+            self._masked.setdefault(row, tombstone.seq)
+        users = [u for u in self._histories if self._hash(u) == tombstone.user_hash]
+        return {u for u in users if self._truncate(u, tombstone.seq)}
 
-    def _drop(self, user_id: str) -> None:
+    def _remember(self, tombstone: Forgotten) -> None:
+        known = self._forgotten.get(tombstone.user_hash, 0)
+        self._forgotten[tombstone.user_hash] = max(tombstone.seq, known)
+
+    def _truncate(self, user_id: str, seq: int) -> bool:
+        """Drop the user's events older than a tombstone at `seq` (those it deleted) and keep
+        newer ones, which may have arrived first (the follower and the live path race);
+        returns whether any remain."""
+        history = self._histories.get(user_id)
+        if history is not None:
+            history.events = [e for e in history.events if e[0] > seq]
+            history.seqs = {e[0] for e in history.events}
+            if history.events:
+                return True
         self._histories.pop(user_id, None)
         self._folded.pop(user_id, None)
+        return False
 
     def _training_rows_by_hash(self) -> dict[str, int]:
         """Training row of each user's salted hash: one pass over the version's user ids,
