@@ -36,8 +36,8 @@ def _registrars() -> list[Register]:
     from bertrec import demo
     from bertrec.bench.loadtest import cli as loadtest_cli
     from bertrec.export import cli as export_cli
+    from bertrec.server import auth_cli, models_cli
     from bertrec.server import cli as server_cli
-    from bertrec.server import models_cli
     from bertrec.train import cli as train_cli
 
     return [
@@ -46,6 +46,7 @@ def _registrars() -> list[Register]:
         export_cli.register,
         server_cli.register,
         models_cli.register,
+        auth_cli.register,
         loadtest_cli.register,
     ]
 

@@ -43,9 +43,12 @@ polling, the model-repository RPCs) and swaps them in; see `live_versions.py`.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2_grpc
@@ -56,6 +59,7 @@ from bertrec.feedback.store import open_store
 from bertrec.oip.v2 import grpc_service_pb2_grpc as oip_grpc
 from bertrec.repository.versions import resolve_version
 from bertrec.server.admission import Admission, AdmissionLimits, handler_pools
+from bertrec.server.auth import Authorizer, CredentialsFile
 from bertrec.server.config import ConfigError, ServerConfig
 from bertrec.server.drain import drain_grpc, unary_activity
 from bertrec.server.feedback import Feedback
@@ -68,6 +72,7 @@ from bertrec.server.oip import SERVICE_NAME as OIP_SERVICE_NAME
 from bertrec.server.oip import InferenceServicer
 from bertrec.server.oip.repository import RepositoryControl
 from bertrec.server.service import RecommenderServicer
+from bertrec.server.tls import RotatingCredentials, TlsFiles
 from bertrec.server.version_watcher import RepositoryVersions
 from bertrec.v1 import recommender_pb2_grpc
 
@@ -94,8 +99,17 @@ class Server:
         )  # fmt: skip
         self.slot, self.watcher = build_versions(config, self.metrics, self.feedback)
         self.lifecycle = Lifecycle(self.slot)
+        self.tls = _tls_files(config)
+        self._credentials = RotatingCredentials(self.tls) if self.tls is not None else None
+        self.authorizer = Authorizer(
+            CredentialsFile(Path(config.auth_file)) if config.auth_file else None,
+            config.reflection,
+            lambda reason: self.metrics.auth_failures.labels(reason=reason).inc(),
+        )
         self.port = 0
         self.metrics_port = 0
+        self.health_port = 0
+        self._health_server: grpc.Server | None = None
         self._grpc: grpc.Server | None = None
         self._http: HttpEndpoints | None = None
         self._stream_pool: ThreadPoolExecutor | None = None
@@ -128,14 +142,28 @@ class Server:
                                 c.request_timeout_s, repository)  # fmt: skip
         oip_grpc.add_GRPCInferenceServiceServicer_to_server(oip, server)
         health_pb2_grpc.add_HealthServicer_to_server(health, server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, OIP_SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME), server
-        )
+        if c.reflection != "off":
+            reflection.enable_server_reflection(
+                (SERVICE_NAME, OIP_SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME),
+                server,
+            )
         self._grpc = server
-        self.port = _bind(server, c.grpc_address)
+        creds = self._credentials.credentials if self._credentials is not None else None
+        self.port = _bind(server, c.grpc_address, creds)
+        if c.health_port is not None:
+            self._health_server = _health_only_server(health)
+            self.health_port = _bind(self._health_server, f"{c.host}:{c.health_port}", None)
+            self._health_server.start()
         self._http.start()
         server.start()
-        log.info("gRPC on %s:%d, metrics on %s:%d", c.host, self.port, c.host, self.metrics_port)
+        _warn_if_exposed(c)
+        log.info(
+            "gRPC%s on %s:%d, metrics%s on %s:%d, auth %s, reflection %s",
+            " (TLS" + (", client certificates required)" if c.tls_client_ca else ")")
+            if c.tls else " (plaintext)",
+            c.host, self.port, " (TLS)" if c.metrics_tls else "", c.host, self.metrics_port,
+            "on" if self.authorizer.enabled else "off", c.reflection,
+        )  # fmt: skip
 
     def load(self) -> None:
         """Load, verify and warm up the policy's version(s), report SERVING, start polling.
@@ -186,6 +214,8 @@ class Server:
             self._stream_pool.shutdown(wait=False)
         if self._http is not None:
             self._http.stop()
+        if self._health_server is not None:
+            self._health_server.stop(0)
         log.info("stopped")
 
     def _grpc_server(self) -> grpc.Server:
@@ -200,7 +230,9 @@ class Server:
             limits, self.metrics.rejected_rpcs, self.metrics.in_flight_request_bytes
         )
         calls_pool, self._stream_pool = handler_pools(limits, c.grpc_max_workers)
-        interceptor = MetricsAndErrorsInterceptor(self.metrics, admission, self._stream_pool)
+        interceptor = MetricsAndErrorsInterceptor(
+            self.metrics, admission, self._stream_pool, self.authorizer
+        )
         # grpc core holds calls the Python loop has not picked up yet; past its default of
         # 1,000 such calls it cancels them (CANCELLED, invisible to the metrics). Let more wait
         # for the loop, which refuses them at once with a counted RESOURCE_EXHAUSTED.
@@ -227,11 +259,50 @@ def _check_versions(config: ServerConfig) -> None:
     )
 
 
+def _tls_files(config: ServerConfig) -> TlsFiles | None:
+    if not config.tls:
+        return None
+    ca = Path(config.tls_client_ca) if config.tls_client_ca else None
+    return TlsFiles(Path(config.tls_cert), Path(config.tls_key), ca)
+
+
+def _warn_if_exposed(config: ServerConfig) -> None:
+    """A clear warning when calls (and tokens) would cross a network in plaintext."""
+    if _loopback(config.host):
+        return
+    if not config.tls:
+        log.warning(
+            "gRPC listens on %s WITHOUT TLS: calls%s cross the network in clear. Set "
+            "--tls-cert/--tls-key (or bind 127.0.0.1 behind a TLS-terminating proxy or mesh)",
+            config.host, " and their bearer tokens" if config.auth_file else "",
+        )  # fmt: skip
+    if not config.metrics_tls:
+        log.warning("metrics and probes on %s:%d are plaintext (--metrics-tls to encrypt them)",
+                    config.host, config.metrics_port)  # fmt: skip
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def _health_only_server(health: Any) -> grpc.Server:
+    """A plaintext server with grpc.health.v1 alone: probes that cannot speak TLS use it."""
+    server = grpc.server(ThreadPoolExecutor(max_workers=4, thread_name_prefix="health"))
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    return server
+
+
 def _http(config: ServerConfig, metrics: ServerMetrics, lifecycle: Lifecycle) -> HttpEndpoints:
+    tls = None
+    if config.metrics_tls:
+        tls = _tls_files(config)
     try:
         return HttpEndpoints(
             config.host, config.metrics_port, metrics.registry, lifecycle.serving,
-            config.http_timeout_s,
+            config.http_timeout_s, tls=tls,
         )  # fmt: skip
     except OSError as exc:
         raise ConfigError(
@@ -239,9 +310,12 @@ def _http(config: ServerConfig, metrics: ServerMetrics, lifecycle: Lifecycle) ->
         ) from exc
 
 
-def _bind(server: grpc.Server, address: str) -> int:
+def _bind(server: grpc.Server, address: str, credentials: grpc.ServerCredentials | None) -> int:
     try:
-        port = server.add_insecure_port(address)
+        if credentials is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, credentials)
     except RuntimeError as exc:
         raise ConfigError(f"cannot bind gRPC to {address}: {exc}") from exc
     if port == 0:

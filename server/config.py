@@ -29,6 +29,10 @@ ENV_PREFIX = "BERTREC_"
 CONFIG_ENV = "BERTREC_CONFIG"
 DEFAULT_PROVIDERS = (CUDA, CPU)
 MODEL_CONTROLS = ("none", "poll", "explicit")
+REFLECTION_MODES = ("on", "off", "auth")
+LOG_FORMATS = ("text", "json")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
 class ConfigError(BertrecError):
@@ -62,7 +66,11 @@ class ServerConfig:
     poll_interval_s: float = _opt(
         10.0, "seconds between scans of the repository for new versions (0 = never)"
     )
-    host: str = _opt("0.0.0.0", "address to bind the gRPC and metrics servers to")
+    host: str = _opt(
+        "127.0.0.1",
+        "address to bind the gRPC and metrics servers to (0.0.0.0: every interface; without "
+        "TLS the server then warns that its calls cross the network in clear)",
+    )
     grpc_port: int = _opt(50051, "gRPC port; 0 picks a free port (printed at start)")
     metrics_port: int = _opt(9090, "Prometheus /metrics HTTP port; 0 picks a free port")
     grpc_max_workers: int = _opt(
@@ -127,6 +135,37 @@ class ServerConfig:
     feedback_max_clock_skew_s: float = _opt(
         300.0, "how far ahead of the server's clock an event's occurred_at may be"
     )
+    tls_cert: str = _opt(
+        "", "PEM server certificate (chain): serve gRPC over TLS; re-read on change"
+    )
+    tls_key: str = _opt("", "PEM private key of tls_cert; re-read on change")
+    tls_client_ca: str = _opt(
+        "", "PEM CA bundle: require client certificates it signed (mTLS); re-read on change"
+    )
+    metrics_tls: bool = _opt(False, "serve /metrics, /healthz and /readyz over TLS too (tls_cert)")
+    health_port: int | None = _opt(
+        None,
+        "also serve grpc.health.v1 alone, in plaintext, on this port (for probes that cannot "
+        "do TLS, e.g. kubelet gRPC probes); unset: no such port",
+    )
+    auth_file: str = _opt(
+        "",
+        "TOML file of token hashes and mTLS identities with their roles (read, feedback, "
+        "admin); re-read on change; empty: no authentication",
+    )
+    reflection: str = _opt(
+        "on", "server reflection: on (open), off (not served) or auth (needs a valid credential)"
+    )
+    log_format: str = _opt("text", "log lines as text or json (one object per line)")
+    log_level: str = _opt("info", "least severe level logged: debug, info, warning, error")
+    access_log: bool = _opt(
+        False, "log one line per call: method, code, duration, peer, request id (never payloads)"
+    )
+    otlp_endpoint: str = _opt(
+        "",
+        "OpenTelemetry collector for traces (OTLP/gRPC, e.g. http://127.0.0.1:4317); empty: "
+        "tracing off",
+    )
     feedback_poll_interval_s: float = _opt(
         0.05,
         "seconds between reads of the feedback store for records that other replicas or "
@@ -139,6 +178,14 @@ class ServerConfig:
             problem = _problem(f.name, value)
             if problem:
                 raise ConfigError(f"{f.name}={_quote(value)}: {problem}")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ConfigError("tls_cert and tls_key go together: set both or neither")
+        if (self.tls_client_ca or self.metrics_tls) and not self.tls_cert:
+            raise ConfigError("tls_client_ca and metrics_tls need tls_cert and tls_key")
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.tls_cert)
 
     @property
     def grpc_address(self) -> str:
@@ -163,6 +210,10 @@ def _policy_problem(value: str) -> str | None:
     except PolicyError as exc:
         return str(exc)
     return None
+
+
+def _file_problem(path: str) -> str | None:
+    return None if not path or Path(path).is_file() else "no such file"
 
 
 def _store_problem(url: str) -> str | None:
@@ -217,6 +268,14 @@ _RULES: dict[str, Callable[[Any], str | None]] = {
     "max_feedback_events": _at_least(1),
     "feedback_max_clock_skew_s": _at_least(0),
     "feedback_poll_interval_s": lambda v: None if v > 0 else "must be > 0",
+    "tls_cert": lambda v: _file_problem(v),
+    "tls_key": lambda v: _file_problem(v),
+    "tls_client_ca": lambda v: _file_problem(v),
+    "auth_file": lambda v: _file_problem(v),
+    "health_port": lambda v: None if v is None else _port(v),
+    "reflection": lambda v: None if v in REFLECTION_MODES else f"must be one of {REFLECTION_MODES}",
+    "log_format": lambda v: None if v in LOG_FORMATS else f"must be one of {LOG_FORMATS}",
+    "log_level": lambda v: None if v in LOG_LEVELS else f"must be one of {LOG_LEVELS}",
 }
 
 
@@ -237,6 +296,13 @@ def _coerce(name: str, value: Any, source: str) -> Any:
             return None
         if hint == int | None and isinstance(value, str) and not value.strip():
             return None  # e.g. BERTREC_VERSION="" from a templated manifest: the default (newest)
+        if hint is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in _TRUE + _FALSE:
+                return text in _TRUE
+            raise ValueError(value)
         if hint in (int, int | None):
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise ValueError(value)

@@ -87,6 +87,18 @@ class Unavailable(ServiceError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+class Unauthenticated(ServiceError):
+    """No valid credential where the method needs one (server/auth.py)."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDenied(ServiceError):
+    """A valid credential without the role the method needs."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
 class InternalError(ServiceError):
     """A fault on the server side; the message shown to callers is generic."""
 

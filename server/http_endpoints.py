@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import gzip
 import logging
+import os
 import socket
+import ssl
 import threading
 from collections.abc import Callable
 from http import HTTPStatus
@@ -27,6 +29,8 @@ from urllib.parse import urlsplit
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
+
+from bertrec.server.tls import TlsFiles
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +49,23 @@ class _Server(ThreadingHTTPServer):
         address: tuple[str, int],
         handler: type[BaseHTTPRequestHandler],
         max_connections: int,
+        tls: TlsFiles | None = None,
     ) -> None:
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         self._slots = threading.BoundedSemaphore(max_connections)
+        self._tls = _RotatingContext(tls) if tls is not None else None
         super().__init__(address, handler)
+
+    def get_request(self) -> tuple[Any, Any]:
+        sock, address = super().get_request()
+        if self._tls is None:
+            return sock, address
+        # The handshake runs on the first read, in the connection's own thread (bounded by
+        # the handler's timeout), so a silent client never stalls the accept loop.
+        return self._tls.context().wrap_socket(
+            sock, server_side=True, do_handshake_on_connect=False
+        ), address
 
     def process_request(self, request: Any, client_address: Any) -> None:
         if not self._slots.acquire(blocking=False):
@@ -68,6 +84,41 @@ class _Server(ThreadingHTTPServer):
             self._slots.release()
 
 
+class _RotatingContext:
+    """A server `SSLContext` whose certificate follows its files (checked per connection)."""
+
+    def __init__(self, files: TlsFiles) -> None:
+        self._files = files
+        self._lock = threading.Lock()
+        self._signature = self._stat()
+        self._context = self._load()
+
+    def context(self) -> ssl.SSLContext:
+        with self._lock:
+            try:
+                signature = self._stat()
+                if signature != self._signature:
+                    self._context = self._load()
+                    self._signature = signature
+                    log.info("metrics tls: reloaded the certificate from %s", self._files.cert)
+            except (OSError, ssl.SSLError) as exc:
+                log.error("metrics tls: %s; keeping the certificate loaded before", exc)
+            return self._context
+
+    def _load(self) -> ssl.SSLContext:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.load_cert_chain(self._files.cert, self._files.key)
+        if self._files.client_ca is not None:
+            context.verify_mode = ssl.CERT_REQUIRED
+            context.load_verify_locations(self._files.client_ca)
+        return context
+
+    def _stat(self) -> tuple[tuple[int, int, int], ...]:
+        paths = [self._files.cert, self._files.key]
+        return tuple((s.st_mtime_ns, s.st_size, s.st_ino) for s in map(os.stat, paths))
+
+
 class HttpEndpoints:
     """The metrics and probe endpoints on one port.
 
@@ -78,6 +129,8 @@ class HttpEndpoints:
         ready: whether the model is serving (what `/readyz` reports).
         timeout_s: how long a connection may stay silent before it is closed.
         max_connections: connections served at once.
+        tls: serve HTTPS with these files (re-read on change); the client CA, if any, is
+            required of clients as on the gRPC port.
     """
 
     def __init__(
@@ -88,13 +141,14 @@ class HttpEndpoints:
         ready: Callable[[], bool],
         timeout_s: float = 5.0,
         max_connections: int = MAX_CONNECTIONS,
+        tls: TlsFiles | None = None,
     ) -> None:
         handler = type(
             "Handler",
             (_Handler,),
             {"registry": registry, "ready": staticmethod(ready), "timeout": timeout_s},
         )
-        self._server = _Server((host, port), handler, max_connections)
+        self._server = _Server((host, port), handler, max_connections, tls)
         self.port = int(self._server.server_address[1])
         self._thread = threading.Thread(target=self._server.serve_forever, name="http", daemon=True)
 

@@ -5,6 +5,8 @@ It wraps each method handler (ours, health and reflection) so that
   (truncated, garbage, invalid UTF-8 in a string field) reaches the handler as a marker and is
   answered INVALID_ARGUMENT, counted and logged in one line. grpc would otherwise answer INTERNAL
   before any handler runs, log a traceback, and leave the call out of the metrics;
+- authentication and roles (`auth.py`) are checked first, before the request is decoded or
+  admitted: a caller without the method's role costs a status, never a slot or a decode;
 - admission (`admission.py`) is asked before the handler runs, so a refused call is a counted
   RESOURCE_EXHAUSTED like any other status; streaming calls run on their own thread pool;
 - `grpc_server_started_total`, `grpc_server_handled_total{grpc_code}`,
@@ -30,6 +32,7 @@ from typing import Any
 import grpc
 
 from bertrec.server.admission import Admission
+from bertrec.server.auth import METHOD_ROLES, OPEN, Authorizer
 from bertrec.server.errors import InvalidArgument, ServiceError, to_status
 from bertrec.server.metrics import ServerMetrics
 
@@ -50,6 +53,7 @@ _FACTORIES = {
 
 Behavior = Callable[[Any, grpc.ServicerContext], Any]
 Admit = Callable[[Any], AbstractContextManager[None]]
+Authorize = Callable[[grpc.ServicerContext], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +147,7 @@ class MetricsAndErrorsInterceptor(grpc.ServerInterceptor):
         metrics: the server's series.
         admission: the call, byte and stream caps (None: admit everything).
         stream_pool: the threads streaming calls run on (None: grpc's pool, shared with unary).
+        authorizer: who may call what (None: everyone may call everything).
     """
 
     def __init__(
@@ -150,10 +155,12 @@ class MetricsAndErrorsInterceptor(grpc.ServerInterceptor):
         metrics: ServerMetrics,
         admission: Admission | None = None,
         stream_pool: ThreadPoolExecutor | None = None,
+        authorizer: Authorizer | None = None,
     ) -> None:
         self._metrics = metrics
         self._admission = admission
         self._stream_pool = stream_pool
+        self._authorizer = authorizer
         self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
 
     def intercept_service(
@@ -184,7 +191,9 @@ class MetricsAndErrorsInterceptor(grpc.ServerInterceptor):
         unpack = series.messages if handler.request_streaming else series.message
         streaming = handler.request_streaming or handler.response_streaming
         wrap = _wrap_streaming if handler.response_streaming else _wrap_unary
-        handle = wrap(behavior, series, unpack, self._admit(streaming))
+        handle = wrap(
+            behavior, series, unpack, self._admit(streaming), self._authorize(method_path)
+        )
         if streaming and self._stream_pool is not None:
             # grpc runs a behavior on the pool named by this attribute: open streams then never
             # hold the threads unary calls need.
@@ -195,6 +204,17 @@ class MetricsAndErrorsInterceptor(grpc.ServerInterceptor):
             response_serializer=handler.response_serializer,
         )
 
+    def _authorize(self, method_path: str) -> Authorize:
+        authorizer = self._authorizer
+        if authorizer is None or not authorizer.enabled or METHOD_ROLES.get(method_path) == OPEN:
+            return _open
+        check = authorizer.check
+
+        def authorize(context: grpc.ServicerContext) -> None:
+            check(method_path, context.invocation_metadata() or (), context.auth_context())
+
+        return authorize
+
     def _admit(self, streaming: bool) -> Admit:
         admission = self._admission
         if admission is None:
@@ -204,12 +224,21 @@ class MetricsAndErrorsInterceptor(grpc.ServerInterceptor):
         return lambda request: admission.call(request.nbytes)
 
 
+def _open(context: grpc.ServicerContext) -> None:
+    pass
+
+
 def _wrap_unary(
-    behavior: Behavior, series: _MethodSeries, unpack: Callable[[Any], Any], admit: Admit
+    behavior: Behavior,
+    series: _MethodSeries,
+    unpack: Callable[[Any], Any],
+    admit: Admit,
+    authorize: Authorize,
 ) -> Behavior:
     def handle(request: Any, context: grpc.ServicerContext) -> Any:
         start_s = series.begin()
         try:
+            authorize(context)
             message = unpack(request)
             with admit(request):
                 return behavior(message, context)
@@ -222,11 +251,16 @@ def _wrap_unary(
 
 
 def _wrap_streaming(
-    behavior: Behavior, series: _MethodSeries, unpack: Callable[[Any], Any], admit: Admit
+    behavior: Behavior,
+    series: _MethodSeries,
+    unpack: Callable[[Any], Any],
+    admit: Admit,
+    authorize: Authorize,
 ) -> Callable[[Any, grpc.ServicerContext], Iterator[Any]]:
     def handle(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
         start_s = series.begin()
         try:
+            authorize(context)
             message = unpack(request)
             with admit(request):
                 yield from behavior(message, context)

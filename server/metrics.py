@@ -161,6 +161,16 @@ class ServerMetrics:
             ("model",),
             registry=r,
         )
+        self.auth_failures = Counter(
+            "bertrec_auth_failures_total",
+            "Calls refused by authentication or authorisation, by reason: missing (no "
+            "credential), invalid_token, malformed (not 'Bearer <token>'), forbidden (a valid "
+            "credential without the method's role). Never labelled with a token or caller.",
+            ("reason",),
+            registry=r,
+        )
+        for reason in ("missing", "invalid_token", "malformed", "forbidden"):
+            self.auth_failures.labels(reason=reason)
         self.feedback = FeedbackMetrics(r)
         self._info_labels: dict[tuple[str, int], tuple[str, str]] = {}
         self._info_lock = threading.Lock()
