@@ -121,3 +121,29 @@ def test_paired_lift_refuses_unpaired_arrays() -> None:
 
 def test_relevant_is_rating_at_least_four() -> None:
     assert relevant(np.array([3.5, 4.0, 5.0, 0.5])).tolist() == [False, True, True, False]
+
+
+def test_throughput_counts_only_calls_inside_the_window() -> None:
+    from bertrec.bench.online_throughput import summarize_calls
+
+    calls = [(0.5, 1.2, 1), (1.0, 1.5, 16), (1.5, 2.0, 16), (2.5, 3.1, 1)]  # (start, end, events)
+    result = summarize_calls(calls, begin=1.0, end=3.0)
+    assert (result["calls"], result["events"]) == (
+        2,
+        32,
+    )  # the first starts early, the last ends late
+    assert result["events_per_s"] == pytest.approx(32 / 1.0)  # wall: begin -> last end (2.0)
+    assert result["latency_ms"]["max"] == pytest.approx(500.0)
+    assert summarize_calls(calls, begin=5.0, end=6.0) == {"calls": 0}
+
+
+def test_generated_events_have_unique_keys_and_one_user_per_call() -> None:
+    from bertrec.bench.online_throughput import Catalogue, EventMaker
+
+    maker = EventMaker(Catalogue([f"u{n}" for n in range(50)], ["a", "b", "c"]), "t", seed=0)
+    batches = [maker.batch(16) for _ in range(20)]
+    keys = [key for batch in batches for *_, key in batch]
+    assert len(set(keys)) == len(keys) == 320
+    assert all(len({user for user, *_ in batch}) == 1 for batch in batches)
+    assert len({batch[0][0] for batch in batches}) > 1  # calls spread over users
+    assert {rating for batch in batches for _, _, rating, _ in batch} <= set(np.arange(1, 11) / 2)
