@@ -9,7 +9,9 @@ Gram-matrix shortcut. The rating head is checked the same way: plain ridge for a
 ridge around the exported parameters with their training precision for a known one.
 
 `OnlineUsers` is driven through its public `apply`/`forget`/`lookup` with store-like records,
-on a stand-in for `Model` that offers only what it reads (ids, rows and arrays).
+on a stand-in for `Model` that offers only what it reads (ids, rows and arrays); the last
+tests attach it to `Feedback` (server/feedback.py) over in-memory stores, where the order in
+which the live path, the replay and the follower deliver a tombstone matters.
 """
 
 from __future__ import annotations
@@ -476,13 +478,6 @@ def test_an_item_missing_from_this_version_is_skipped(arrays: FactorArrays) -> N
         users.lookup(COLD)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server defect: a tombstone delivered after a newer event (the follower read the "
-    "tombstone's page before a live RecordFeedback and delivers it after) drops that newer "
-    "event too; the next follower poll brings it back, but until then the acked feedback is "
-    "missing (a forgotten user who comes back answers NOT_FOUND)",
-)
 def test_a_late_tombstone_keeps_events_newer_than_itself(arrays: FactorArrays) -> None:
     """The store's tombstone deletes only events with a smaller seq; delivered late, it must
     not take a newer event with it. Order of arrival here: the live forget (seq 2), the live
@@ -498,12 +493,6 @@ def test_a_late_tombstone_keeps_events_newer_than_itself(arrays: FactorArrays) -
     np.testing.assert_allclose(users.lookup(COLD).vector, expected, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server defect: OnlineUsers.forget drops every event of the user, also those newer "
-    "than the tombstone that the follower already delivered; its cursor is past them, so the "
-    "acked feedback stays missing until a restart",
-)
 def test_a_late_live_forget_keeps_events_newer_than_its_tombstone(arrays: FactorArrays) -> None:
     """ForgetUser and RecordFeedback of one user racing on one server: the store writes the
     tombstone (seq 2) and then the event (seq 3); the follower delivers both; only then does
@@ -532,12 +521,6 @@ class FailingReplayStore:
         return salted_hash(SALT, user_id)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server defect: Feedback.users_for attaches the version's users before the replay "
-    "and does not detach them when the replay fails, so a version that failed to load stays "
-    "referenced (its arrays and sessions) and keeps folding every later record",
-)
 def test_a_version_whose_replay_fails_is_not_kept_attached(arrays: FactorArrays) -> None:
     """Where the version's users meet the store (server/feedback.py): a failed replay fails the
     load, and nothing of that version may stay alive behind it."""
@@ -606,13 +589,6 @@ class FollowedStore:
         pass
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server defect: ForgetUser answers had_model_factors=false for a trained user when "
-    "the follower applies the tombstone (masking the row) before the forget's own "
-    "OnlineUsers.forget runs; seen on the real server with SQLite, whose forget checkpoints "
-    "the WAL after the commit",
-)
 def test_forget_reports_training_factors_whoever_applies_the_tombstone_first(
     arrays: FactorArrays,
 ) -> None:
