@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 K = 10
 PERCENTILES = (50, 90, 99)
 PRIOR_BUCKETS = ((1, 4), (5, 19), (20, 99), (100, 100_000))  # the lift as feedback accumulates
+CODE_FOLDERS = ("train", "export", "repository", "server", "feedback")
 SIMD_FLAGS = ("sse4", "avx", "fma", "f16c", "amx")
 
 
@@ -244,6 +245,18 @@ def cpu_flags() -> list[str]:
     return []
 
 
+def code_state() -> dict[str, Any]:
+    """The commit measured, and any uncommitted change to the code that trains or serves."""
+    import subprocess
+
+    def git(*argv: str) -> str:
+        done = subprocess.run(["git", *argv], capture_output=True, text=True, check=False)
+        return done.stdout.strip()
+
+    changed = git("status", "--porcelain", "--", *CODE_FOLDERS).splitlines()
+    return {"git_head": git("rev-parse", "HEAD"), "uncommitted": changed}
+
+
 def serve_argv(repo: Path, store_url: str | None) -> list[str]:
     """`bertrec serve` on loopback for the exported model; `store_url` None: no feedback."""
     argv = [
@@ -299,6 +312,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "seconds": round(replay_s, 1),
         },
         "model": {"cache_key": cache_key(data, split.train, cfg), "from_cache": cached},
+        "code": code_state(),
         "servers": {
             "a": "sqlite store (fold-in)",
             "b": "no store (frozen, exclude_item_ids = the user's streamed items)",

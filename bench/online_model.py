@@ -19,20 +19,37 @@ from bertrec.train.pipeline import TrainConfig
 log = logging.getLogger(__name__)
 
 MODEL = "bertrec"  # the model name train_and_load exports under
-CACHE_FORMAT = "online-1"  # bump to invalidate every cached export
+CACHE_FORMAT = "online-2"  # bump to invalidate every cached export
+CODE_PACKAGES = ("bertrec.train", "bertrec.export", "bertrec.repository")  # what makes an export
 DEFAULT_CACHE = Path(tempfile.gettempdir()) / "bertrec-bench-cache" / "online"
 
 
 def cache_key(data: QualityData, train: RatingArrays, cfg: TrainConfig) -> str:
-    """SHA-256 (hex, first 16 digits) of the training rows, the catalogue and its texts, and
-    the training config: any change in what the model learns from gives another key."""
+    """SHA-256 (hex, first 16 digits) of the training rows, the catalogue and its texts, the
+    training config and the source of the packages that train and export: any change in what
+    the model learns from, or in how, gives another key."""
     digest = hashlib.sha256(CACHE_FORMAT.encode())
+    digest.update(source_digest().encode())
     for array in (train.users, train.items, train.ratings, train.rows):
         digest.update(array.tobytes())
     for text in (*data.user_ids.tolist(), *data.item_ids.tolist(), *data.item_texts):
         digest.update(text.encode() + b"\0")
     digest.update(repr(cfg).encode())
     return digest.hexdigest()[:16]
+
+
+def source_digest() -> str:
+    """SHA-256 of every Python file of `CODE_PACKAGES`, by path relative to its package."""
+    import importlib
+
+    digest = hashlib.sha256()
+    for name in CODE_PACKAGES:
+        module = importlib.import_module(name)
+        assert module.__file__ is not None
+        root = Path(module.__file__).parent
+        for path in sorted(root.rglob("*.py")):
+            digest.update(f"{name}/{path.relative_to(root)}\0".encode() + path.read_bytes())
+    return digest.hexdigest()
 
 
 def cached_repo(

@@ -147,3 +147,24 @@ def test_generated_events_have_unique_keys_and_one_user_per_call() -> None:
     assert all(len({user for user, *_ in batch}) == 1 for batch in batches)
     assert len({batch[0][0] for batch in batches}) > 1  # calls spread over users
     assert {rating for batch in batches for _, _, rating, _ in batch} <= set(np.arange(1, 11) / 2)
+
+
+def test_cache_key_follows_the_training_rows_and_config() -> None:
+    from types import SimpleNamespace
+
+    from bertrec.bench.online_model import cache_key
+    from bertrec.train.pipeline import TrainConfig
+
+    data = SimpleNamespace(
+        user_ids=np.array(["u0", "u1"]), item_ids=np.array(["a", "b"]), item_texts=["x", ""]
+    )
+    train = arrays([0, 1, 1], [0, 1, 0], [1, 2, 3])
+    cfg = TrainConfig(baselines=False, progress=False)
+    key = cache_key(data, train, cfg)  # type: ignore[arg-type]
+    assert key == cache_key(data, train, TrainConfig(baselines=False, progress=False))  # type: ignore[arg-type]
+    assert key != cache_key(data, train.subset(np.array([0, 1])), cfg)  # type: ignore[arg-type]
+    assert key != cache_key(
+        data, train, TrainConfig(baselines=False, progress=False, max_seq_len=64)
+    )  # type: ignore[arg-type]
+    other_text = SimpleNamespace(**{**vars(data), "item_texts": ["y", ""]})
+    assert key != cache_key(other_text, train, cfg)  # type: ignore[arg-type]
