@@ -15,7 +15,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from redis_harness import need_redis_server, redis_server
+from redis_harness import RedisServer, need_redis_server, redis_server
 from server_harness import Reference, ServerProcess, start_server
 
 from bertrec.v1 import recommender_pb2 as pb
@@ -48,31 +48,44 @@ class Replica:
         return [(i.item_id, i.score) for i in response.items]
 
     def record(self, *events: pb.FeedbackEvent) -> None:
-        response = self.stub.RecordFeedback(
-            pb.RecordFeedbackRequest(events=events), timeout=TIMEOUT_S
-        )
+        assert self.record_code(*events) == Code.OK
+
+    def record_code(self, *events: pb.FeedbackEvent) -> Code:
+        """OK once all events were stored as new ones, else the call's status code."""
+        try:
+            response = self.stub.RecordFeedback(
+                pb.RecordFeedbackRequest(events=events), timeout=TIMEOUT_S
+            )
+        except grpc.RpcError as exc:
+            return exc.code()
         assert (response.accepted, response.duplicates) == (len(events), 0)
+        return Code.OK
 
     def forget(self, user: str) -> None:
         self.stub.ForgetUser(pb.ForgetUserRequest(user_id=user), timeout=TIMEOUT_S)
 
 
 @pytest.fixture(scope="module")
-def replicas(
-    model_repo: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[tuple[Replica, Replica]]:
+def redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     need_redis_server()
-    root = tmp_path_factory.mktemp("replicas")
-    with redis_server(root / "redis") as redis:
-        flags = ("--feedback-store", redis.url, "--feedback-poll-interval-s", "0.05")
-        servers = [start_server(model_repo, root / "logs", *flags) for _ in range(2)]
-        try:
-            for server in servers:
-                server.wait_serving()
-            yield Replica("A", servers[0]), Replica("B", servers[1])
-        finally:
-            for server in servers:
-                server.terminate()
+    with redis_server(tmp_path_factory.mktemp("redis")) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def replicas(
+    model_repo: Path, tmp_path_factory: pytest.TempPathFactory, redis: RedisServer
+) -> Iterator[tuple[Replica, Replica]]:
+    flags = ("--feedback-store", redis.url, "--feedback-poll-interval-s", "0.05")
+    logs = tmp_path_factory.mktemp("replica-logs")
+    servers = [start_server(model_repo, logs, *flags) for _ in range(2)]
+    try:
+        for server in servers:
+            server.wait_serving()
+        yield Replica("A", servers[0]), Replica("B", servers[1])
+    finally:
+        for server in servers:
+            assert server.terminate() == 0, server.stderr()[-3000:]
 
 
 def event(user: str, item: str, kind: int, rating: float = 0.0) -> pb.FeedbackEvent:
@@ -139,3 +152,40 @@ def test_forget_on_a_makes_the_user_unknown_on_b(
     answer = a.recommend(KNOWN)
     assert isinstance(answer, list)
     wait_reflected(b, lambda: b.recommend(KNOWN) == answer, "feedback after the forget", acked)
+
+
+def test_both_replicas_ride_out_a_redis_restart(
+    replicas: tuple[Replica, Replica], redis: RedisServer, ref: Reference
+) -> None:
+    """Redis killed under both servers: feedback calls answer UNAVAILABLE (retryable, nothing
+    stored), reads keep serving; once Redis is back from its AOF, the same events are stored on
+    retry and B's follower, which failed meanwhile, catches up."""
+    a, b = replicas
+    user = "replica-outage-user-52c9e1f07ab34d18"
+    first = event(user, ref.item_ids[10], pb.FEEDBACK_KIND_RATING, 5.0)
+    a.record(first)
+    acked = time.monotonic()
+    answer = a.recommend(user)
+    wait_reflected(b, lambda: b.recommend(user) == answer, "feedback before the outage", acked)
+    redis.kill()
+    try:
+        during = event(user, ref.item_ids[11], pb.FEEDBACK_KIND_CLICK)
+        assert a.record_code(during) == Code.UNAVAILABLE
+        assert b.recommend(user) == answer  # reads need no store
+        time.sleep(0.2)  # several failed polls of B's follower
+    finally:
+        redis.start()
+    assert a.record_code(during) == Code.OK  # not stored during the outage: new on retry
+    acked = time.monotonic()
+    answer = a.recommend(user)
+    wait_reflected(b, lambda: b.recommend(user) == answer, "feedback after the outage", acked)
+    series = 'bertrec_feedback_store_errors_total{operation="follow"}'
+    failed = [line for line in metrics(b).splitlines() if line.startswith(series)]
+    assert failed and float(failed[0].split()[-1]) >= 1, "B's follower never saw the outage"
+
+
+def metrics(replica: Replica) -> str:
+    import urllib.request
+
+    with urllib.request.urlopen(replica.server.metrics_url, timeout=10) as response:
+        return str(response.read().decode())
