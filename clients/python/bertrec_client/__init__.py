@@ -14,11 +14,22 @@ failure, or the last attempt's, raises `RecommenderError` with the gRPC status c
         for item in client.recommend("u0001", k=10).items:
             print(item.rank, item.item_id, item.predicted_rating)
         client.record_feedback([Feedback("u0001", "i0042", "rating", rating=4.5)])
+
+A server with TLS and tokens (`--tls-cert`, `--auth-file`): pass the CA to trust (or True for
+the system's roots), the token (sent as `authorization: Bearer ...` on every call, never shown
+in a repr or an error) and, for mTLS, the client's certificate and key
+(`bertrec.client.security` says what is checked):
+
+    from bertrec.client import read_token_file
+
+    RecommenderClient("recs.internal:50051", tls="ca.crt", token=read_token_file("token"),
+                      client_cert="client.crt", client_key="client.key")
 """
 
 from bertrec.client.aio import AsyncRecommenderClient
 from bertrec.client.feedback import Feedback, FeedbackKind, FeedbackRecorded, UserForgotten
 from bertrec.client.retry import channel_options
+from bertrec.client.security import read_token_file
 from bertrec.client.sync import RecommenderClient
 from bertrec.client.types import (
     Contribution,
@@ -59,4 +70,5 @@ __all__ = [
     "SimilarItems",
     "UserForgotten",
     "channel_options",
+    "read_token_file",
 ]

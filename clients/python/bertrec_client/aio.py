@@ -9,6 +9,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bertrec.client import feedback as fb
+from bertrec.client import security as sec
 from bertrec.client import types as t
 from bertrec.client.retry import channel_options
 from bertrec.v1 import recommender_pb2 as pb
@@ -20,7 +21,9 @@ R = TypeVar("R")
 class AsyncRecommenderClient:
     """A grpc.aio connection to one bertrec server; see `RecommenderClient` for the methods.
 
-    Create it inside a running event loop; `async with` closes the channel.
+    Create it inside a running event loop; `async with` closes the channel. The security
+    arguments (`tls`, `client_cert`, `client_key`, `token`, `server_name`, `options`) are
+    those of `RecommenderClient`.
     """
 
     def __init__(
@@ -30,13 +33,33 @@ class AsyncRecommenderClient:
         timeout_s: float = 5.0,
         retry: t.RetryPolicy | None = None,
         channel: grpc.aio.Channel | None = None,
+        tls: bool | sec.PemSource | None = None,
+        client_cert: sec.PemSource | None = None,
+        client_key: sec.PemSource | None = None,
+        token: str | None = None,
+        server_name: str | None = None,
+        options: Sequence[tuple[str, Any]] = (),
     ) -> None:
         self.retry = (retry or t.RetryPolicy()).resolved()
-        options = channel_options(retry)
-        self._channel = channel or grpc.aio.insecure_channel(target, options=options)
+        self._token = None if token is None else sec.BearerToken(token)
+        self._repr = sec.describe(target, tls, client_cert, self._token)
+        if channel is None:
+            credentials, opts = sec.channel_arguments(
+                target, channel_options(retry), tls, client_cert, client_key, self._token,
+                server_name, options,
+            )  # fmt: skip
+            channel = (
+                grpc.aio.insecure_channel(target, options=opts)
+                if credentials is None
+                else grpc.aio.secure_channel(target, credentials, options=opts)
+            )
+        self._channel = channel
         self._stub = pb_grpc.RecommenderServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self.timeout_s = timeout_s
+
+    def __repr__(self) -> str:
+        return f"AsyncRecommenderClient({self._repr})"
 
     async def __aenter__(self) -> AsyncRecommenderClient:
         return self
@@ -124,6 +147,8 @@ class AsyncRecommenderClient:
         self, rpc: Callable[..., Awaitable[R]], request: Any, timeout_s: float | None
     ) -> R:
         try:
-            return await rpc(request, timeout=self.timeout_s if timeout_s is None else timeout_s)
+            timeout = self.timeout_s if timeout_s is None else timeout_s
+            metadata = None if self._token is None else self._token.metadata
+            return await rpc(request, timeout=timeout, metadata=metadata)
         except grpc.RpcError as error:
             raise t.RecommenderError.of(error) from error

@@ -10,6 +10,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bertrec.client import feedback as fb
+from bertrec.client import security as sec
 from bertrec.client import types as t
 from bertrec.client.retry import channel_options
 from bertrec.v1 import recommender_pb2 as pb
@@ -27,11 +28,24 @@ class RecommenderClient:
         retry: changes to the bundled retry policy (`bertrec.client.retry`: UNAVAILABLE,
             RESOURCE_EXHAUSTED and FAILED_PRECONDITION, up to 5 attempts; the feedback writes
             without FAILED_PRECONDITION), which gRPC applies.
-        channel: use this channel instead of opening an insecure one to `target`; it retries
-            only if built with `channel_options()` (then `retry` is not used).
+        channel: use this channel instead of opening one to `target`; it retries only if
+            built with `channel_options()` (then `retry`, `tls`, the client certificate,
+            `server_name` and `options` are not used; `token` still is).
+        tls: None for plaintext, True to trust the system's root certificates, or the CA to
+            trust (a PEM file's path or its bytes).
+        client_cert, client_key: this client's certificate and key for mTLS (paths or bytes).
+        token: bearer token sent with every call (`authorization: Bearer ...`); refused over
+            plaintext unless the target is loopback. Never shown in a repr or an error.
+        server_name: the name the server's certificate must carry, when it is not the
+            target's host (e.g. an IP target and a certificate for a DNS name).
+        options: more gRPC channel options, applied last.
 
     Raises (every call):
-        RecommenderError: the call failed; `.code` is the gRPC status.
+        RecommenderError: the call failed; `.code` is the gRPC status (UNAUTHENTICATED: no or
+            a wrong token; PERMISSION_DENIED: the token lacks the method's role; UNAVAILABLE:
+            also a TLS handshake that failed, e.g. an untrusted server certificate).
+    Raises (here):
+        ValueError: inconsistent security arguments (see `bertrec.client.security`).
     """
 
     def __init__(
@@ -41,12 +55,33 @@ class RecommenderClient:
         timeout_s: float = 5.0,
         retry: t.RetryPolicy | None = None,
         channel: grpc.Channel | None = None,
+        tls: bool | sec.PemSource | None = None,
+        client_cert: sec.PemSource | None = None,
+        client_key: sec.PemSource | None = None,
+        token: str | None = None,
+        server_name: str | None = None,
+        options: Sequence[tuple[str, Any]] = (),
     ) -> None:
         self.retry = (retry or t.RetryPolicy()).resolved()
-        self._channel = channel or grpc.insecure_channel(target, options=channel_options(retry))
+        self._token = None if token is None else sec.BearerToken(token)
+        self._repr = sec.describe(target, tls, client_cert, self._token)
+        if channel is None:
+            credentials, opts = sec.channel_arguments(
+                target, channel_options(retry), tls, client_cert, client_key, self._token,
+                server_name, options,
+            )  # fmt: skip
+            channel = (
+                grpc.insecure_channel(target, options=opts)
+                if credentials is None
+                else grpc.secure_channel(target, credentials, options=opts)
+            )
+        self._channel = channel
         self._stub = pb_grpc.RecommenderServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self.timeout_s = timeout_s
+
+    def __repr__(self) -> str:
+        return f"RecommenderClient({self._repr})"
 
     def __enter__(self) -> RecommenderClient:
         return self
@@ -156,6 +191,8 @@ class RecommenderClient:
 
     def _invoke(self, rpc: Callable[..., R], request: Any, timeout_s: float | None) -> R:
         try:
-            return rpc(request, timeout=self.timeout_s if timeout_s is None else timeout_s)
+            timeout = self.timeout_s if timeout_s is None else timeout_s
+            metadata = None if self._token is None else self._token.metadata
+            return rpc(request, timeout=timeout, metadata=metadata)
         except grpc.RpcError as error:
             raise t.RecommenderError.of(error) from error
