@@ -164,10 +164,29 @@ def check_recovered(repo: Path, logs: Path, url: str, acked: Acked) -> None:
         for user, before in answers.items():  # applied once: the same vectors, the same answer
             after = stub_call(server, "Recommend", pb.RecommendRequest(user_id=user, k=10))
             assert after == before, user
+        counted = metric_values(server)
+        assert counted["duplicate"] == len(acked.events()) and counted["accepted"] == 0
+        assert counted["folded"] == len(answers)
         stub_call(server, "ForgetUser", pb.ForgetUserRequest(user_id=FORGOTTEN))
     finally:
         server.proc.kill()
         server.proc.wait()
+
+
+def metric_values(server: ServerProcess) -> dict[str, float]:
+    """This server's feedback events by outcome (all kinds) and its folded users."""
+    import urllib.request
+
+    with urllib.request.urlopen(server.metrics_url, timeout=10) as response:
+        lines = response.read().decode().splitlines()
+    values = {"accepted": 0.0, "duplicate": 0.0, "folded": -1.0}
+    for line in lines:
+        if line.startswith("bertrec_feedback_events_total{"):
+            outcome = "duplicate" if 'outcome="duplicate"' in line else "accepted"
+            values[outcome] += float(line.split()[-1])
+        elif line.startswith("bertrec_feedback_folded_users "):
+            values["folded"] = float(line.split()[-1])
+    return values
 
 
 def assert_folded(server: ServerProcess, user: str, items: set[str]) -> None:
