@@ -7,8 +7,9 @@ moment more and SIGKILLs the server mid-traffic. After the rounds a last server 
 fold in every acknowledged event: each user's acknowledged items are all excluded from their
 Recommend, the store holds each acknowledged key exactly once, and the acknowledged calls sent
 again are all reported as duplicates and change no answer; a user forgotten just before a
-kill -9 stays forgotten. Runs on SQLite and on a real redis-server (only the bertrec server is
-killed; Redis stays up with appendfsync always).
+kill -9 stays forgotten, and on SQLite no byte of their id is left in the store's files.
+Runs on SQLite and on a real redis-server (only the bertrec server is killed; Redis stays up
+with appendfsync always).
 """
 
 from __future__ import annotations
@@ -234,9 +235,16 @@ def repo(model_repo: Path, tmp_path: Path) -> Path:
     return tmp_path / "repo"
 
 
-def run_kill_loop(repo: Path, logs: Path, url: str, ref: Reference, seed: int) -> None:
+def run_kill_loop(
+    repo: Path, logs: Path, url: str, ref: Reference, seed: int, files: Path | None = None
+) -> None:
+    """The rounds, then the checks; `files`: the folder of a SQLite store, searched for the
+    forgotten user's id right after the kill -9 that followed their forget."""
     acked = kill_rounds(repo, logs, url, ref.item_ids, seed)
     check_recovered(repo, logs, url, acked)
+    if files is not None:
+        assert holding(files, FORGOTTEN) == [], "the forgotten id is still in the store's files"
+        assert holding(files, USERS[1]), "the search cannot see ids that are there"
     check_forgotten_after_kill(repo, logs, url, acked)
     keys = stored_keys(url)
     acked_keys = [e.idempotency_key for e in acked.events() if e.user_id != FORGOTTEN]
@@ -255,7 +263,13 @@ def test_kill_9_loses_no_acknowledged_event_sqlite(
 ) -> None:
     url = f"sqlite://{tmp_path / 'store' / 'feedback.db'}"
     (tmp_path / "store").mkdir()
-    run_kill_loop(repo, tmp_path / "logs", url, ref, seed=1)
+    run_kill_loop(repo, tmp_path / "logs", url, ref, seed=1, files=tmp_path / "store")
+
+
+def holding(folder: Path, text: str) -> list[str]:
+    """Files of `folder` (the .db, -wal and -shm files) holding `text` in UTF-8, -16 or -32."""
+    needles = [text.encode(codec) for codec in ("utf-8", "utf-16-le", "utf-32-le")]
+    return [p.name for p in sorted(folder.iterdir()) if any(n in p.read_bytes() for n in needles)]
 
 
 @pytest.fixture
