@@ -326,6 +326,16 @@ def test_bad_feedback_is_refused_whole(stack: Stack, expected: Expected, ref: Re
     assert_answers(stack, ref, expected, COLD)  # the good event was not applied either
 
 
+def test_a_key_sent_twice_is_applied_once(stack: Stack, expected: Expected, ref: Reference) -> None:
+    """Within one batch and across batches: a click counted twice would add its weight twice."""
+    click = expected.event(COLD, ref.item_ids[1], pb.FEEDBACK_KIND_CLICK)
+    response = stack.record(click, click)
+    assert (response.accepted, response.duplicates) == (1, 1)
+    response = stack.record(click)
+    assert (response.accepted, response.duplicates) == (0, 1)
+    assert_answers(stack, ref, expected, COLD)
+
+
 def store_files(stack: Stack) -> list[Path]:
     files = sorted(stack.store.parent.glob(stack.store.name + "*"))
     assert stack.store in files
