@@ -21,10 +21,13 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 CI_VENV = Path(os.environ.get("BERTREC_CI_VENV", ROOT / ".ci-venv"))
-# Hardware (cpu, gpu) x feedback store (SQLite by default, "-redis" for the shared one).
-OVERLAYS = ("cpu", "gpu", "cpu-redis", "gpu-redis")
-REDIS_OVERLAYS = tuple(o for o in OVERLAYS if o.endswith("-redis"))
+# Hardware (cpu, gpu) x feedback store (SQLite by default, "-redis" for the shared one), and
+# the shared-store CPU overlay with TLS and tokens ("-tls"), and with mutual TLS ("-mtls").
+OVERLAYS = ("cpu", "gpu", "cpu-redis", "gpu-redis", "cpu-redis-tls", "cpu-redis-mtls")
+REDIS_OVERLAYS = tuple(o for o in OVERLAYS if "-redis" in o)
 SQLITE_OVERLAYS = tuple(o for o in OVERLAYS if o not in REDIS_OVERLAYS)
+TLS_OVERLAYS = tuple(o for o in OVERLAYS if o.endswith("tls"))
+JOBS = tuple(sorted((DEPLOY / "k8s" / "jobs").glob("*.yaml")))
 
 
 def tool(name: str) -> str:

@@ -13,6 +13,7 @@ import pytest
 import yaml
 from deploy_helpers import (
     DEPLOY,
+    JOBS,
     OVERLAYS,
     REDIS_OVERLAYS,
     find,
@@ -27,7 +28,6 @@ from bertrec.server.config import ServerConfig
 # schemas, so these are checked structurally below (test_service_monitor_*,
 # test_prometheus_rule_*) instead.
 CRD_KINDS = {"ServiceMonitor", "PrometheusRule"}
-JOB = DEPLOY / "k8s" / "jobs" / "train-export-job.yaml"
 
 
 def container(docs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -41,7 +41,7 @@ def env(docs: list[dict[str, Any]]) -> dict[str, str]:
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_kubernetes_validate_strict(rendered: dict[str, Path], overlay: str) -> None:
-    result = run_tool("kubernetes-validate", "--strict", str(rendered[overlay]), str(JOB))
+    result = run_tool("kubernetes-validate", "--strict", str(rendered[overlay]), *map(str, JOBS))
     output = result.stdout + result.stderr
     assert "ERROR" not in output, output
     unknown = set(re.findall(r"Couldn't find schema for kind (\w+)", output))
@@ -54,7 +54,8 @@ def test_kubernetes_validate_strict(rendered: dict[str, Path], overlay: str) -> 
 def test_checkov_kubernetes(rendered: dict[str, Path], tmp_path: Path) -> None:
     for overlay, path in rendered.items():
         (tmp_path / f"{overlay}.yaml").write_text(path.read_text())
-    (tmp_path / JOB.name).write_text(JOB.read_text())
+    for job in JOBS:
+        (tmp_path / job.name).write_text(job.read_text())
     run_tool("checkov", "--config-file", str(DEPLOY / ".checkov.yaml"), "--skip-download",
              "--quiet", "--compact", "--framework", "kubernetes", "-d", str(tmp_path))  # fmt: skip
 
@@ -71,9 +72,13 @@ def test_the_image_entrypoint_is_used_and_ports_match_the_settings(
     assert ports == {
         "grpc": int(settings["BERTREC_GRPC_PORT"]),
         "metrics": int(settings["BERTREC_METRICS_PORT"]),
+        "health": int(settings["BERTREC_HEALTH_PORT"]),
     }
+    # kubelet's gRPC probes speak plaintext: with TLS on the gRPC port they ask the plaintext
+    # health-only port (test_security.py checks that nothing else reaches it).
+    probed = ports["health"] if "BERTREC_TLS_CERT" in settings else ports["grpc"]
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert c[probe]["grpc"] == {"port": ports["grpc"]}, probe  # grpc.health.v1, service ""
+        assert c[probe]["grpc"] == {"port": probed}, probe  # grpc.health.v1, service ""
     (model_ref,) = c["envFrom"]
     model = find(docs, "ConfigMap", model_ref["configMapRef"]["name"])["data"]
     assert model["BERTREC_MODEL"] and int(model["BERTREC_VERSION"]) >= 1
