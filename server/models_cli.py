@@ -5,6 +5,10 @@ Protocol's model-repository extension (the same calls tritonclient makes).
     bertrec models load   --target HOST:PORT [--model NAME] [--version N]
     bertrec models unload --target HOST:PORT [--model NAME] --version N
 
+Each takes the client security flags (`--tls`/`--tls-ca FILE`, `--tls-cert/--tls-key` for mTLS,
+`--server-name`, `--token-file FILE` or $BERTREC_TOKEN; `bertrec.client.cli_security`): loading
+and unloading need a token with the `admin` role, listing one with `read`.
+
 `load --version N` loads version N if needed, serves it and pins it (a rollback, or a jump
 ahead); `load` without a version un-pins, so the server's version policy decides again.
 The version travels as the request parameter "version" (int64). Only the light client's
@@ -19,6 +23,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from bertrec.cli import DEFAULT_TARGET, positive_int
+from bertrec.client.cli_security import add_flags as add_security_flags
+from bertrec.client.cli_security import from_args as security_from_args
 from bertrec.errors import BertrecError
 
 if TYPE_CHECKING:
@@ -43,20 +49,32 @@ class ModelsClient:
     Args:
         channel: a gRPC channel to the server.
         timeout_s: deadline per call (a load verifies hashes and warms up: allow for it).
+        metadata: sent with every call (the bearer token of a server with --auth-file).
     """
 
-    def __init__(self, channel: grpc.Channel, timeout_s: float = 120.0) -> None:
+    def __init__(
+        self,
+        channel: grpc.Channel,
+        timeout_s: float = 120.0,
+        metadata: tuple[tuple[str, str], ...] | None = None,
+    ) -> None:
         from bertrec.oip.v2 import grpc_service_pb2_grpc as pb_grpc
 
         self._stub = pb_grpc.GRPCInferenceServiceStub(channel)
         self._timeout_s = timeout_s
+        self._metadata = metadata
+
+    def __repr__(self) -> str:
+        return f"ModelsClient(timeout_s={self._timeout_s:g})"  # never the metadata (a token)
 
     def index(self, ready_only: bool = False) -> list[IndexEntry]:
         """Every model version the server knows, with its state (READY, LOADING, UNAVAILABLE)."""
         from bertrec.oip.v2 import grpc_service_pb2 as pb
 
         response = self._stub.RepositoryIndex(
-            pb.RepositoryIndexRequest(ready=ready_only), timeout=self._timeout_s
+            pb.RepositoryIndexRequest(ready=ready_only),
+            timeout=self._timeout_s,
+            metadata=self._metadata,
         )
         return [IndexEntry(m.name, m.version, m.state, m.reason) for m in response.models]
 
@@ -67,7 +85,7 @@ class ModelsClient:
         request = pb.RepositoryModelLoadRequest(model_name=model)
         if version is not None:
             request.parameters[VERSION_PARAMETER].int64_param = version
-        self._stub.RepositoryModelLoad(request, timeout=self._timeout_s)
+        self._stub.RepositoryModelLoad(request, timeout=self._timeout_s, metadata=self._metadata)
 
     def unload(self, model: str, version: int) -> None:
         """Unload `version`; the server refuses to unload the only version it has loaded."""
@@ -75,7 +93,7 @@ class ModelsClient:
 
         request = pb.RepositoryModelUnloadRequest(model_name=model)
         request.parameters[VERSION_PARAMETER].int64_param = version
-        self._stub.RepositoryModelUnload(request, timeout=self._timeout_s)
+        self._stub.RepositoryModelUnload(request, timeout=self._timeout_s, metadata=self._metadata)
 
     def model_name(self) -> str:
         """The name of the one model the server has (the `--model` default)."""
@@ -106,6 +124,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     for action in (listing, load, unload):
         action.add_argument("--target", default=DEFAULT_TARGET, help="host:port (%(default)s)")
         action.add_argument("--timeout-s", type=float, default=120.0, help="deadline per call")
+        add_security_flags(action)
     for action in (load, unload):
         action.add_argument("--model", default=None, help="model name (default: the only one)")
     parser.set_defaults(func=run)
@@ -115,8 +134,9 @@ def run(args: argparse.Namespace) -> int:
     """Run one action; a failed call becomes a one-line error (exit code 2)."""
     import grpc
 
-    with grpc.insecure_channel(args.target) as channel:
-        client = ModelsClient(channel, args.timeout_s)
+    security = security_from_args(args)
+    with security.channel(args.target) as channel:
+        client = ModelsClient(channel, args.timeout_s, security.metadata)
         try:
             return _act(client, args)
         except grpc.RpcError as exc:

@@ -9,6 +9,7 @@ from typing import Any
 
 from bertrec.bench.loadtest.verdict import DEFAULT_MAX_ERROR_RATE
 from bertrec.cli import DEFAULT_TARGET
+from bertrec.client.cli_security import add_flags as add_security_flags
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -116,6 +117,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="open loop: cap on outstanding calls; waits count as latency",
     )
     out.add_argument("--seed", type=int, default=0)
+    add_security_flags(p)
     out.add_argument("--quiet", action="store_true", help="no live progress line")
     p.set_defaults(func=run)
 
@@ -133,11 +135,13 @@ def run(args: argparse.Namespace) -> int:
     from bertrec.bench.loadtest.search import SearchResult, Slo, find_max_rate
     from bertrec.bench.loadtest.verdict import EXIT_FAILED, Thresholds, judge, judge_search
     from bertrec.bench.loadtest.workload import build_pools, check_inputs, parse_mix
+    from bertrec.client.cli_security import from_args as security_from_args
 
     _check_args(args)
     plots = _plots_folder(args)
     mix = parse_mix(args.mix)
-    inputs = resolve_inputs(args)
+    security = security_from_args(args)
+    inputs = resolve_inputs(args, security)
     check_inputs(inputs, mix)
     pools = build_pools(inputs, mix, args.k, args.seed)
     print(f"bertrec loadtest: {args.target}, inputs from {inputs.source} "
@@ -146,7 +150,8 @@ def run(args: argparse.Namespace) -> int:
     base = LoadSpec(target=args.target, mix=mix, duration_s=args.duration_s,
                     warmup_s=args.warmup_s, max_requests=args.max_requests,
                     deadline_s=args.deadline_ms / 1000, max_in_flight=args.max_in_flight,
-                    channels=args.channels, seed=args.seed, progress=not args.quiet)  # fmt: skip
+                    channels=args.channels, seed=args.seed, progress=not args.quiet,
+                    security=security)  # fmt: skip
     steps: list[StepResult] = []
 
     def step(concurrency: int | None = None, rate: float | None = None) -> StepResult:
@@ -255,8 +260,9 @@ def _check_args(args: argparse.Namespace) -> None:
         raise BertrecError(f"--sweep-*: {exc}") from None
 
 
-def resolve_inputs(args: argparse.Namespace) -> Any:
-    """Inputs from the version folder if given, else from flags plus what the server tells."""
+def resolve_inputs(args: argparse.Namespace, security: Any = None) -> Any:
+    """Inputs from the version folder if given, else from flags plus what the server tells
+    (asked with `security`, a `ClientSecurity`: TLS and the token; None for plaintext)."""
     from bertrec.bench.loadtest.preflight import wait_until_serving
     from bertrec.bench.loadtest.workload import (
         DEFAULT_TEXTS,
@@ -269,7 +275,8 @@ def resolve_inputs(args: argparse.Namespace) -> Any:
     from bertrec.errors import BertrecError
 
     try:
-        with RecommenderClient(args.target, timeout_s=5.0) as client:
+        kwargs = security.client_kwargs() if security is not None else {}
+        with RecommenderClient(args.target, timeout_s=5.0, **kwargs) as client:
             wait_until_serving(client, args.target, args.ready_timeout_s)
             info = client.model_info()
             limits = Limits(info.max_k, info.max_item_ids, info.max_texts, info.max_text_bytes)

@@ -7,17 +7,21 @@ its CPU on gRPC itself; its CPU use is measured and reported so a saturated gene
 from __future__ import annotations
 
 import asyncio
+import functools
 import sys
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from bertrec.bench.loadtest.recorder import OK, Calls, Recorder, latency_stats
 from bertrec.bench.loadtest.schedule import NS, open_loop_schedule, rpc_sequence
 from bertrec.bench.loadtest.workload import METHODS, SERVICE
+
+if TYPE_CHECKING:
+    from bertrec.client.cli_security import ClientSecurity
 
 CLOSED_LOOP_SEQUENCE = 1 << 16  # RPC choices cycled through by the closed loop
 
@@ -40,6 +44,7 @@ class LoadSpec:
     channels: int = 1
     seed: int = 0
     progress: bool = True
+    security: ClientSecurity | None = None  # TLS and the token; None: plaintext, no token
 
     @property
     def label(self) -> str:
@@ -71,14 +76,24 @@ def _open_channels(spec: LoadSpec) -> list[Any]:
 
     # A local subchannel pool per channel gives each channel its own TCP connection.
     options = [("grpc.use_local_subchannel_pool", 1)]
-    return [grpc.aio.insecure_channel(spec.target, options=options) for _ in range(spec.channels)]
+    if spec.security is None:
+        return [grpc.aio.insecure_channel(spec.target, options=options)
+                for _ in range(spec.channels)]  # fmt: skip
+    return [spec.security.channel(spec.target, options, aio=True) for _ in range(spec.channels)]
+
+
+def _bound(call: Call, spec: LoadSpec) -> Call:
+    """`call` sending the token with every request (the one per-call cost of auth here)."""
+    metadata = spec.security.metadata if spec.security is not None else None
+    return call if metadata is None else functools.partial(call, metadata=metadata)
 
 
 async def _run(spec: LoadSpec, pools: Mapping[str, Sequence[bytes]]) -> StepResult:
     names = list(spec.mix)
     channels = _open_channels(spec)
     try:
-        calls = [[ch.unary_unary(SERVICE + METHODS[n]) for n in names] for ch in channels]
+        calls = [[_bound(ch.unary_unary(SERVICE + METHODS[n]), spec) for n in names]
+                 for ch in channels]  # fmt: skip
         recorder = Recorder()
         t0 = time.perf_counter_ns()
         cpu0 = time.process_time()

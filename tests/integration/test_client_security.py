@@ -5,12 +5,14 @@ credentials file, one that also requires a client certificate (mTLS). The client
 the right CA and token; fail UNAVAILABLE when the server's certificate is not from the CA they
 trust (and for plaintext to a TLS port); surface UNAUTHENTICATED and PERMISSION_DENIED as
 `RecommenderError`; refuse to send a token in plaintext off loopback; and never show the token
-in a repr or str of a client or of an error.
+in a repr or str of a client or of an error. `bertrec loadtest` and `bertrec models` take the
+same through --tls-ca/--tls-cert/--tls-key and --token-file or $BERTREC_TOKEN.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,9 +21,10 @@ from pathlib import Path
 
 import grpc
 import pytest
-from server_harness import ServerProcess, start_server
+from server_harness import MODEL, ServerProcess, start_server
 from tls_material import CertificateAuthority, TokenEntry, token_entries, write_auth_file
 
+from bertrec.cli import main
 from bertrec.client import AsyncRecommenderClient, RecommenderClient, RecommenderError
 from bertrec.client.security import BearerToken, read_token_file
 
@@ -295,3 +298,89 @@ def test_bearer_token_hides_itself(tmp_path: Path) -> None:
     (tmp_path / "empty").write_text("\n")
     with pytest.raises(ValueError, match="empty"):
         read_token_file(tmp_path / "empty")
+
+
+# --- the client-side commands ----------------------------------------------------------------
+
+
+def _token_file(folder: Path, token: str) -> Path:
+    path = folder / "token"
+    path.write_text(token + "\n")
+    path.chmod(0o600)
+    return path
+
+
+def test_loadtest_over_tls_with_a_token_file(
+    tls_server: Secured, model_repo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    token = tls_server.token("reader")
+    out = tmp_path / "report.json"
+    code = main([
+        "loadtest", "--target", tls_server.target, "--tls-ca", str(tls_server.ca),
+        "--token-file", str(_token_file(tmp_path, token)),
+        "--model-repo", str(model_repo), "--model", MODEL, "--mix", "recommend=3,similar_items=1",
+        "--concurrency", "2", "--duration-s", "1", "--warmup-s", "0", "--out", str(out),
+        "--quiet",
+    ])  # fmt: skip
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    (step,) = json.loads(out.read_text())["steps"]
+    assert step["summary"]["requests"] > 0
+    assert step["summary"]["ok"] == step["summary"]["requests"]
+    assert token not in printed.out + printed.err + out.read_text()
+
+
+def test_loadtest_without_a_token_names_unauthenticated(
+    tls_server: Secured, model_repo: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    monkeypatch.delenv("BERTREC_TOKEN", raising=False)
+    code = main([
+        "loadtest", "--target", tls_server.target, "--tls-ca", str(tls_server.ca),
+        "--model-repo", str(model_repo), "--model", MODEL, "--concurrency", "1",
+        "--duration-s", "1", "--warmup-s", "0", "--quiet",
+    ])  # fmt: skip
+    assert code == 2
+    assert "UNAUTHENTICATED" in capsys.readouterr().err
+
+
+def test_models_cli_takes_the_token_from_the_environment(
+    tls_server: Secured, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    reader = tls_server.token("reader")
+    tls = ["--target", tls_server.target, "--tls-ca", str(tls_server.ca)]
+    monkeypatch.setenv("BERTREC_TOKEN", reader)
+    assert main(["models", "list", *tls]) == 0
+    listed = capsys.readouterr()
+    assert MODEL in listed.out and "READY" in listed.out
+    # A read token may list but not load (admin), and the error is one line without the token.
+    code = main(["models", "load", "--version", "1", *tls,
+                 "--token-file", str(_token_file(tmp_path, reader))])  # fmt: skip
+    refused = capsys.readouterr()
+    assert code == 2
+    assert "PERMISSION_DENIED" in refused.err and reader not in refused.err + refused.out
+    monkeypatch.delenv("BERTREC_TOKEN")
+    assert main(["models", "list", *tls]) == 2
+    assert "UNAUTHENTICATED" in capsys.readouterr().err
+
+
+def test_cli_security_flags_fail_in_one_line(
+    tls_server: Secured, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    target = ["--target", tls_server.target]
+    cases = [
+        (["--tls-cert", str(tls_server.ca)], "together"),
+        (["--tls-ca", str(tmp_path / "missing.crt")], "missing.crt"),
+        (["--token-file", str(tmp_path / "none")], "none"),
+        (["--server-name", "localhost"], "needs --tls"),
+    ]
+    for flags, words in cases:
+        assert main(["models", "list", *target, *flags]) == 2, flags
+        err = capsys.readouterr().err
+        assert words in err and len(err.strip().splitlines()) == 1, err
+    # A token for another host, in plaintext: refused before anything is sent.
+    token = _token_file(tmp_path, "plain-secret-token")
+    assert main(["models", "list", "--target", "10.20.30.40:1", "--token-file", str(token)]) == 2
+    err = capsys.readouterr().err
+    assert "plaintext" in err and "plain-secret-token" not in err

@@ -26,27 +26,64 @@ in a repr or an error) and, for mTLS, the client's certificate and key
                       client_cert="client.crt", client_key="client.key")
 """
 
-from bertrec.client.aio import AsyncRecommenderClient
-from bertrec.client.feedback import Feedback, FeedbackKind, FeedbackRecorded, UserForgotten
-from bertrec.client.retry import channel_options
-from bertrec.client.security import read_token_file
-from bertrec.client.sync import RecommenderClient
-from bertrec.client.types import (
-    Contribution,
-    Embeddings,
-    ExplainedItem,
-    Explanation,
-    ModelInfo,
-    ModelRef,
-    RankedItem,
-    Recommendations,
-    RecommenderError,
-    RetryPolicy,
-    ScoredItem,
-    Scores,
-    SimilarItem,
-    SimilarItems,
-)
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from bertrec.client.aio import AsyncRecommenderClient
+    from bertrec.client.feedback import Feedback, FeedbackKind, FeedbackRecorded, UserForgotten
+    from bertrec.client.retry import channel_options
+    from bertrec.client.security import read_token_file
+    from bertrec.client.sync import RecommenderClient
+    from bertrec.client.types import (
+        Contribution,
+        Embeddings,
+        ExplainedItem,
+        Explanation,
+        ModelInfo,
+        ModelRef,
+        RankedItem,
+        Recommendations,
+        RecommenderError,
+        RetryPolicy,
+        ScoredItem,
+        Scores,
+        SimilarItem,
+        SimilarItems,
+    )
+
+# Where each public name lives. They are imported on first use (PEP 562), so a module of this
+# package that needs no grpc (`cli_security`, which every `bertrec` command registers) can be
+# imported without loading grpc and numpy through this file.
+_HOME = {
+    "AsyncRecommenderClient": "aio",
+    "RecommenderClient": "sync",
+    "channel_options": "retry",
+    "read_token_file": "security",
+    **dict.fromkeys(("Feedback", "FeedbackKind", "FeedbackRecorded", "UserForgotten"), "feedback"),
+    **dict.fromkeys(
+        ("Contribution", "Embeddings", "ExplainedItem", "Explanation", "ModelInfo", "ModelRef",
+         "RankedItem", "Recommendations", "RecommenderError", "RetryPolicy", "ScoredItem",
+         "Scores", "SimilarItem", "SimilarItems"),
+        "types",
+    ),
+}  # fmt: skip
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOME.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{home}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_HOME})
+
 
 __all__ = [
     "AsyncRecommenderClient",

@@ -36,12 +36,12 @@ class AsyncRecommenderClient:
         tls: bool | sec.PemSource | None = None,
         client_cert: sec.PemSource | None = None,
         client_key: sec.PemSource | None = None,
-        token: str | None = None,
+        token: str | sec.BearerToken | None = None,
         server_name: str | None = None,
         options: Sequence[tuple[str, Any]] = (),
     ) -> None:
         self.retry = (retry or t.RetryPolicy()).resolved()
-        self._token = None if token is None else sec.BearerToken(token)
+        self._token = sec.as_token(token)
         self._repr = sec.describe(target, tls, client_cert, self._token)
         if channel is None:
             credentials, opts = sec.channel_arguments(

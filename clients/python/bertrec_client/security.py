@@ -61,13 +61,21 @@ class BearerToken:
         raise TypeError("a BearerToken is not pickled (it would write the token out)")
 
 
+def as_token(token: str | BearerToken | None) -> BearerToken | None:
+    """A client's `token=` argument, held (a BearerToken passes through)."""
+    return token if token is None or isinstance(token, BearerToken) else BearerToken(token)
+
+
 def read_token_file(path: str | os.PathLike[str]) -> str:
     """The token in a file, without surrounding whitespace (a trailing newline is usual).
 
     Raises:
         ValueError: the file is empty; OSError: it cannot be read.
     """
-    token = Path(path).read_text(encoding="ascii", errors="strict").strip()
+    try:
+        token = Path(path).read_text(encoding="ascii").strip()
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: a token is ASCII text") from None
     if not token:
         raise ValueError(f"{path}: the token file is empty")
     return token
