@@ -16,6 +16,10 @@ refused with `DeadlineExceeded`. Items whose caller went away (cancelled future)
 deadline passed while queued (or would pass before their batch finishes) are skipped when a
 batch is formed (so the batch fills with live work), checked again right before it runs, and
 counted. A batch that raises fails every one of its callers; no future is ever left pending.
+
+Tracing (`tracing.py`): an item queued by a traced call carries that call's trace context, and
+the worker gives the call its queue, batch and step spans (recorded before the results are
+handed out, so they are complete when the call returns). Untraced, it costs one check per item.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from typing import Generic, TypeVar
 from bertrec.server.errors import DeadlineExceeded, InternalError, NotReady, ResourceExhausted
 from bertrec.server.metrics import BatcherMetrics, ServerMetrics
 from bertrec.server.service_time import ServiceTime, expected_wait_s
+from bertrec.server.tracing import BatchTimes, Traced, capture, record_batch, tracing_anywhere
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +69,7 @@ class _Pending(Generic[T, R]):
     future: Future[R]
     deadline_s: float  # time.monotonic() value after which the result is useless
     enqueued_s: float
+    traced: Traced | None = None  # the calling span's context, when the call is traced
 
 
 class Batcher(Generic[T, R]):
@@ -74,6 +80,7 @@ class Batcher(Generic[T, R]):
         run_batch: computes results for a list of items, one result per item, in order.
         config: batch size, queue delay and queue bound.
         metrics: the series to record into (a private registry when omitted).
+        step: the trace span name of the computation (e.g. "rank"; default: `name`).
     """
 
     def __init__(
@@ -82,8 +89,11 @@ class Batcher(Generic[T, R]):
         run_batch: Callable[[list[T]], Sequence[R]],
         config: BatcherConfig,
         metrics: BatcherMetrics | None = None,
+        step: str | None = None,
     ) -> None:
         self.name = name
+        self._step = step or name
+        self._batches = 0  # batch ids for traces (worker thread only)
         self._run_batch = run_batch
         self._config = config
         self._delay_s = config.max_queue_delay_us / 1e6
@@ -126,7 +136,7 @@ class Batcher(Generic[T, R]):
         """
         future: Future[R] = Future()
         now = time.monotonic()
-        pending = _Pending(item, future, deadline_s, now)
+        pending = _Pending(item, future, deadline_s, now, capture())
         with self._cond:
             if self._closed:
                 raise NotReady(f"{self.name} is shutting down")
@@ -291,19 +301,27 @@ class Batcher(Generic[T, R]):
         return live
 
     def _run(self, batch: list[_Pending[T, R]]) -> None:
+        started_ns = time.time_ns() if tracing_anywhere() else 0
         live = self._live(batch)
         if not live:
             return
+        self._batches += 1
+        traced = [p.traced for p in live if p.traced is not None] if started_ns else []
+        run_ns = (0, 0)
         try:
             start = time.monotonic()
+            run_started_ns = time.time_ns() if traced else 0
             results = self._run_batch([p.item for p in live])
             took_s = time.monotonic() - start
+            run_ns = (run_started_ns, time.time_ns() if traced else 0)
             self._metrics.inference_s.observe(took_s)
             with self._cond:
                 self._service_time.observe(len(live), took_s)
             self._metrics.batch_size.observe(len(live))
             if len(results) != len(live):
                 raise RuntimeError(f"{len(results)} results for {len(live)} items")
+            if traced:
+                self._trace(traced, len(live), started_ns, run_ns)
             for pending, result in zip(live, results, strict=True):
                 pending.future.set_result(result)
         except BaseException as exc:
@@ -311,6 +329,28 @@ class Batcher(Generic[T, R]):
             self._metrics.failed_batches.inc()
             error = InternalError(f"{self.name} batch failed: {exc!r}")
             error.__cause__ = exc
+            if traced:
+                self._trace(traced, len(live), started_ns, run_ns, exc)
             for pending in live:
                 if not pending.future.done():
                     pending.future.set_exception(error)
+
+    def _trace(
+        self,
+        traced: list[Traced],
+        size: int,
+        started_ns: int,
+        run_ns: tuple[int, int],
+        error: BaseException | None = None,
+    ) -> None:
+        """Record this batch's spans in each traced call (never fails the batch)."""
+        ended_ns = time.time_ns()
+        run_started_ns, run_ended_ns = run_ns if run_ns[0] else (ended_ns, ended_ns)
+        times = BatchTimes(
+            self._batches, size, started_ns, run_started_ns, run_ended_ns or ended_ns, ended_ns,
+            error,
+        )  # fmt: skip
+        try:
+            record_batch(traced, self.name, self._step, times)
+        except Exception:
+            log.exception("%s: recording trace spans failed", self.name)

@@ -28,9 +28,10 @@ from bertrec.results import (
     SimilarItem,
     SimilarItems,
 )
+from bertrec.server import errors, tracing
 from bertrec.server.batcher import Batcher, BatcherConfig
 from bertrec.server.config import ServerConfig
-from bertrec.server.errors import Cancelled, DeadlineExceeded, InvalidArgument
+from bertrec.server.errors import Cancelled, DeadlineExceeded, InvalidArgument, NotFound
 from bertrec.server.explain import explain as explain_scores
 from bertrec.server.futures import chain, finished
 from bertrec.server.metrics import ServerMetrics
@@ -104,13 +105,14 @@ class Recommender:
             c.encoder_max_batch_size, c.encoder_max_queue_delay_us, c.encoder_max_queue_size
         )
         self.ranker: Batcher[RankQuery, RankResult] = Batcher(
-            "ranker", model.rank, ranking, metrics.for_batcher(model.name, "ranker")
+            "ranker", model.rank, ranking, metrics.for_batcher(model.name, "ranker"), "rank"
         )
         self.similar: Batcher[RankQuery, RankResult] = Batcher(
-            "similar", model.similar, ranking, metrics.for_batcher(model.name, "similar")
-        )
+            "similar", model.similar, ranking, metrics.for_batcher(model.name, "similar"),
+            "similar items",
+        )  # fmt: skip
         self.encoder: Batcher[str, np.ndarray] = Batcher(
-            "encoder", model.encode, encoding, metrics.for_batcher(model.name, "encoder")
+            "encoder", model.encode, encoding, metrics.for_batcher(model.name, "encoder"), "encode"
         )
         self._batchers: tuple[Batcher[Any, Any], ...] = (self.ranker, self.similar, self.encoder)
 
@@ -148,9 +150,9 @@ class Recommender:
         k = self.resolve_k(k)
         self._check_ids(include_ids, "include_item_ids", allow_empty=True)
         self._check_ids(exclude_ids, "exclude_item_ids", allow_empty=True)
-        user = self.users.lookup(_nonempty(user_id, "user_id"))
-        include = self.model.item_rows(list(include_ids))
-        exclude = self.model.item_rows(list(exclude_ids))
+        user = self._user(user_id)
+        include = self._item_rows(include_ids, "include_item_ids")
+        exclude = self._item_rows(exclude_ids, "exclude_item_ids")
         if exclude_rated:
             exclude = np.concatenate([exclude, user.seen])
         query = RankQuery(
@@ -256,10 +258,12 @@ class Recommender:
         k = self.resolve_k(k)
         self._check_text(text, "text")
         folded: dict[str, np.ndarray] = {}
+        trace = tracing.current_context()  # the ranker stage is queued from the encoder's thread
 
         def rank(text_vector: np.ndarray) -> Future[RankResult]:
             folded["vector"] = vector = self.model.fold_text(text_vector)
-            return self.ranker.submit(RankQuery(vector, k), call.deadline_s)
+            with tracing.attached(trace):
+                return self.ranker.submit(RankQuery(vector, k), call.deadline_s)
 
         # encode -> fold -> rank run on the batchers' side: the handler waits once.
         chained = chain(self.encoder.submit(text, call.deadline_s), rank)
@@ -269,8 +273,8 @@ class Recommender:
     def score_items(self, user_id: str, item_ids: Sequence[str], call: Call) -> Scores:
         """Predicted ratings for the given items, in the given order."""
         self._check_ids(item_ids, "item_ids", allow_empty=False)
-        user = self.users.lookup(_nonempty(user_id, "user_id"))
-        rows = self.model.item_rows(list(item_ids))
+        user = self._user(user_id)
+        rows = self._item_rows(item_ids, "item_ids")
         ratings = self.model.predicted_ratings(user.vector, rows, user.row, user.rating)
         items = [ScoredItem(i, float(r)) for i, r in zip(item_ids, ratings.tolist(), strict=True)]
         return Scores(items, self.ref)
@@ -281,7 +285,7 @@ class Recommender:
         k=0 means `DEFAULT_K`.
         """
         k = self.resolve_k(k)
-        row = int(self.model.item_rows([_nonempty(item_id, "item_id")])[0])
+        row = int(self._item_rows([_nonempty(item_id, "item_id")], "item_id", indexed=False)[0])
         query = RankQuery(self.model.unit_item(row), k, exclude=np.array([row], np.int64))
         result = wait(self.similar.submit(query, call.deadline_s), call)
         ids = self.model.item_ids
@@ -296,11 +300,12 @@ class Recommender:
     def embed_text(self, texts: Sequence[str], call: Call) -> Embeddings:
         """Encoder vectors for the texts, in order; texts join other calls' batches."""
         if not texts:
-            raise InvalidArgument("texts is empty")
+            raise InvalidArgument("texts is empty", "texts", errors.EMPTY)
         if len(texts) > self.config.max_texts:
             raise InvalidArgument(
-                f"{len(texts)} texts, more than max_texts {self.config.max_texts}"
-            )
+                f"{len(texts)} texts, more than max_texts {self.config.max_texts}",
+                "texts", errors.TOO_MANY,
+            )  # fmt: skip
         for i, text in enumerate(texts):
             self._check_text(text, f"texts[{i}]")
         futures: list[Future[np.ndarray]] = []
@@ -350,30 +355,53 @@ class Recommender:
         if k == 0:
             return min(DEFAULT_K, self.config.max_k)
         if not 1 <= k <= self.config.max_k:
-            raise InvalidArgument(f"k must be in 1..{self.config.max_k}, got {k}")
+            raise InvalidArgument(
+                f"k must be in 1..{self.config.max_k}, got {k}", "k", errors.INVALID_K
+            )
         return k
+
+    def _user(self, user_id: str) -> UserState:
+        """The user's state; NotFound names the field and the reason (rich error details)."""
+        try:
+            return self.users.lookup(_nonempty(user_id, "user_id"))
+        except NotFound as exc:
+            raise NotFound(exc.message, "user_id", errors.UNKNOWN_USER) from None
+
+    def _item_rows(self, ids: Sequence[str], name: str, indexed: bool = True) -> np.ndarray:
+        """Rows of `ids`; NotFound names the unknown one's path (`item_ids[3]`)."""
+        try:
+            return self.model.item_rows(list(ids))
+        except NotFound as exc:
+            at = next(i for i, one in enumerate(ids) if self.model.item_row(one) is None)
+            field = f"{name}[{at}]" if indexed else name
+            raise NotFound(exc.message, field, errors.UNKNOWN_ITEM) from None
 
     def _check_text(self, text: str, name: str) -> None:
         if not text.strip():
-            raise InvalidArgument(f"{name} is empty")
+            raise InvalidArgument(f"{name} is empty", name, errors.EMPTY)
         size = len(text.encode("utf-8"))
         if size > self.config.max_text_bytes:
             raise InvalidArgument(
-                f"{name} is {size} bytes, more than max_text_bytes {self.config.max_text_bytes}"
-            )
+                f"{name} is {size} bytes, more than max_text_bytes {self.config.max_text_bytes}",
+                name, errors.TOO_LARGE,
+            )  # fmt: skip
 
     def _check_ids(self, ids: Sequence[str], name: str, allow_empty: bool) -> None:
         if not ids and not allow_empty:
-            raise InvalidArgument(f"{name} is empty")
+            raise InvalidArgument(f"{name} is empty", name, errors.EMPTY)
         if len(ids) > self.config.max_item_ids:
             raise InvalidArgument(
-                f"{name} has {len(ids)} ids, more than max_item_ids {self.config.max_item_ids}"
-            )
+                f"{name} has {len(ids)} ids, more than max_item_ids {self.config.max_item_ids}",
+                name, errors.TOO_MANY,
+            )  # fmt: skip
         seen: set[str] = set()
-        for item_id in ids:
-            _nonempty(item_id, name)
+        for i, item_id in enumerate(ids):
+            if not item_id:
+                raise InvalidArgument(f"{name} is empty", f"{name}[{i}]", errors.EMPTY)
             if item_id in seen:
-                raise InvalidArgument(f"{name} lists {item_id!r} more than once")
+                raise InvalidArgument(
+                    f"{name} lists {item_id!r} more than once", f"{name}[{i}]", errors.DUPLICATE
+                )
             seen.add(item_id)
 
 
@@ -410,5 +438,5 @@ def flatten_numbers(tree: dict[str, Any], prefix: str = "") -> dict[str, float]:
 
 def _nonempty(value: str, name: str) -> str:
     if not value:
-        raise InvalidArgument(f"{name} is empty")
+        raise InvalidArgument(f"{name} is empty", name, errors.EMPTY)
     return value

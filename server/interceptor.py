@@ -10,10 +10,16 @@ It wraps each method handler (ours, health and reflection) so that
 - admission (`admission.py`) is asked before the handler runs, so a refused call is a counted
   RESOURCE_EXHAUSTED like any other status; streaming calls run on their own thread pool;
 - `grpc_server_started_total`, `grpc_server_handled_total{grpc_code}`,
-  `grpc_server_handling_seconds` and `bertrec_in_flight_requests` are recorded in one place;
+  `grpc_server_handling_seconds` and `bertrec_in_flight_requests` are recorded in one place,
+  with go-grpc-prometheus's label values (`metrics.py`);
 - any exception escaping a handler becomes a status via `errors.to_status`: service errors keep
-  their code and message, anything else is logged with its traceback and answered INTERNAL
-  with a generic message, so callers never see UNKNOWN.
+  their code and message (plus `google.rpc` details, `errors.rich_status`), anything else is
+  logged with its traceback and answered INTERNAL with a generic message, so callers never see
+  UNKNOWN;
+- observation, only where switched on (`CallObserver`): the call's server span with the
+  caller's trace context (`tracing.py`), a request id (the caller's `x-request-id`, else a new
+  one, returned in the trailing metadata) and one access log line (`logs.py`). Off, a call
+  pays one `is None` check for all of it.
 
 A wrapped handler loses grpc's experimental non-blocking marker, so health `Watch` streams run
 in their blocking form: one thread of the streaming pool per open Watch, capped by admission.
@@ -23,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
@@ -33,27 +40,40 @@ import grpc
 
 from bertrec.server.admission import Admission
 from bertrec.server.auth import METHOD_ROLES, OPEN, Authorizer
-from bertrec.server.errors import InvalidArgument, ServiceError, to_status
-from bertrec.server.metrics import ServerMetrics
+from bertrec.server.errors import UNDECODABLE, InvalidArgument, ServiceError, rich_status, to_status
+from bertrec.server.logs import AccessLog
+from bertrec.server.metrics import (
+    BIDI_STREAM,
+    CLIENT_STREAM,
+    SERVER_STREAM,
+    UNARY,
+    ServerMetrics,
+    code_label,
+)
+from bertrec.server.tracing import ServerSpan, Tracing
 
 log = logging.getLogger(__name__)
 
 _TYPES = {
-    (False, False): "UNARY",
-    (False, True): "SERVER_STREAM",
-    (True, False): "CLIENT_STREAM",
-    (True, True): "BIDI_STREAM",
+    (False, False): UNARY,
+    (False, True): SERVER_STREAM,
+    (True, False): CLIENT_STREAM,
+    (True, True): BIDI_STREAM,
 }
 _FACTORIES = {
-    "UNARY": grpc.unary_unary_rpc_method_handler,
-    "SERVER_STREAM": grpc.unary_stream_rpc_method_handler,
-    "CLIENT_STREAM": grpc.stream_unary_rpc_method_handler,
-    "BIDI_STREAM": grpc.stream_stream_rpc_method_handler,
+    UNARY: grpc.unary_unary_rpc_method_handler,
+    SERVER_STREAM: grpc.unary_stream_rpc_method_handler,
+    CLIENT_STREAM: grpc.stream_unary_rpc_method_handler,
+    BIDI_STREAM: grpc.stream_stream_rpc_method_handler,
 }
+REQUEST_ID = "x-request-id"  # metadata key of the request id, both ways
+_MAX_REQUEST_ID_CHARS = 128  # a longer id from a caller is replaced, not logged
+STATUS_DETAILS = "grpc-status-details-bin"  # where google.rpc.Status travels
 
 Behavior = Callable[[Any, grpc.ServicerContext], Any]
 Admit = Callable[[Any], AbstractContextManager[None]]
-Authorize = Callable[[grpc.ServicerContext], None]
+Authorize = Callable[[grpc.ServicerContext], str | None]  # the caller's principal name, if any
+Observe = Callable[[grpc.ServicerContext], "_Observed"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,15 +114,17 @@ class _MethodSeries:
         self.in_flight.inc()
         return time.monotonic()
 
-    def end(self, start_s: float, context: grpc.ServicerContext) -> None:
+    def end(self, start_s: float, context: grpc.ServicerContext) -> grpc.StatusCode:
+        """Count the finished call; returns its status code."""
         code = context.code() or grpc.StatusCode.OK
         handled = self._handled.get(code)
         if handled is None:  # bound on first use, so only codes that happened are exported
-            handled = self._metrics.grpc_handled.labels(**self._labels, grpc_code=code.name)
+            handled = self._metrics.grpc_handled.labels(**self._labels, grpc_code=code_label(code))
             self._handled[code] = handled
         handled.inc()
         self.handling_s.observe(time.monotonic() - start_s)
         self.in_flight.dec()
+        return code
 
     def message(self, received: _Received) -> Any:
         """The decoded request, or INVALID_ARGUMENT (logged in one line) for undecodable bytes."""
@@ -110,7 +132,9 @@ class _MethodSeries:
             return received.message
         log.info("undecodable %s request (%d bytes): %s", self.method, received.nbytes,
                  received.error)  # fmt: skip
-        raise InvalidArgument(f"cannot decode the {self.method} request: {received.error}")
+        raise InvalidArgument(
+            f"cannot decode the {self.method} request: {received.error}", reason=UNDECODABLE
+        )
 
     def messages(self, received: Iterator[_Received]) -> Iterator[Any]:
         """The decoded messages of a request stream; INVALID_ARGUMENT at the first bad one."""
@@ -134,7 +158,93 @@ class _MethodSeries:
                 context.abort(code, str(text))
             log.error("unexpected error in %s", self.method, exc_info=exc)
         code, message = to_status(exc)
+        status = rich_status(exc)
+        if status is not None:  # kept beside the request id the observer may have set
+            kept = tuple(context.trailing_metadata() or ())
+            context.set_trailing_metadata((*kept, (STATUS_DETAILS, status.SerializeToString())))
         context.abort(code, message)
+
+
+class CallObserver:
+    """Per-call observation: a server span, a request id and an access log line.
+
+    Args:
+        tracing: the server's tracing (None or disabled: no spans).
+        access_log: write one access log line per call.
+    """
+
+    def __init__(self, tracing: Tracing | None = None, access_log: bool = False) -> None:
+        self.tracing = tracing if tracing is not None and tracing.enabled else None
+        self.access_log = AccessLog() if access_log else None
+
+    @property
+    def active(self) -> bool:
+        return self.tracing is not None or self.access_log is not None
+
+    def begin(self, method_path: str, context: grpc.ServicerContext) -> _Observed:
+        """Start observing a call: its request id (echoed in trailing metadata) and span."""
+        metadata = context.invocation_metadata() or ()
+        request_id = _request_id(metadata)
+        context.set_trailing_metadata(((REQUEST_ID, request_id),))
+        span = None
+        if self.tracing is not None:
+            span = self.tracing.start_call(method_path, metadata)
+            span.set_attribute("bertrec.request_id", request_id)
+        return _Observed(self, method_path, request_id, span)
+
+    def close(self) -> None:
+        """Flush the spans still buffered (at server stop)."""
+        if self.tracing is not None:
+            self.tracing.shutdown()
+
+
+class _Observed:
+    """One observed call, from `CallObserver.begin` to `end`."""
+
+    __slots__ = ("_method", "_observer", "_request_id", "_span", "principal")
+
+    def __init__(
+        self, observer: CallObserver, method: str, request_id: str, span: ServerSpan | None
+    ) -> None:
+        self._observer = observer
+        self._method = method
+        self._request_id = request_id
+        self._span = span
+        self.principal: str | None = None
+
+    def end(self, code: grpc.StatusCode, start_s: float, context: grpc.ServicerContext) -> None:
+        if self._span is not None:
+            if self.principal is not None:
+                self._span.set_attribute("enduser.id", self.principal)
+            self._span.end(code.name, code.value[0])
+        access_log = self._observer.access_log
+        if access_log is not None:
+            access_log.call(
+                self._method, code_label(code), time.monotonic() - start_s, context.peer(),
+                self._request_id, self.principal,
+            )  # fmt: skip
+
+
+def _request_id(metadata: Any) -> str:
+    """The caller's `x-request-id` when it is a short printable string, else a new uuid4."""
+    for key, value in metadata:
+        if key != REQUEST_ID or not isinstance(value, str):
+            continue
+        if 0 < len(value) <= _MAX_REQUEST_ID_CHARS and value.isprintable():
+            return value
+    return uuid.uuid4().hex
+
+
+# The observer of interceptors built without one: `bertrec serve` installs its configuration
+# here (server/cli.py) before the server is built. Off until then.
+_installed = CallObserver()
+
+
+def install_observer(observer: CallObserver) -> CallObserver:
+    """Make `observer` the default of interceptors built from now on; returns the previous."""
+    global _installed
+    previous, _installed = _installed, observer
+    return previous
 
 
 class MetricsAndErrorsInterceptor(grpc.ServerInterceptor):
@@ -148,6 +258,8 @@ class MetricsAndErrorsInterceptor(grpc.ServerInterceptor):
         admission: the call, byte and stream caps (None: admit everything).
         stream_pool: the threads streaming calls run on (None: grpc's pool, shared with unary).
         authorizer: who may call what (None: everyone may call everything).
+        observer: tracing, request ids and access log (None: the one `install_observer` set,
+            off unless `bertrec serve` was configured to observe).
     """
 
     def __init__(
@@ -156,8 +268,11 @@ class MetricsAndErrorsInterceptor(grpc.ServerInterceptor):
         admission: Admission | None = None,
         stream_pool: ThreadPoolExecutor | None = None,
         authorizer: Authorizer | None = None,
+        observer: CallObserver | None = None,
     ) -> None:
         self._metrics = metrics
+        observer = observer if observer is not None else _installed
+        self._observer = observer if observer.active else None
         self._admission = admission
         self._stream_pool = stream_pool
         self._authorizer = authorizer
@@ -192,8 +307,9 @@ class MetricsAndErrorsInterceptor(grpc.ServerInterceptor):
         streaming = handler.request_streaming or handler.response_streaming
         wrap = _wrap_streaming if handler.response_streaming else _wrap_unary
         handle = wrap(
-            behavior, series, unpack, self._admit(streaming), self._authorize(method_path)
-        )
+            behavior, series, unpack, self._admit(streaming), self._authorize(method_path),
+            self._observe(method_path),
+        )  # fmt: skip
         if streaming and self._stream_pool is not None:
             # grpc runs a behavior on the pool named by this attribute: open streams then never
             # hold the threads unary calls need.
@@ -210,10 +326,20 @@ class MetricsAndErrorsInterceptor(grpc.ServerInterceptor):
             return _open
         check = authorizer.check
 
-        def authorize(context: grpc.ServicerContext) -> None:
-            check(method_path, context.invocation_metadata() or (), context.auth_context())
+        def authorize(context: grpc.ServicerContext) -> str | None:
+            principal = check(
+                method_path, context.invocation_metadata() or (), context.auth_context()
+            )
+            return None if principal is None else principal.name
 
         return authorize
+
+    def _observe(self, method_path: str) -> Observe | None:
+        observer = self._observer
+        if observer is None:
+            return None
+        begin = observer.begin
+        return lambda context: begin(method_path, context)
 
     def _admit(self, streaming: bool) -> Admit:
         admission = self._admission
@@ -224,8 +350,8 @@ class MetricsAndErrorsInterceptor(grpc.ServerInterceptor):
         return lambda request: admission.call(request.nbytes)
 
 
-def _open(context: grpc.ServicerContext) -> None:
-    pass
+def _open(context: grpc.ServicerContext) -> str | None:
+    return None
 
 
 def _wrap_unary(
@@ -234,18 +360,24 @@ def _wrap_unary(
     unpack: Callable[[Any], Any],
     admit: Admit,
     authorize: Authorize,
+    observe: Observe | None,
 ) -> Behavior:
     def handle(request: Any, context: grpc.ServicerContext) -> Any:
         start_s = series.begin()
+        seen = None if observe is None else observe(context)
         try:
-            authorize(context)
+            principal = authorize(context)
+            if seen is not None:
+                seen.principal = principal
             message = unpack(request)
             with admit(request):
                 return behavior(message, context)
         except Exception as exc:
             series.fail(exc, context)
         finally:
-            series.end(start_s, context)
+            code = series.end(start_s, context)
+            if seen is not None:
+                seen.end(code, start_s, context)
 
     return handle
 
@@ -256,17 +388,23 @@ def _wrap_streaming(
     unpack: Callable[[Any], Any],
     admit: Admit,
     authorize: Authorize,
+    observe: Observe | None,
 ) -> Callable[[Any, grpc.ServicerContext], Iterator[Any]]:
     def handle(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
         start_s = series.begin()
+        seen = None if observe is None else observe(context)
         try:
-            authorize(context)
+            principal = authorize(context)
+            if seen is not None:
+                seen.principal = principal
             message = unpack(request)
             with admit(request):
                 yield from behavior(message, context)
         except Exception as exc:
             series.fail(exc, context)
         finally:
-            series.end(start_s, context)
+            code = series.end(start_s, context)
+            if seen is not None:
+                seen.end(code, start_s, context)
 
     return handle

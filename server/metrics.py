@@ -11,10 +11,14 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 
+import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from bertrec.server.feedback_metrics import FeedbackMetrics
 
+UNARY, CLIENT_STREAM, SERVER_STREAM, BIDI_STREAM = (
+    "UNARY", "CLIENT_STREAM", "SERVER_STREAM", "BIDI_STREAM",
+)  # fmt: skip
 GRPC_LABELS = ("grpc_type", "grpc_service", "grpc_method")
 BATCH_LABELS = ("model", "batcher")
 
@@ -41,6 +45,11 @@ class BatcherMetrics:
     dropped_cancelled: Counter
     rejected: Counter
     failed_batches: Counter
+
+
+def code_label(code: grpc.StatusCode) -> str:
+    """The `grpc_code` label value of a status code."""
+    return code.name
 
 
 class ServerMetrics:

@@ -1,5 +1,6 @@
 """The dynamic batcher against a fake model: windows, sizes, drops, rejection, shedding,
-failures. The batch-time estimate it sheds by is tested alone in test_service_time.py."""
+failures, trace spans. The batch-time estimate it sheds by is tested alone in
+test_service_time.py."""
 
 from __future__ import annotations
 
@@ -9,10 +10,16 @@ from collections.abc import Iterator
 from concurrent.futures import Future
 
 import pytest
+from opentelemetry import trace
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import StatusCode
 
 from bertrec.server.batcher import Batcher, BatcherConfig
 from bertrec.server.errors import DeadlineExceeded, InternalError, NotReady, ResourceExhausted
 from bertrec.server.metrics import ServerMetrics
+from bertrec.server.tracing import Tracing, capture, tracing_anywhere
 
 
 class FakeModel:
@@ -374,3 +381,83 @@ def test_calibration_times_a_batch_of_one_and_a_full_batch_before_serving(setup)
     assert model.batches == [[0], [0, 1, 2, 3]]
     # A fixed 50 ms per batch, whatever its size: not 4 x 50 ms for a full one.
     assert 0.04 < batcher.expected_wait_s() < 0.15
+
+
+@pytest.fixture
+def traced() -> Iterator[tuple[Tracing, InMemorySpanExporter]]:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracing = Tracing(provider)
+    yield tracing, exporter
+    tracing.shutdown()
+
+
+def traced_call(tracing: Tracing, batcher: Batcher[int, int], item: int) -> tuple[int, int]:
+    """Submit `item` inside a server span, as the interceptor would; (result, trace id)."""
+    span = tracing.start_call("/test.Svc/Call", ())
+    trace_id = trace.get_current_span().get_span_context().trace_id
+    try:
+        return batcher.submit(item, far()).result(5), trace_id
+    finally:
+        span.end("OK", 0)
+
+
+def test_each_traced_call_gets_queue_batch_and_step_spans_of_its_batch(setup, traced) -> None:
+    tracing, exporter = traced
+    model, metrics, created = setup
+    # A batch of 3 with a 100 s window: it runs exactly when the third item arrives.
+    config = BatcherConfig(3, 100_000_000, 100, shed=False)
+    batcher: Batcher[int, int] = Batcher("b", model, config, metrics.for_batcher("m", "b"), "step")
+    created.append(batcher)
+    batcher.start()
+    results: list[tuple[int, int]] = []
+    threads = [
+        threading.Thread(target=lambda i=i: results.append(traced_call(tracing, batcher, i)))
+        for i in (1, 2)
+    ]
+    for thread in threads:
+        thread.start()
+    untraced = batcher.submit(3, far())
+    for thread in threads:
+        thread.join(5)
+    assert untraced.result(5) == 6
+    assert sorted(r for r, _ in results) == [2, 4]
+    assert sorted(model.batches[0]) == [1, 2, 3] and len(model.batches) == 1
+    spans = exporter.get_finished_spans()
+    by_trace: dict[int, dict[str, ReadableSpan]] = {}
+    for span in spans:
+        by_trace.setdefault(span.context.trace_id, {})[span.name] = span
+    assert set(by_trace) == {trace_id for _, trace_id in results}  # the untraced item: none
+    batch_ids = set()
+    for names in by_trace.values():
+        assert set(names) == {"test.Svc/Call", "b queue", "b batch", "step"}
+        server = names["test.Svc/Call"]
+        assert names["b queue"].parent.span_id == server.context.span_id
+        assert names["b batch"].parent.span_id == server.context.span_id
+        assert names["step"].parent.span_id == names["b batch"].context.span_id
+        assert names["b queue"].end_time <= names["b batch"].start_time
+        assert names["b batch"].start_time <= names["step"].start_time
+        assert names["step"].end_time <= names["b batch"].end_time <= server.end_time
+        assert names["b batch"].attributes["bertrec.batch.size"] == 3
+        batch_ids.add(names["b batch"].attributes["bertrec.batch.id"])
+    assert len(batch_ids) == 1  # one batch, seen from both traces
+
+
+def test_a_failed_batch_marks_its_traced_spans_as_errors(setup, traced) -> None:
+    tracing, exporter = traced
+    model, _, _ = setup
+    batcher = make(setup, max_batch_size=1, delay_us=1_000)
+    model.fail_on = 1
+    batcher.start()
+    with pytest.raises(InternalError):
+        traced_call(tracing, batcher, 1)
+    failed = {s.name: s for s in exporter.get_finished_spans()}
+    assert failed["b batch"].status.status_code is StatusCode.ERROR
+    assert failed["b"].status.status_code is StatusCode.ERROR  # the step (named after the batcher)
+    assert failed["b queue"].status.status_code is StatusCode.UNSET
+
+
+def test_untraced_items_capture_nothing() -> None:
+    assert not tracing_anywhere()
+    assert capture() is None
