@@ -9,8 +9,7 @@ Redis host). Meanwhile reads go on answering, and once the lock is gone the stal
 The fuzz of test_fuzz.py found the first at random, with 2 ms deadlines; here a held lock and
 the server's own deadline for calls that set none (`request_timeout_s`) make it certain. The
 follower of the store is kept from running (an hour between polls), so only a call's own path
-can fold its events in: what a caller sees right after its answer is then certain too (also
-for a forgotten user's comeback, which the follower's late tombstone may hide for a poll).
+can fold its events in: what a caller sees right after its answer is then certain too.
 """
 
 from __future__ import annotations
@@ -159,8 +158,7 @@ def test_a_forgotten_training_user_who_comes_back_is_served_at_once(
     stub: pb_grpc.RecommenderServiceStub,
 ) -> None:
     """NOT_FOUND after ForgetUser, "until new feedback": the acked comeback is in the very next
-    Recommend, as a cold user whose rated item is left out. (Here, with no follower, the
-    tombstone cannot reach the users after the comeback; with one it can, a known race.)"""
+    Recommend by the call's own path alone, as a cold user whose rated item is left out."""
     user, recommend = USERS[30], pb.RecommendRequest(user_id=USERS[30], k=5)
     assert forget(stub, user)[1]  # a training user: their factors are masked
     assert outcome(lambda: stub.Recommend(recommend, timeout=10.0))[0] == Code.NOT_FOUND
