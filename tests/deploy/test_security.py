@@ -16,7 +16,8 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 import pytest
-from deploy_helpers import JOBS, OVERLAYS, TLS_OVERLAYS, find, load_docs, pod_spec
+import yaml
+from deploy_helpers import DEPLOY, JOBS, OVERLAYS, TLS_OVERLAYS, find, load_docs, pod_spec
 
 from bertrec.cli import build_parser
 
@@ -194,3 +195,10 @@ def test_loadtest_job_dials_the_servers_tls_port_through_the_service(
     ]  # fmt: skip
     assert to_server == [[grpc_port]]
     assert policy["spec"]["ingress"] == []
+
+
+def test_compose_publishes_every_port_on_the_hosts_loopback_only() -> None:
+    # The compose demo is plaintext and unauthenticated: nothing may reach it from the network.
+    compose = yaml.safe_load((DEPLOY / "compose" / "compose.yaml").read_text())
+    published = [p for s in compose["services"].values() for p in s.get("ports", [])]
+    assert published and all(str(p).startswith("127.0.0.1:") for p in published), published
