@@ -110,8 +110,11 @@ class CertificateAuthority:
         return self._issue(hosts[0], names, ExtendedKeyUsageOID.SERVER_AUTH)
 
     def client(self, cn: str, sans: Iterable[str] = ()) -> Issued:
-        """A client certificate with common name `cn` and DNS SANs `sans`."""
-        names: list[x509.GeneralName] = [x509.DNSName(s) for s in sans]
+        """A client certificate with common name `cn` and SANs `sans`: DNS names, or URIs
+        for those with a scheme (a mesh's SPIFFE id, "spiffe://cluster.local/ns/x/sa/y")."""
+        names: list[x509.GeneralName] = [
+            x509.UniformResourceIdentifier(s) if "://" in s else x509.DNSName(s) for s in sans
+        ]
         return self._issue(cn, names, ExtendedKeyUsageOID.CLIENT_AUTH)
 
     def _issue(

@@ -3,8 +3,8 @@
 Certificates and tokens are made at run time (`tls_material.py`), once per session:
 - a CA; a server certificate for localhost/127.0.0.1;
 - client certificates: `reader` (SAN reader.internal, mapped to `read`), `collector`
-  (CN feedback-collector, mapped to `feedback`), `stranger` (signed by the CA, mapped to
-  nothing) and `rogue` (signed by another CA);
+  (CN feedback-collector, mapped to `feedback`), `mesh` (a SPIFFE URI SAN, mapped to `read`),
+  `stranger` (signed by the CA, mapped to nothing) and `rogue` (signed by another CA);
 - tokens: reader (`read`), collector (`feedback`), operator (`admin`).
 
 Servers, each started once per session and only when a test asks for it:
@@ -42,10 +42,12 @@ from tls_material import (
 
 READY = re.compile(r"bertrec serve: ready on port")
 CALL_TIMEOUT_S = 10.0
+SPIFFE_ID = "spiffe://cluster.local/ns/web/sa/frontend"  # a mesh workload's identity (URI SAN)
 TOKENS = {"reader": ["read"], "collector": ["feedback"], "operator": ["admin"]}
 IDENTITIES = (
     IdentityEntry("reader-service", "san", "reader.internal", ("read",)),
     IdentityEntry("feedback-collector", "cn", "feedback-collector", ("feedback",)),
+    IdentityEntry("mesh-frontend", "san", SPIFFE_ID, ("read",)),
 )
 
 
@@ -59,7 +61,7 @@ class Pki:
     server: Issued
     server_cert: Path
     server_key: Path
-    clients: dict[str, Issued]  # reader, collector, stranger, rogue
+    clients: dict[str, Issued]  # reader, collector, mesh, stranger, rogue
     tokens: dict[str, TokenEntry]
 
     def token(self, name: str) -> str:
@@ -160,6 +162,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
         "reader": ca.client("reader", sans=["reader.internal"]),
         "collector": ca.client("feedback-collector"),
         "stranger": ca.client("stranger", sans=["stranger.internal"]),
+        "mesh": ca.client("frontend", sans=[SPIFFE_ID]),
         "rogue": CertificateAuthority("rogue CA").client("reader", sans=["reader.internal"]),
     }
     return Pki(folder, ca, ca.write(folder), server, cert, key, clients, token_entries(TOKENS))

@@ -118,6 +118,19 @@ def test_malformed_authorization_is_unauthenticated(
     assert code == Code.UNAUTHENTICATED and "Bearer <token>" in details
 
 
+def test_auth_is_checked_before_the_request_is_decoded(channel: grpc.Channel, pki: Pki) -> None:
+    """Garbage from a caller without credentials is refused for the credentials: an
+    unauthenticated caller never makes the server parse its bytes."""
+    rpc = channel.unary_unary(path("rec", "Recommend"))  # raw bytes, no serializer
+    garbage = b"\xff\xfe not protobuf"
+    with pytest.raises(grpc.RpcError) as raised:
+        rpc(garbage, timeout=10)
+    assert raised.value.code() == Code.UNAUTHENTICATED
+    with pytest.raises(grpc.RpcError) as raised:
+        rpc(garbage, timeout=10, metadata=[("authorization", f"Bearer {pki.token('reader')}")])
+    assert raised.value.code() == Code.INVALID_ARGUMENT
+
+
 def test_two_authorization_headers_are_refused(channel: grpc.Channel, pki: Pki) -> None:
     """Even two valid ones: a proxy that appends its own header must not pick the winner."""
     recommend = path("rec", "Recommend")

@@ -129,3 +129,11 @@ def test_a_token_sent_over_mtls_decides_instead_of_the_identity(
     with tls_channel(mtls_server.port, pki, pki.clients["reader"]) as ch:
         code, _ = call(ch, RECOMMEND, VALID[RECOMMEND], token=new_token())
         assert code == Code.UNAUTHENTICATED
+
+
+def test_mtls_identity_by_spiffe_uri_san(mtls_server: SecureServer, pki: Pki) -> None:
+    """A mesh workload's certificate (URI SAN) maps to roles like a DNS SAN does."""
+    with tls_channel(mtls_server.port, pki, pki.clients["mesh"]) as ch:
+        assert call(ch, RECOMMEND, VALID[RECOMMEND]) == (Code.OK, "")
+        code, details = call(ch, FEEDBACK, _feedback())
+        assert code == Code.PERMISSION_DENIED and "'mesh-frontend'" in details
