@@ -6,6 +6,12 @@
 //
 //   bertrec-example --user-id U [--target HOST:PORT] [--text T] [--k K] [--timeout-s S]
 //                   [--feedback-user-id F]
+//                   [--tls-ca FILE [--tls-cert FILE --tls-key FILE] [--token-file FILE]]
+//
+// With --tls-ca the channel speaks TLS trusting that CA only (grpc::SslCredentials);
+// --tls-cert/--tls-key add a client certificate (mTLS); --token-file sends its token as
+// "authorization: Bearer <token>" with every call (grpc::AccessTokenCredentials, which gRPC
+// sends over TLS only).
 //
 // Exit status: 0 on success, 1 when an RPC fails, 2 on bad usage.
 //
@@ -20,7 +26,10 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
+#include <fstream>
 #include <iostream>
+#include <iterator>
+#include <memory>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -54,7 +63,10 @@ constexpr char kUsage[] =
     "  --text T            text to embed (default: a sample sentence)\n"
     "  --k K               number of recommendations (default 10)\n"
     "  --timeout-s S       deadline of each RPC in seconds (default 10)\n"
-    "  --feedback-user-id F  if set, record that F rated the top item (a write)\n";
+    "  --feedback-user-id F  if set, record that F rated the top item (a write)\n"
+    "  --tls-ca FILE       CA certificate (PEM) to trust; turns TLS on\n"
+    "  --tls-cert FILE, --tls-key FILE  client certificate and key (PEM) for mTLS\n"
+    "  --token-file FILE   file holding the bearer token (needs --tls-ca)\n";
 
 struct Options {
   std::string target = "127.0.0.1:50051";
@@ -63,6 +75,8 @@ struct Options {
   std::int32_t k = 10;
   double timeout_s = 10.0;
   std::string feedback_user_id;  // empty: no RecordFeedback
+  // TLS and auth: file paths, read when the channel is set up. Empty: not used.
+  std::string tls_ca, tls_cert, tls_key, token_file;
 };
 
 // Parses a whole string as a number; nullopt if anything is left over or out of range.
@@ -98,12 +112,21 @@ std::optional<Options> ParseArgs(int argc, char** argv) {
       return std::nullopt;
     };
     if (name != "--target" && name != "--user-id" && name != "--text" && name != "--k" &&
-        name != "--timeout-s" && name != "--feedback-user-id") {
+        name != "--timeout-s" && name != "--feedback-user-id" && name != "--tls-ca" &&
+        name != "--tls-cert" && name != "--tls-key" && name != "--token-file") {
       return fail("unknown flag");
     }
     if (!value) return fail("needs a value");
 
-    if (name == "--target") {
+    if (name == "--tls-ca") {
+      opts.tls_ca = *value;
+    } else if (name == "--tls-cert") {
+      opts.tls_cert = *value;
+    } else if (name == "--tls-key") {
+      opts.tls_key = *value;
+    } else if (name == "--token-file") {
+      opts.token_file = *value;
+    } else if (name == "--target") {
       opts.target = *value;
     } else if (name == "--user-id") {
       opts.user_id = *value;
@@ -128,7 +151,62 @@ std::optional<Options> ParseArgs(int argc, char** argv) {
     std::cerr << "error: --user-id is required\n" << kUsage;
     return std::nullopt;
   }
+  if (opts.tls_cert.empty() != opts.tls_key.empty()) {
+    std::cerr << "error: --tls-cert and --tls-key go together\n" << kUsage;
+    return std::nullopt;
+  }
+  if (opts.tls_ca.empty() && !(opts.tls_cert.empty() && opts.token_file.empty())) {
+    std::cerr << "error: --tls-cert and --token-file need --tls-ca: a token or a client "
+                 "certificate goes over TLS only\n"
+              << kUsage;
+    return std::nullopt;
+  }
   return opts;
+}
+
+// The whole content of a file, or nullopt (the caller names the flag and the path).
+std::optional<std::string> ReadFile(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return std::nullopt;
+  std::string content((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  if (in.bad()) return std::nullopt;
+  return content;
+}
+
+// Plaintext, or TLS trusting --tls-ca (with a client certificate, and the token from
+// --token-file, when given). Prints the problem and returns nullptr when a file is unusable;
+// never prints the token.
+std::shared_ptr<grpc::ChannelCredentials> Credentials(const Options& opts) {
+  if (opts.tls_ca.empty()) return grpc::InsecureChannelCredentials();
+  auto read = [](const char* flag, const std::string& path) {
+    auto content = ReadFile(path);
+    if (!content) std::cerr << "error: " << flag << " " << path << ": cannot read it\n";
+    return content;
+  };
+  grpc::SslCredentialsOptions ssl;
+  const auto ca = read("--tls-ca", opts.tls_ca);
+  if (!ca) return nullptr;
+  ssl.pem_root_certs = *ca;
+  if (!opts.tls_cert.empty()) {
+    const auto cert = read("--tls-cert", opts.tls_cert);
+    const auto key = read("--tls-key", opts.tls_key);
+    if (!cert || !key) return nullptr;
+    ssl.pem_cert_chain = *cert;
+    ssl.pem_private_key = *key;
+  }
+  auto credentials = grpc::SslCredentials(ssl);
+  if (opts.token_file.empty()) return credentials;
+  auto token = read("--token-file", opts.token_file);
+  if (!token) return nullptr;
+  const auto first = token->find_first_not_of(" \t\r\n");
+  const auto last = token->find_last_not_of(" \t\r\n");
+  if (first == std::string::npos ||
+      token->substr(first, last - first + 1).find_first_of("\r\n") != std::string::npos) {
+    std::cerr << "error: --token-file " << opts.token_file << ": want one non-empty line\n";
+    return nullptr;
+  }
+  return grpc::CompositeChannelCredentials(
+      credentials, grpc::AccessTokenCredentials(token->substr(first, last - first + 1)));
 }
 
 // The canonical name of a status code, as every gRPC implementation spells it.
@@ -186,8 +264,9 @@ int Run(const Options& opts) {
   grpc::ChannelArguments args;
   args.SetServiceConfigJSON(kServiceConfig);
   args.SetInt(GRPC_ARG_ENABLE_RETRIES, 1);  // the default since gRPC 1.40; explicit for older
-  const auto channel =
-      grpc::CreateCustomChannel(opts.target, grpc::InsecureChannelCredentials(), args);
+  const auto credentials = Credentials(opts);
+  if (!credentials) return kExitUsage;
+  const auto channel = grpc::CreateCustomChannel(opts.target, credentials, args);
   const auto health_stub = health::Health::NewStub(channel);
   const auto recommender = rec::RecommenderService::NewStub(channel);
 

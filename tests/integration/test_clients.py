@@ -9,6 +9,10 @@ Each `clients/<lang>/` holds two scripts with one contract (see clients/README.m
                                      RecordFeedback (F rated Recommend's top item, with a fixed
                                      idempotency key), and print one JSON document on stdout
 
+    run.sh ... [--tls-ca FILE [--tls-cert FILE --tls-key FILE] [--token-file FILE]]
+                                     the same over TLS (mTLS with the client certificate), the
+                                     token file's token sent as "authorization: Bearer <token>"
+
 The test builds each client, runs it against a server with a SQLite feedback store and requires
 its answers to equal the Python client's (the feedback one too: the Python client resending the
 example's event is told it is a duplicate, and F's recommendations leave the rated item out);
@@ -16,7 +20,10 @@ then runs it against a server that fails each call's first attempts with the ret
 which it must ride out by the shared retry policy (clients/service_config.json) as the Python
 client does. A missing toolchain skips with the reason, unless
 BERTREC_REQUIRE_TOOLCHAINS=1 (set by `make test`, which installs every toolchain) turns it into a
-failure, so CI can never pass by skipping.
+failure, so CI can never pass by skipping. Last, each runs against a server with mTLS and a
+credentials file (certificates and tokens made at run time by `tls_material`): with the CA, its
+client certificate and a token file it gets the Python client's answers; without the token its
+Recommend fails UNAUTHENTICATED; and the token shows in none of its output.
 """
 
 from __future__ import annotations
@@ -30,13 +37,15 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from server_harness import Reference, ServerProcess, serving
+from server_harness import Reference, ServerProcess, serving, start_server
+from tls_material import CertificateAuthority, token_entries, write_auth_file
 
 from bertrec.client import Feedback, FeedbackRecorded, RecommenderClient
 from bertrec.v1 import recommender_pb2 as pb
@@ -99,18 +108,20 @@ def feedback_client(feedback_server: ServerProcess) -> Iterator[RecommenderClien
 
 
 def _start(
-    lang: str, out: Path, target: str, user_id: str, feedback_user_id: str
+    lang: str, out: Path, target: str, user_id: str, feedback_user_id: str, *extra: str
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         ["bash", str(ROOT / "clients" / lang / "run.sh"), str(out),
          "--target", target, "--user-id", user_id, "--text", TEXT, "--k", str(K),
-         "--feedback-user-id", feedback_user_id],
+         "--feedback-user-id", feedback_user_id, *extra],
         cwd=ROOT, capture_output=True, text=True, timeout=RUN_TIMEOUT_S,
     )  # fmt: skip
 
 
-def _run(lang: str, out: Path, target: str, user_id: str, feedback_user_id: str) -> dict[str, Any]:
-    result = _start(lang, out, target, user_id, feedback_user_id)
+def _run(
+    lang: str, out: Path, target: str, user_id: str, feedback_user_id: str, *extra: str
+) -> dict[str, Any]:
+    result = _start(lang, out, target, user_id, feedback_user_id, *extra)
     assert result.returncode == 0, f"{lang} client failed:\n{result.stdout}\n{result.stderr}"
     try:
         document: dict[str, Any] = json.loads(result.stdout)
@@ -276,3 +287,85 @@ def test_client_takes_the_feedback_writes_own_retry_entry(
     assert result.returncode == 1, f"{lang}: {result.stdout}\n{result.stderr}"
     assert "RecordFeedback failed: FAILED_PRECONDITION" in result.stderr
     assert servicer.calls["RecordFeedback"] == 1
+
+
+@dataclass(frozen=True)
+class SecuredServer:
+    """A server with mTLS and a credentials file, and the files an example client is given."""
+
+    server: ServerProcess
+    ca: Path
+    client_cert: Path
+    client_key: Path
+    token: str
+    token_file: Path
+
+    def flags(self, *, token: bool = True) -> list[str]:
+        flags = ["--tls-ca", str(self.ca), "--tls-cert", str(self.client_cert),
+                 "--tls-key", str(self.client_key)]  # fmt: skip
+        return flags + (["--token-file", str(self.token_file)] if token else [])
+
+    def python_client(self) -> RecommenderClient:
+        return RecommenderClient(
+            self.server.target, tls=self.ca, client_cert=self.client_cert,
+            client_key=self.client_key, token=self.token, timeout_s=10.0,
+        )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def secured_server(
+    model_repo: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[SecuredServer]:
+    """TLS with client certificates required, a token with the read and feedback roles, and a
+    feedback store (the examples record one event)."""
+    folder = tmp_path_factory.mktemp("secured")
+    ca = CertificateAuthority()
+    ca_path = ca.write(folder)
+    cert, key = ca.server().write(folder, "server")
+    client_cert, client_key = ca.client("bertrec-example").write(folder, "client")
+    entry = token_entries({"example": ["read", "feedback"]})["example"]
+    auth = write_auth_file(folder / "auth.toml", [entry])
+    token_file = folder / "token"
+    token_file.write_text(entry.token + "\n")
+    proc = start_server(
+        model_repo, folder / "logs", "--tls-cert", str(cert), "--tls-key", str(key),
+        "--tls-client-ca", str(ca_path), "--auth-file", str(auth),
+        "--feedback-store", f"sqlite:///{folder / 'feedback.db'}",
+    )  # fmt: skip
+    try:
+        secured = SecuredServer(proc, ca_path, client_cert, client_key, entry.token, token_file)
+        with secured.python_client() as client:
+            client.wait_until_serving(90.0)
+        yield secured
+    finally:
+        proc.terminate()
+
+
+def test_client_over_mtls_with_a_token(
+    built_client: tuple[str, Path], secured_server: SecuredServer, ref: Reference
+) -> None:
+    lang, out = built_client
+    target, token = secured_server.server.target, secured_server.token
+    user_id = next(u for u in ref.user_ids if len(ref.rated(u)) > 1)
+    rater = f"secure-example-{lang}"
+    got = _run(lang, out, target, user_id, rater, *secured_server.flags())
+    with secured_server.python_client() as client:
+        want = client.recommend(user_id, K)
+        dim = client.embed_text([TEXT]).vectors.shape[1]
+    assert got["health"] == "SERVING"
+    assert [i["item_id"] for i in got["recommend"]["items"]] == want.item_ids
+    assert len(got["embed"]["values"]) == dim
+    assert got["feedback"]["accepted"] == 1 and got["feedback"]["user_id"] == rater
+
+    # Without the token: health is open, Recommend is refused; the token never shows.
+    refused = _start(lang, out, target, user_id, rater, *secured_server.flags(token=False))
+    assert refused.returncode == 1, f"{lang}: {refused.stdout}\n{refused.stderr}"
+    assert "Recommend failed: UNAUTHENTICATED" in refused.stderr
+    assert token not in json.dumps(got) + refused.stdout + refused.stderr
+
+    # A token or a client certificate without --tls-ca is a usage error, before any call.
+    plain = _start(
+        lang, out, target, user_id, rater, "--token-file", str(secured_server.token_file)
+    )
+    assert plain.returncode == 2, f"{lang}: {plain.stdout}\n{plain.stderr}"
+    assert "--tls-ca" in plain.stderr and token not in plain.stderr + plain.stdout

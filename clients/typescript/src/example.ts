@@ -7,6 +7,11 @@
  *
  *   node dist/example.js --user-id U [--target HOST:PORT] [--text T] [--k K] [--timeout-s S]
  *                        [--feedback-user-id F]
+ *                        [--tls-ca FILE [--tls-cert FILE --tls-key FILE] [--token-file FILE]]
+ *
+ * With --tls-ca the channel speaks TLS trusting that CA only; --tls-cert/--tls-key add a client
+ * certificate (mTLS); --token-file sends its token as "authorization: Bearer <token>" with every
+ * call (call credentials, which grpc-js combines with TLS credentials only).
  *
  * Exit status: 0 on success, 1 when an RPC fails (`error: <RPC> failed: <CODE>: <message>` on
  * stderr), 2 on bad flags. Nothing but the JSON document is written to stdout.
@@ -21,6 +26,7 @@ import { parseArgs } from "node:util";
 
 import {
   type CallOptions,
+  type ChannelCredentials,
   type ClientUnaryCall,
   credentials,
   Metadata,
@@ -59,7 +65,10 @@ const USAGE = `usage: example --user-id U [--target HOST:PORT] [--text T] [--k K
   --text T            text to embed (default: a sample sentence)
   --k K               number of recommendations (default ${DEFAULT_K})
   --timeout-s S       deadline of each RPC in seconds (default ${DEFAULT_TIMEOUT_S})
-  --feedback-user-id F  if set, record that F rated the top item (a write)`;
+  --feedback-user-id F  if set, record that F rated the top item (a write)
+  --tls-ca FILE       CA certificate (PEM) to trust; turns TLS on
+  --tls-cert FILE, --tls-key FILE  client certificate and key (PEM) for mTLS
+  --token-file FILE   file holding the bearer token (needs --tls-ca)`;
 
 interface Options {
   target: string;
@@ -69,6 +78,11 @@ interface Options {
   timeoutS: number;
   /** Empty: no RecordFeedback. */
   feedbackUserId: string;
+  /** TLS and auth: file paths, read when the channel is set up. Empty: not used. */
+  tlsCa: string;
+  tlsCert: string;
+  tlsKey: string;
+  tokenFile: string;
 }
 
 /** Bad command-line flags: reported with the usage text, exit status 2. */
@@ -100,6 +114,10 @@ function parseOptions(argv: readonly string[]): Options | "help" {
         k: { type: "string", default: String(DEFAULT_K) },
         "timeout-s": { type: "string", default: String(DEFAULT_TIMEOUT_S) },
         "feedback-user-id": { type: "string", default: "" },
+        "tls-ca": { type: "string", default: "" },
+        "tls-cert": { type: "string", default: "" },
+        "tls-key": { type: "string", default: "" },
+        "token-file": { type: "string", default: "" },
         help: { type: "boolean", short: "h", default: false },
       },
     }));
@@ -123,6 +141,17 @@ function parseOptions(argv: readonly string[]): Options | "help" {
   if (values["timeout-s"].trim() === "" || !Number.isFinite(timeoutS) || timeoutS <= 0) {
     throw new UsageError(`--timeout-s must be a positive number, got ${JSON.stringify(values["timeout-s"])}`);
   }
+  const [tlsCa, tlsCert, tlsKey, tokenFile] = [
+    values["tls-ca"], values["tls-cert"], values["tls-key"], values["token-file"],
+  ];
+  if ((tlsCert === "") !== (tlsKey === "")) {
+    throw new UsageError("--tls-cert and --tls-key go together");
+  }
+  if (tlsCa === "" && (tlsCert !== "" || tokenFile !== "")) {
+    throw new UsageError(
+      "--tls-cert and --token-file need --tls-ca: a token or a client certificate goes over TLS only",
+    );
+  }
   return {
     target: values.target,
     userId,
@@ -130,7 +159,50 @@ function parseOptions(argv: readonly string[]): Options | "help" {
     k,
     timeoutS,
     feedbackUserId: values["feedback-user-id"],
+    tlsCa,
+    tlsCert,
+    tlsKey,
+    tokenFile,
   };
+}
+
+/** A file's bytes; a problem is a UsageError naming the flag and the path (never the content). */
+function readFlagFile(flag: string, path: string): Buffer {
+  try {
+    return readFileSync(path);
+  } catch (error) {
+    const why = error instanceof Error ? error.message : String(error);
+    throw new UsageError(`${flag} ${path}: ${why}`);
+  }
+}
+
+/**
+ * Plaintext, or TLS trusting --tls-ca, with a client certificate and the token when given. The
+ * token travels in call credentials, which grpc-js sends only on a TLS channel.
+ */
+function channelCredentials(options: Options): ChannelCredentials {
+  if (options.tlsCa === "") {
+    return credentials.createInsecure();
+  }
+  const ca = readFlagFile("--tls-ca", options.tlsCa);
+  const [key, cert] =
+    options.tlsCert === ""
+      ? [null, null]
+      : [readFlagFile("--tls-key", options.tlsKey), readFlagFile("--tls-cert", options.tlsCert)];
+  const tls = credentials.createSsl(ca, key, cert);
+  if (options.tokenFile === "") {
+    return tls;
+  }
+  const token = readFlagFile("--token-file", options.tokenFile).toString("ascii").trim();
+  if (token === "" || /[\r\n]/.test(token)) {
+    throw new UsageError(`--token-file ${options.tokenFile}: want one non-empty line`);
+  }
+  const bearer = credentials.createFromMetadataGenerator((_params, callback) => {
+    const metadata = new Metadata();
+    metadata.set("authorization", `Bearer ${token}`);
+    callback(null, metadata);
+  });
+  return credentials.combineChannelCredentials(tls, bearer);
 }
 
 /** The last (fullest) overload of a generated unary client method. */
@@ -214,15 +286,15 @@ function serviceConfig(): string {
   return readFileSync(join(__dirname, "service_config.json"), "utf8");
 }
 
-async function run(options: Options): Promise<unknown> {
+async function run(options: Options, channelCreds: ChannelCredentials): Promise<unknown> {
   // The default service config applies unless the name resolver supplies one (DNS TXT records,
   // off by default); grpc-js checks it here and throws if it is invalid.
-  const recommender = new RecommenderServiceClient(options.target, credentials.createInsecure(), {
+  const recommender = new RecommenderServiceClient(options.target, channelCreds, {
     "grpc.service_config": serviceConfig(),
     "grpc.enable_retries": 1,
   });
   // The health client borrows the recommender's channel: one connection serves every call.
-  const health = new HealthClient(options.target, credentials.createInsecure(), {
+  const health = new HealthClient(options.target, channelCreds, {
     channelOverride: recommender.getChannel(),
   });
   try {
@@ -282,8 +354,14 @@ async function run(options: Options): Promise<unknown> {
 
 async function main(argv: readonly string[]): Promise<number> {
   let options: Options | "help";
+  let channelCreds: ChannelCredentials;
   try {
     options = parseOptions(argv);
+    if (options === "help") {
+      process.stdout.write(`${USAGE}\n`);
+      return 0;
+    }
+    channelCreds = channelCredentials(options);
   } catch (error) {
     if (error instanceof UsageError) {
       process.stderr.write(`error: ${error.message}\n${USAGE}\n`);
@@ -291,11 +369,7 @@ async function main(argv: readonly string[]): Promise<number> {
     }
     throw error;
   }
-  if (options === "help") {
-    process.stdout.write(`${USAGE}\n`);
-    return 0;
-  }
-  const document = await run(options);
+  const document = await run(options, channelCreds);
   process.stdout.write(`${JSON.stringify(document)}\n`);
   return 0;
 }

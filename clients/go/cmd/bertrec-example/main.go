@@ -12,6 +12,11 @@
 // Diagnostics go to stderr. Exit status: 0 on success, 1 when an RPC fails (the message names
 // the RPC and its gRPC status code), 2 on bad flags.
 //
+// With --tls-ca the channel speaks TLS and trusts that CA only; --tls-cert/--tls-key add a client
+// certificate (a server started with --tls-client-ca); --token-file sends the token in it as
+// "authorization: Bearer <token>" with every call, over TLS only (grpc-go refuses to send such
+// per-RPC credentials in plaintext, and so does this example).
+//
 // The channel retries RecommenderService calls by the service config every bertrec client shares
 // (clients/service_config.json, embedded at build time; see clients/README.md). grpc-go before
 // 1.40 applies a retry policy only when GRPC_GO_RETRY=on is in the environment (run.sh sets it).
@@ -19,6 +24,8 @@ package main
 
 import (
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	_ "embed" // the service config
 	"encoding/json"
 	"errors"
@@ -35,6 +42,7 @@ import (
 	bertrecv1 "bertrec.dev/clients/go/gen/bertrec/v1"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/timestamppb"
@@ -114,6 +122,8 @@ type options struct {
 	feedbackUserID string
 	k              int32
 	timeout        time.Duration
+	// TLS and auth: file paths, read when the channel is set up.
+	tlsCA, tlsCert, tlsKey, tokenFile string
 }
 
 // rpcError is a failed call, reported as "<rpc> failed: <CODE>: <message>".
@@ -185,11 +195,15 @@ func run() int {
 		fmt.Fprintf(os.Stderr, "warning: grpc-go %s retries only with GRPC_GO_RETRY=on\n", grpc.Version)
 	}
 	// Dial does not block: connection problems surface as UNAVAILABLE on the first call.
-	// grpc-go 1.33 has no credentials/insecure package; WithInsecure is its plaintext option.
 	// The default service config applies unless the name resolver supplies one (DNS TXT
 	// records, off by default); an invalid one fails here.
-	conn, err := grpc.Dial(opts.target, grpc.WithInsecure(),
-		grpc.WithDefaultServiceConfig(serviceConfig))
+	security, err := securityOptions(opts)
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "error: %v\n", err)
+		return exitUsage
+	}
+	dialOpts := append(security, grpc.WithDefaultServiceConfig(serviceConfig))
+	conn, err := grpc.Dial(opts.target, dialOpts...)
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "error: cannot open a channel to %s: %v\n", opts.target, err)
 		return exitRPCError
@@ -233,6 +247,10 @@ func parseFlags(args []string) (options, error) {
 	text := fs.String("text", defaultText, "text to embed")
 	k := fs.Int("k", 10, "number of items to recommend")
 	timeoutS := fs.Float64("timeout-s", 10, "deadline of each call, in seconds")
+	tlsCA := fs.String("tls-ca", "", "CA certificate (PEM) to trust; turns TLS on")
+	tlsCert := fs.String("tls-cert", "", "client certificate (PEM) for mTLS; needs --tls-key and --tls-ca")
+	tlsKey := fs.String("tls-key", "", "private key (PEM) of --tls-cert")
+	tokenFile := fs.String("token-file", "", "file holding the bearer token; needs --tls-ca")
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			return options{}, err
@@ -250,6 +268,10 @@ func parseFlags(args []string) (options, error) {
 	// The upper bound keeps the Duration conversion from overflowing (about 292 years).
 	case !(*timeoutS > 0) || *timeoutS > math.MaxInt64/float64(time.Second):
 		return options{}, fmt.Errorf("--timeout-s must be a positive number of seconds, got %v", *timeoutS)
+	case (*tlsCert == "") != (*tlsKey == ""):
+		return options{}, errors.New("--tls-cert and --tls-key go together")
+	case *tlsCA == "" && (*tlsCert != "" || *tokenFile != ""):
+		return options{}, errors.New("--tls-cert and --token-file need --tls-ca: a token or a client certificate goes over TLS only")
 	}
 	return options{
 		target:         *target,
@@ -258,8 +280,72 @@ func parseFlags(args []string) (options, error) {
 		feedbackUserID: *feedbackUserID,
 		k:              int32(*k),
 		timeout:        time.Duration(*timeoutS * float64(time.Second)),
+		tlsCA:          *tlsCA,
+		tlsCert:        *tlsCert,
+		tlsKey:         *tlsKey,
+		tokenFile:      *tokenFile,
 	}, nil
 }
+
+// securityOptions are the dial options for the transport (plaintext, TLS or mTLS) and the token.
+func securityOptions(opts options) ([]grpc.DialOption, error) {
+	if opts.tlsCA == "" {
+		// grpc-go 1.33 has no credentials/insecure package; WithInsecure is its plaintext option.
+		return []grpc.DialOption{grpc.WithInsecure()}, nil
+	}
+	caPEM, err := os.ReadFile(opts.tlsCA)
+	if err != nil {
+		return nil, fmt.Errorf("--tls-ca: %v", err)
+	}
+	roots := x509.NewCertPool()
+	if !roots.AppendCertsFromPEM(caPEM) {
+		return nil, fmt.Errorf("--tls-ca %s: no PEM certificate in it", opts.tlsCA)
+	}
+	config := &tls.Config{RootCAs: roots, MinVersion: tls.VersionTLS12}
+	if opts.tlsCert != "" {
+		pair, err := tls.LoadX509KeyPair(opts.tlsCert, opts.tlsKey)
+		if err != nil {
+			return nil, fmt.Errorf("--tls-cert/--tls-key: %v", err)
+		}
+		config.Certificates = []tls.Certificate{pair}
+	}
+	dial := []grpc.DialOption{grpc.WithTransportCredentials(credentials.NewTLS(config))}
+	if opts.tokenFile != "" {
+		token, err := readToken(opts.tokenFile)
+		if err != nil {
+			return nil, err
+		}
+		dial = append(dial, grpc.WithPerRPCCredentials(token))
+	}
+	return dial, nil
+}
+
+// readToken reads a token file (one line; surrounding whitespace dropped). Errors name the
+// file, never its content.
+func readToken(path string) (bearerToken, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return "", fmt.Errorf("--token-file: %v", err)
+	}
+	token := strings.TrimSpace(string(data))
+	if token == "" || strings.ContainsAny(token, "\r\n") {
+		return "", fmt.Errorf("--token-file %s: want one non-empty line", path)
+	}
+	return bearerToken(token), nil
+}
+
+// bearerToken is a credentials.PerRPCCredentials sending "authorization: Bearer <token>".
+type bearerToken string
+
+func (t bearerToken) GetRequestMetadata(context.Context, ...string) (map[string]string, error) {
+	return map[string]string{"authorization": "Bearer " + string(t)}, nil
+}
+
+// RequireTransportSecurity keeps the token off plaintext connections.
+func (bearerToken) RequireTransportSecurity() bool { return true }
+
+// String hides the token from %v and %s, should it ever be printed.
+func (bearerToken) String() string { return "bearerToken(<hidden>)" }
 
 // callAll makes the calls in order, each under its own deadline so a slow call cannot
 // eat into the next one's time, and stops at the first failure.

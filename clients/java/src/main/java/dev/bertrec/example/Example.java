@@ -18,15 +18,24 @@ import dev.bertrec.v1.RecordFeedbackResponse;
 import dev.bertrec.v1.RecommendRequest;
 import dev.bertrec.v1.RecommendResponse;
 import dev.bertrec.v1.RecommenderServiceGrpc;
+import io.grpc.CallCredentials;
+import io.grpc.ChannelCredentials;
 import io.grpc.Grpc;
 import io.grpc.InsecureChannelCredentials;
 import io.grpc.ManagedChannel;
+import io.grpc.ManagedChannelBuilder;
+import io.grpc.Metadata;
 import io.grpc.MethodDescriptor;
+import io.grpc.SecurityLevel;
 import io.grpc.Status;
 import io.grpc.StatusRuntimeException;
+import io.grpc.TlsChannelCredentials;
 import io.grpc.health.v1.HealthCheckRequest;
 import io.grpc.health.v1.HealthCheckResponse;
 import io.grpc.health.v1.HealthGrpc;
+import io.grpc.netty.NettyChannelBuilder;
+import io.netty.handler.ssl.JdkAlpnClientContext;
+import java.io.File;
 import java.io.FileDescriptor;
 import java.io.FileOutputStream;
 import java.io.IOException;
@@ -35,9 +44,12 @@ import java.io.InputStreamReader;
 import java.io.PrintStream;
 import java.io.Reader;
 import java.nio.charset.StandardCharsets;
+import java.nio.file.Files;
+import java.nio.file.Path;
 import java.time.Instant;
 import java.util.Map;
 import java.util.Set;
+import java.util.concurrent.Executor;
 import java.util.concurrent.TimeUnit;
 import java.util.function.Supplier;
 import java.util.logging.Level;
@@ -51,7 +63,10 @@ import java.util.logging.Logger;
  * again stores nothing new and the answer counts a duplicate.
  *
  * <p>Usage: {@code Example --user-id U [--target HOST:PORT] [--text T] [--k K] [--timeout-s S]
- * [--feedback-user-id F]}.
+ * [--feedback-user-id F] [--tls-ca FILE [--tls-cert FILE --tls-key FILE] [--token-file FILE]]}.
+ * With {@code --tls-ca} the channel speaks TLS trusting that CA only; {@code --tls-cert/--tls-key}
+ * add a client certificate (mTLS); {@code --token-file} sends its token as {@code authorization:
+ * Bearer <token>} with every call, over TLS only.
  * Exit status: 0 on success, 1 when an RPC fails (the status is printed on stderr), 2 on bad
  * arguments.
  *
@@ -77,7 +92,10 @@ public final class Example {
           + "  --text       text to embed (default: a sample sentence)\n"
           + "  --k          number of recommendations (default " + DEFAULT_K + ")\n"
           + "  --timeout-s  deadline of each call in seconds (default " + DEFAULT_TIMEOUT_S + ")\n"
-          + "  --feedback-user-id  if set, record that this user rated the top item (a write)";
+          + "  --feedback-user-id  if set, record that this user rated the top item (a write)\n"
+          + "  --tls-ca     CA certificate (PEM) to trust; turns TLS on\n"
+          + "  --tls-cert, --tls-key  client certificate and key (PEM) for mTLS\n"
+          + "  --token-file file holding the bearer token (needs --tls-ca)";
 
   // System.out/err encode with the platform charset, which is ASCII under LANG=C; JSON is UTF-8.
   private static final PrintStream OUT =
@@ -98,9 +116,11 @@ public final class Example {
 
   /** Command-line settings, validated. */
   record Options(
-      String target, String userId, String text, int k, long timeoutMs, String feedbackUserId) {
+      String target, String userId, String text, int k, long timeoutMs, String feedbackUserId,
+      String tlsCa, String tlsCert, String tlsKey, String tokenFile) {
     private static final Set<String> FLAGS =
-        Set.of("--target", "--user-id", "--text", "--k", "--timeout-s", "--feedback-user-id");
+        Set.of("--target", "--user-id", "--text", "--k", "--timeout-s", "--feedback-user-id",
+            "--tls-ca", "--tls-cert", "--tls-key", "--token-file");
 
     static Options parse(String[] args) throws UsageException {
       String target = DEFAULT_TARGET;
@@ -109,6 +129,10 @@ public final class Example {
       int k = DEFAULT_K;
       double timeoutS = DEFAULT_TIMEOUT_S;
       String feedbackUserId = "";
+      String tlsCa = "";
+      String tlsCert = "";
+      String tlsKey = "";
+      String tokenFile = "";
       for (int i = 0; i < args.length; i++) {
         String arg = args[i];
         if (arg.equals("-h") || arg.equals("--help")) {
@@ -135,6 +159,10 @@ public final class Example {
           case "--k" -> k = parseInt(flag, value);
           case "--timeout-s" -> timeoutS = parseDouble(flag, value);
           case "--feedback-user-id" -> feedbackUserId = value;
+          case "--tls-ca" -> tlsCa = value;
+          case "--tls-cert" -> tlsCert = value;
+          case "--tls-key" -> tlsKey = value;
+          case "--token-file" -> tokenFile = value;
           default -> throw new AssertionError(flag); // FLAGS and this switch list the same flags
         }
       }
@@ -150,8 +178,15 @@ public final class Example {
       if (!(timeoutS > 0) || Double.isInfinite(timeoutS)) {
         throw new UsageException("--timeout-s must be a positive number of seconds");
       }
-      return new Options(
-          target, userId, text, k, Math.max(1, Math.round(timeoutS * 1000)), feedbackUserId);
+      if (tlsCert.isEmpty() != tlsKey.isEmpty()) {
+        throw new UsageException("--tls-cert and --tls-key go together");
+      }
+      if (tlsCa.isEmpty() && !(tlsCert.isEmpty() && tokenFile.isEmpty())) {
+        throw new UsageException("--tls-cert and --token-file need --tls-ca: a token or a client"
+            + " certificate goes over TLS only");
+      }
+      return new Options(target, userId, text, k, Math.max(1, Math.round(timeoutS * 1000)),
+          feedbackUserId, tlsCa, tlsCert, tlsKey, tokenFile);
     }
 
     private static int parseInt(String flag, String value) throws UsageException {
@@ -168,6 +203,78 @@ public final class Example {
       } catch (NumberFormatException e) {
         throw new UsageException(flag + " wants a number, got '" + value + "'");
       }
+    }
+  }
+
+  /**
+   * Sends {@code authorization: Bearer <token>} with every call, and only over a connection with
+   * privacy and integrity (TLS): on plaintext the call fails UNAUTHENTICATED without sending it.
+   */
+  static final class BearerToken extends CallCredentials {
+    private static final Metadata.Key<String> AUTHORIZATION =
+        Metadata.Key.of("authorization", Metadata.ASCII_STRING_MARSHALLER);
+    private final String header;
+
+    BearerToken(String token) {
+      this.header = "Bearer " + token;
+    }
+
+    /** The token in a file (one line; surrounding whitespace dropped); errors name the file. */
+    static BearerToken read(String path) throws IOException {
+      String token = Files.readString(Path.of(path), StandardCharsets.US_ASCII).strip();
+      if (token.isEmpty() || token.contains("\n") || token.contains("\r")) {
+        throw new IOException("--token-file " + path + ": want one non-empty line");
+      }
+      return new BearerToken(token);
+    }
+
+    @Override
+    public void applyRequestMetadata(
+        RequestInfo info, Executor executor, MetadataApplier applier) {
+      if (info.getSecurityLevel() != SecurityLevel.PRIVACY_AND_INTEGRITY) {
+        applier.fail(Status.UNAUTHENTICATED.withDescription("no bearer token over plaintext"));
+        return;
+      }
+      Metadata headers = new Metadata();
+      headers.put(AUTHORIZATION, header);
+      applier.apply(headers);
+    }
+
+    @Override
+    public void thisUsesUnstableApi() {}
+
+    @Override
+    public String toString() {
+      return "BearerToken(<hidden>)";
+    }
+  }
+
+  /** Plaintext, or TLS trusting --tls-ca (with the client certificate when given). */
+  static ChannelCredentials credentials(Options options) throws IOException {
+    if (options.tlsCa().isEmpty()) {
+      return InsecureChannelCredentials.create();
+    }
+    TlsChannelCredentials.Builder tls =
+        TlsChannelCredentials.newBuilder().trustManager(new File(options.tlsCa()));
+    if (!options.tlsCert().isEmpty()) {
+      tls.keyManager(new File(options.tlsCert()), new File(options.tlsKey()));
+    }
+    return tls.build();
+  }
+
+  /**
+   * A channel builder for the target: grpc-java's own TLS, or, where Netty lacks ALPN (Debian's
+   * libnetty-java, see {@link JdkAlpnClientContext}), the same certificates through the JDK's ALPN.
+   */
+  static ManagedChannelBuilder<?> channelBuilder(Options options) throws IOException {
+    ChannelCredentials credentials = credentials(options);
+    try {
+      return Grpc.newChannelBuilder(options.target(), credentials);
+    } catch (UnsupportedOperationException noAlpn) {
+      File cert = options.tlsCert().isEmpty() ? null : new File(options.tlsCert());
+      File key = options.tlsKey().isEmpty() ? null : new File(options.tlsKey());
+      return NettyChannelBuilder.forTarget(options.target())
+          .sslContext(JdkAlpnClientContext.forClient(new File(options.tlsCa()), cert, key));
     }
   }
 
@@ -236,13 +343,22 @@ public final class Example {
     }
     // The default service config applies unless the name resolver supplies one (DNS TXT
     // records, off by default); enableRetry() is a no-op where retries are already the default.
+    ManagedChannelBuilder<?> builder;
+    BearerToken token;
+    try {
+      builder = channelBuilder(options);
+      token = options.tokenFile().isEmpty() ? null : BearerToken.read(options.tokenFile());
+    } catch (IOException | IllegalArgumentException e) {
+      ERR.println("error: cannot read the TLS or token files: " + e.getMessage());
+      return 2;
+    }
     ManagedChannel channel =
-        Grpc.newChannelBuilder(options.target(), InsecureChannelCredentials.create())
+        builder
             .defaultServiceConfig(serviceConfig)
             .enableRetry()
             .build();
     try {
-      JsonObject document = callAll(channel, options);
+      JsonObject document = callAll(channel, options, token);
       String json;
       try {
         json = GSON.toJson(document);
@@ -285,10 +401,13 @@ public final class Example {
     }
   }
 
-  private static JsonObject callAll(ManagedChannel channel, Options options) throws RpcFailure {
-    HealthGrpc.HealthBlockingStub health = HealthGrpc.newBlockingStub(channel);
+  private static JsonObject callAll(
+      ManagedChannel channel, Options options, CallCredentials token) throws RpcFailure {
+    // The token (if any) rides on every call of both stubs; null means none.
+    HealthGrpc.HealthBlockingStub health =
+        HealthGrpc.newBlockingStub(channel).withCallCredentials(token);
     RecommenderServiceGrpc.RecommenderServiceBlockingStub recommender =
-        RecommenderServiceGrpc.newBlockingStub(channel);
+        RecommenderServiceGrpc.newBlockingStub(channel).withCallCredentials(token);
     long timeoutMs = options.timeoutMs();
 
     // withDeadlineAfter is applied right before each call so every RPC gets the full budget.
