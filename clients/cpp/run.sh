@@ -3,6 +3,7 @@
 #
 #   clients/cpp/run.sh OUT_DIR [--target HOST:PORT] --user-id U [--text T] [--k K] [--timeout-s S]
 #                      [--feedback-user-id F]
+#                      [--tls-ca FILE [--tls-cert FILE --tls-key FILE] [--token-file FILE]]
 set -euo pipefail
 
 if [[ $# -lt 1 ]]; then

@@ -3,10 +3,11 @@
 #
 #   clients/go/run.sh OUT_DIR [--target HOST:PORT] --user-id U [--text T] [--k K] [--timeout-s S]
 #                     [--feedback-user-id F]
+#                     [--tls-ca FILE [--tls-cert FILE --tls-key FILE] [--token-file FILE]]
 set -euo pipefail
 
 if [[ $# -lt 1 ]]; then
-  echo "usage: $0 OUT_DIR [--target HOST:PORT] --user-id U [--text T] [--k K] [--timeout-s S] [--feedback-user-id F]" >&2
+  echo "usage: $0 OUT_DIR [--target HOST:PORT] --user-id U [--text T] [--k K] [--timeout-s S] [--feedback-user-id F] [--tls-ca FILE [--tls-cert FILE --tls-key FILE] [--token-file FILE]]" >&2
   exit 2
 fi
 bin="$1/bertrec-example"

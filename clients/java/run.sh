@@ -3,6 +3,7 @@
 #
 # Usage: clients/java/run.sh OUT_DIR [--target HOST:PORT] --user-id U [--text T] [--k K] [--timeout-s S]
 #                            [--feedback-user-id F]
+#                            [--tls-ca FILE [--tls-cert FILE --tls-key FILE] [--token-file FILE]]
 #
 # Prints one JSON document on stdout; logs and errors go to stderr. Extra JVM options can be
 # passed in JAVA_OPTS (split on whitespace).

@@ -2,10 +2,11 @@
 # Run the example client built by build.sh OUT_DIR:
 #   run.sh OUT_DIR --user-id U [--target HOST:PORT] [--text T] [--k K] [--timeout-s S]
 #          [--feedback-user-id F]
+#          [--tls-ca FILE [--tls-cert FILE --tls-key FILE] [--token-file FILE]]
 set -euo pipefail
 
 if [[ $# -lt 1 ]]; then
-  echo "usage: $0 OUT_DIR [--target HOST:PORT] --user-id U [--text T] [--k K] [--timeout-s S] [--feedback-user-id F]" >&2
+  echo "usage: $0 OUT_DIR [--target HOST:PORT] --user-id U [--text T] [--k K] [--timeout-s S] [--feedback-user-id F] [--tls-ca FILE [--tls-cert FILE --tls-key FILE] [--token-file FILE]]" >&2
   exit 2
 fi
 out="$1"
