@@ -116,6 +116,8 @@ class _RotatingContext:
 
     def _stat(self) -> tuple[tuple[int, int, int], ...]:
         paths = [self._files.cert, self._files.key]
+        if self._files.client_ca is not None:
+            paths.append(self._files.client_ca)
         return tuple((s.st_mtime_ns, s.st_size, s.st_ino) for s in map(os.stat, paths))
 
 

@@ -333,12 +333,6 @@ def test_prometheus_scrapes_metrics_over_https_with_the_service_monitors_tls_con
         proc.wait(30)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server/http_endpoints.py _RotatingContext._stat watches the certificate and key but "
-    "not the client CA: a new client CA reaches the metrics port only with a new certificate "
-    "(docs/security.md says so); fix: add self._files.client_ca to the paths it stats",
-)
 def test_a_new_client_ca_reaches_the_metrics_port_like_the_grpc_port(
     model_repo: Path, tmp_path: Path
 ) -> None:
