@@ -23,6 +23,7 @@ from server_harness import start_server
 
 from adversarial.conftest import scrape
 from bertrec.client import AsyncRecommenderClient, RecommenderClient, RecommenderError, RetryPolicy
+from bertrec.server.metrics import code_label
 from bertrec.v1 import recommender_pb2 as pb
 from bertrec.v1 import recommender_pb2_grpc as pb_grpc
 
@@ -140,7 +141,7 @@ def test_throttling_stops_retries_on_a_channel_whose_calls_keep_failing() -> Non
 
 def handled(metrics_url: str, code: str) -> float:
     """grpc_server_handled_total of GetModelInfo with `code`, from the server's /metrics."""
-    want = {("grpc_method", "GetModelInfo"), ("grpc_code", code)}
+    want = {("grpc_method", "GetModelInfo"), ("grpc_code", code_label(grpc.StatusCode[code]))}
     return sum(
         value
         for (name, labels), value in scrape(metrics_url).items()

@@ -36,6 +36,7 @@ from adversarial.rpcs import (
     tracebacks,
 )  # fmt: skip
 from bertrec.bench.request_memory import varint, with_unknown_field
+from bertrec.server.metrics import code_label
 from bertrec.v1 import recommender_pb2 as pb
 
 # Overload is made deterministic by slow fillers: with a 1 s encoder window, each admitted
@@ -179,7 +180,9 @@ def test_garbage_is_invalid_argument(
 def counted(
     server: AdversarialServer, method: str, code: str | None = None, series: str = "handled"
 ) -> float:
-    """grpc_server_<series>_total of one method (and code; None: any), scraped from /metrics."""
+    """grpc_server_<series>_total of one method (and code, a `grpc.StatusCode` name; None:
+    any), scraped from /metrics, whatever spelling the server's label convention gives codes."""
+    label = None if code is None else code_label(Code[code])
     service, name = method.lstrip("/").rsplit("/", 1)
     return sum(
         value
@@ -187,7 +190,7 @@ def counted(
         for labels in [dict(pairs)]
         if sample == f"grpc_server_{series}_total"
         and (labels.get("grpc_service"), labels.get("grpc_method")) == (service, name)
-        and code in (None, labels.get("grpc_code"))
+        and label in (None, labels.get("grpc_code"))
     )
 
 
