@@ -150,6 +150,15 @@ def test_health_is_open_without_a_token(channel: grpc.Channel) -> None:
         response_deserializer=health_pb2.HealthCheckResponse.FromString,
     )
     assert check(health_pb2.HealthCheckRequest(), timeout=10).status == 1  # SERVING
+    watch = channel.unary_stream(
+        path("health", "Watch"),
+        request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+        response_deserializer=health_pb2.HealthCheckResponse.FromString,
+    )
+    stream = watch(health_pb2.HealthCheckRequest(), timeout=10)
+    assert next(stream).status == 1
+    stream.cancel()
+    assert call(channel, path("health", "List"), health_pb2.HealthListRequest())[0] == Code.OK
 
 
 def _list_services(channel: grpc.Channel, token: str | None = None) -> list[str]:

@@ -1,16 +1,21 @@
 """The transport on the real server: TLS, mTLS with identities as credentials, the plaintext
-health-only port and /metrics over HTTPS."""
+health-only port, /metrics over HTTPS, and the start refused for unusable TLS or auth files."""
 
 from __future__ import annotations
 
 import http.client
+import os
 import ssl
+import subprocess
+import sys
 import urllib.request
+from pathlib import Path
 
 import grpc
 import pytest
 from adversarial.rpcs import VALID, path
 from grpc_health.v1 import health_pb2
+from server_harness import MODEL
 from tls_material import CertificateAuthority, new_token, server_certificate
 
 from bertrec.v1 import recommender_pb2 as pb
@@ -137,3 +142,46 @@ def test_mtls_identity_by_spiffe_uri_san(mtls_server: SecureServer, pki: Pki) ->
         assert call(ch, RECOMMEND, VALID[RECOMMEND]) == (Code.OK, "")
         code, details = call(ch, FEEDBACK, _feedback())
         assert code == Code.PERMISSION_DENIED and "'mesh-frontend'" in details
+
+
+def _serve_fails(model_repo: Path, *flags: str) -> str:
+    """Run `bertrec serve` with `flags`, expecting it to refuse to start: its stderr."""
+    command = [sys.executable, "-m", "bertrec", "serve", "--model-repo", str(model_repo),
+               "--model", MODEL, "--grpc-port", "0", "--metrics-port", "0", *flags]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BERTREC_")}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 2, done.stderr[-2000:]
+    return done.stderr
+
+
+def test_a_malformed_auth_file_stops_the_start(model_repo: Path, tmp_path: Path) -> None:
+    auth = tmp_path / "auth.toml"
+    auth.write_text('[[token]]\nname = "x"\nsha256 = "abc"\nroles = ["read"]\n')
+    stderr = _serve_fails(model_repo, "--auth-file", str(auth))
+    assert f"{auth}: token[0]: sha256 must be 64 hex digits" in stderr
+
+
+def test_a_certificate_that_is_not_pem_stops_the_start(
+    model_repo: Path, pki: Pki, tmp_path: Path
+) -> None:
+    cert = tmp_path / "server.crt"
+    cert.write_text("not a certificate\n")
+    stderr = _serve_fails(model_repo, "--tls-cert", str(cert), "--tls-key", str(pki.server_key))
+    assert f"cannot read the TLS files {cert}" in stderr
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="server/tls.py does not check that the key belongs to the certificate: grpc then "
+    "fails add_secure_port and the server exits with 'cannot bind gRPC to 127.0.0.1:0: "
+    "Failed to bind to address', naming the port instead of the files",
+)
+def test_a_key_of_another_certificate_stops_the_start_naming_the_files(
+    model_repo: Path, pki: Pki, tmp_path: Path
+) -> None:
+    _, other_key = pki.ca.server().write(tmp_path, "other")
+    stderr = _serve_fails(model_repo, "--tls-cert", str(pki.server_cert), "--tls-key",
+                          str(other_key))  # fmt: skip
+    last = stderr.strip().splitlines()[-1]
+    assert "cannot bind" not in last, last
+    assert str(pki.server_cert) in last and str(other_key) in last, last
