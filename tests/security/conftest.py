@@ -10,7 +10,8 @@ Certificates and tokens are made at run time (`tls_material.py`), once per sessi
 Servers, each started once per session and only when a test asks for it:
 - `tls_server`: TLS + tokens, reflection `auth`, a plaintext health-only port, /metrics over
   HTTPS, a SQLite feedback store, explicit model control (the admin RPCs are live);
-- `mtls_server`: client certificates required (identities map to roles), reflection `on`;
+- `mtls_server`: client certificates required (identities map to roles), reflection `on`,
+  /metrics over HTTPS requiring a client certificate too;
 - `plain_server`: plaintext on loopback + tokens, reflection `off`.
 """
 
@@ -197,9 +198,10 @@ def mtls_server(
         "--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key),
         "--tls-client-ca", str(pki.ca_path), "--auth-file", str(_auth_file(pki, folder)),
         "--reflection", "on", "--feedback-store", f"sqlite://{folder / 'feedback.db'}",
+        "--metrics-tls", "true",
     )  # fmt: skip
     with launched(model_repo, folder, *flags) as process:
-        yield SecureServer(process, pki)
+        yield SecureServer(process, pki, metrics_tls=True)
 
 
 @pytest.fixture(scope="session")

@@ -79,6 +79,17 @@ def test_metrics_over_https_only(tls_server: SecureServer, pki: Pki) -> None:
         urllib.request.urlopen(url, timeout=10, context=untrusting).read()
 
 
+def test_mtls_metrics_need_a_client_certificate_too(mtls_server: SecureServer, pki: Pki) -> None:
+    url = f"https://127.0.0.1:{mtls_server.process.metrics_port}/metrics"
+    context = ssl.create_default_context(cadata=pki.ca.cert_pem.decode())
+    with pytest.raises((OSError, http.client.HTTPException)):
+        urllib.request.urlopen(url, timeout=10, context=context).read()
+    cert, key = pki.clients["stranger"].write(pki.folder, "metrics-client")
+    context.load_cert_chain(cert, key)
+    with urllib.request.urlopen(url, timeout=10, context=context) as reply:
+        assert b"bertrec_auth_failures_total" in reply.read()
+
+
 def test_mtls_without_a_client_certificate_is_refused(mtls_server: SecureServer, pki: Pki) -> None:
     with tls_channel(mtls_server.port, pki) as ch:
         assert call(ch, RECOMMEND, VALID[RECOMMEND], token=pki.token("reader"))[0] == (
