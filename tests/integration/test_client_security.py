@@ -281,6 +281,9 @@ def test_token_never_in_repr_or_errors(tls_server: Secured) -> None:
 
     shown, printed = asyncio.run(aio_repr_and_error())
     assert "tls=True" in shown and wrong not in shown and wrong not in printed
+    # Nor does the server log either token (it counts the failures by reason).
+    logged = tls_server.server.stderr()
+    assert good not in logged and wrong not in logged
 
 
 def test_bearer_token_hides_itself(tmp_path: Path) -> None:
