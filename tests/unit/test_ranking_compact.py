@@ -17,6 +17,7 @@ from bertrec.server.ranking_compact import (
     CompactRanker,
     build_matmul_graph,
     error_bound,
+    float_query_bound,
     quantise,
     quantise_queries,
 )
@@ -78,10 +79,11 @@ def check(
     queries: np.ndarray,
     k: int,
     exclude: Rows | None = None,
+    small_batch_rows: int = 2,
     **settings: int,
 ) -> CompactRanker:
     """CompactRanker == full float32 sort == Ranker, rows and scores to the bit."""
-    compact = CompactRanker(items, bias, threads=1, **settings)
+    compact = CompactRanker(items, bias, threads=1, small_batch_rows=small_batch_rows, **settings)
     rows, scores = compact.topk(queries, k, exclude=exclude)
     fetch_limit = settings.get("exclude_fetch_limit", 1024)
     want_rows, want_scores = reference(items, bias, queries, k, exclude, fetch_limit)
@@ -106,10 +108,13 @@ def queries(batch: int, dim: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((batch, dim), dtype=np.float32)
 
 
+@pytest.mark.parametrize("small_batch_rows", [0, 2, 64])  # MatMulInteger, default, MatMulNBits
 @pytest.mark.parametrize("batch", [1, 2, 32])
-def test_random_catalogue_matches_full_sort(batch: int) -> None:
+def test_random_catalogue_matches_full_sort(batch: int, small_batch_rows: int) -> None:
     items, bias = gaussian(4000, 16, seed=batch)
-    compact = check(items, bias, queries(batch, 16, seed=7), k=20)
+    compact = check(
+        items, bias, queries(batch, 16, seed=7), k=20, small_batch_rows=small_batch_rows
+    )
     # The int8 scan settled every query: K' was a small share of the catalogue.
     assert compact.stats.full_scans == 0 and compact.stats.retries == 0
     assert compact.stats.rescored < 4000 * batch / 10
@@ -133,17 +138,41 @@ def test_error_bound_holds_for_every_item() -> None:
     assert (bound < 20 * errors.max(axis=1)).all()
 
 
-def test_near_ties_and_duplicate_rows() -> None:
-    """Hundreds of rows within float32 rounding of each other at the top, some identical:
+def test_float_query_bound_holds_for_every_item() -> None:
+    """The same for the small-batch scan (MatMulNBits, float queries): every row's
+    approximate score, read back from a top-k over the whole catalogue, is within E."""
+    items, bias = gaussian(3000, 16, seed=30)
+    items[7] *= 1000.0
+    compact = CompactRanker(items, bias, threads=1, outlier_fraction=1e-3)
+    outliers = compact.book.outliers
+    assert 7 in outliers
+    q = np.vstack([queries(3, 16, seed=31), np.zeros((1, 16), np.float32)])
+    width = np.array([compact.book.width], dtype=np.int64)
+    feed = {"queries": q, "k": width, "k_groups": width // 32}
+    approx, rows = compact._small_session.run(["approx", "rows"], feed)
+    keep = rows < 3000
+    errors = np.zeros((4, 3000))
+    for b in range(4):
+        exact = full_scores(items, bias, q[b : b + 1])[0, rows[b][keep[b]]]
+        errors[b, rows[b][keep[b]]] = np.abs(approx[b][keep[b]].astype(np.float64) - exact)
+    errors[:, outliers] = 0.0
+    bound = float_query_bound(compact.book, q)
+    assert (errors <= bound[:, None]).all()
+    assert (bound[:3] < 20 * errors[:3].max(axis=1)).all()
+
+
+@pytest.mark.parametrize("batch", [2, 32])  # both scan kernels
+def test_near_ties_and_duplicate_rows(batch: int) -> None:
+    """A thousand rows within float32 rounding of each other at the top, some identical:
     the int8 scan cannot tell them apart, the exact pass must, ties to the lower row."""
-    items, bias = gaussian(3000, 8, seed=5)
+    items, bias = gaussian(4000, 8, seed=5)
     rng = np.random.default_rng(6)
-    top = rng.choice(3000, 400, replace=False)
+    top = rng.choice(4000, 1000, replace=False)
     base = np.full(8, 0.9, dtype=np.float32)
-    items[top] = base + rng.integers(-3, 4, (400, 8)).astype(np.float32) * np.float32(1e-7)
+    items[top] = base + rng.integers(-3, 4, (1000, 8)).astype(np.float32) * np.float32(1e-7)
     items[top[:50]] = base  # exact duplicates
-    bias[top] = np.float32(0.5) + rng.integers(-2, 3, 400).astype(np.float32) * np.float32(6e-8)
-    compact = check(items, bias, np.ones((2, 8), dtype=np.float32), k=100)
+    bias[top] = np.float32(0.5) + rng.integers(-2, 3, 1000).astype(np.float32) * np.float32(6e-8)
+    compact = check(items, bias, np.ones((batch, 8), dtype=np.float32), k=100)
     assert compact.stats.retries > 0  # the bound could not settle the first K'
 
 
