@@ -6,7 +6,7 @@ Layout, under a key prefix (`bertrec:feedback`, or `?prefix=` in the URL):
 - `{prefix}:log`: a sorted set holding every record (events and tombstones), scored by its
   seq; a member is `"<seq>|<json>"`. `read_since` is one ZRANGEBYSCORE.
 - `{prefix}:seq`: the counter seqs come from (INCR: a seq is never reused, even after a forget).
-- `{prefix}:keys`: idempotency key -> seq, the duplicate check.
+- `{prefix}:keys`: (user, idempotency key) -> seq, the duplicate check (`scoped_key`).
 - `{prefix}:user:<user_id>`: seq -> idempotency key of each of the user's events, what a
   forget deletes.
 - `{prefix}:tombstones`: seq -> salted user hash; `{prefix}:salt`: the store's salt.
@@ -70,7 +70,7 @@ from bertrec.feedback.events import (
     Record,
     StoredEvent,
 )
-from bertrec.feedback.store import CommitObserver, StoreError, salted_hash
+from bertrec.feedback.store import CommitObserver, StoreError, salted_hash, scoped_key
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +188,7 @@ class RedisStore:
         args: list[str | int] = [len(events)]
         now = time.time()
         for e in events:
-            args += [e.key, slot[e.user_id], _event_json(e, now)]
+            args += [scoped_key(e.user_id, e.key), slot[e.user_id], _event_json(e, now)]
         keys = [*self._keys.common, *map(self._keys.user, users)]
         started = time.perf_counter()
         seqs = self._eval(_APPEND_SCRIPT, keys, args, timeout_s)

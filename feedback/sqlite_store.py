@@ -48,7 +48,7 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS events (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,  -- AUTOINCREMENT: a seq is never reused
-    idempotency_key TEXT UNIQUE,            -- NULL for tombstones
+    idempotency_key TEXT,                   -- unique per user; NULL for tombstones
     user_id TEXT,                           -- NULL for tombstones
     item_id TEXT,
     kind TEXT NOT NULL,
@@ -58,6 +58,7 @@ CREATE TABLE IF NOT EXISTS events (
     user_hash TEXT                          -- tombstones only
 );
 CREATE INDEX IF NOT EXISTS events_by_user ON events(user_id);
+CREATE UNIQUE INDEX IF NOT EXISTS events_by_key ON events(user_id, idempotency_key);
 """
 _COLUMNS = "seq, idempotency_key, user_id, item_id, kind, rating, occurred_at, user_hash"
 
@@ -108,7 +109,7 @@ class SqliteStore:
                 found = conn.execute(
                     "INSERT INTO events (idempotency_key, user_id, item_id, kind, rating,"
                     " occurred_at, recorded_at) VALUES (?, ?, ?, ?, ?, ?, ?)"
-                    " ON CONFLICT(idempotency_key) DO NOTHING RETURNING seq",
+                    " ON CONFLICT(user_id, idempotency_key) DO NOTHING RETURNING seq",
                     (*row, now),
                 ).fetchone()
                 seqs.append(None if found is None else int(found[0]))

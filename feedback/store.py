@@ -4,7 +4,9 @@ A store is an append-only, ordered log of `Record`s (events and tombstones) with
 guarantees the server builds on:
 
 - `append` returns only once the batch is on stable storage (fsync'd), and stores all of it
-  or none of it; an event whose idempotency key the store already holds is skipped.
+  or none of it; an event whose idempotency key the store already holds for the same user is
+  skipped (keys are per user: a caller who guesses another user's key cannot swallow that
+  user's event).
 - every record gets a `seq` larger than every record before it, never reused, so
   `read_since(cursor)` lets any number of readers (replicas, worker processes, a replay on
   start) follow the log and see each record once, in order.
@@ -87,6 +89,12 @@ class FeedbackStore(Protocol):
     def close(self) -> None:
         """Finish pending writes and release the store."""
         ...
+
+
+def scoped_key(user_id: str, key: str) -> str:
+    """The (user, idempotency key) pair as one unambiguous string (ids may hold any
+    character, so the user id is length-prefixed rather than joined by a separator)."""
+    return f"{len(user_id)}:{user_id}{key}"
 
 
 def salted_hash(salt: str, user_id: str) -> str:

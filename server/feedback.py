@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 from bertrec.feedback.events import Erased, FeedbackEvent, Record, StoredEvent
 from bertrec.feedback.store import FeedbackStore, StoreError
-from bertrec.server.errors import NotReady, Unavailable
+from bertrec.server.errors import DeadlineExceeded, NotReady, ServiceError, Unavailable
 from bertrec.server.feedback_metrics import FeedbackMetrics
 from bertrec.server.model import Model
 from bertrec.server.online_users import OnlineUsers, no_tombstones
@@ -100,17 +100,23 @@ class Feedback:
                 same keys).
         """
         store = self._require_store()
+        deadline = time.monotonic() + timeout_s
         try:
             appended = store.append(events, timeout_s)
+            stored: list[Record] = [
+                StoredEvent(seq, event)
+                for seq, event in zip(appended.seqs, events, strict=True)
+                if seq is not None
+            ]
+            # A duplicate may be the retry of a write that outlived its first call: stored,
+            # never folded in here. Folding what the store holds of its user makes this ack
+            # mean the same (the next Recommend reflects the events; a seq applies once).
+            retried = {e.user_id for e, s in zip(events, appended.seqs, strict=True) if s is None}
+            for user_id in retried:
+                stored.extend(store.user_events(user_id))
         except StoreError as exc:
-            self._metrics.store_failed("append")
-            raise Unavailable(str(exc)) from exc
-        stored = [
-            StoredEvent(seq, event)
-            for seq, event in zip(appended.seqs, events, strict=True)
-            if seq is not None
-        ]
-        self._deliver(stored)
+            raise self._failed("append", exc, deadline) from exc
+        self._deliver(sorted(stored, key=lambda r: r.seq))
         self._metrics.recorded(events, appended.seqs)
         return appended.accepted, appended.duplicates
 
@@ -123,11 +129,11 @@ class Feedback:
         returns what the store erased and whether the serving version had training factors
         for them (the last attached version is the newest)."""
         store = self._require_store()
+        deadline = time.monotonic() + timeout_s
         try:
             erased = store.forget(user_id, timeout_s)
         except StoreError as exc:
-            self._metrics.store_failed("forget")
-            raise Unavailable(str(exc)) from exc
+            raise self._failed("forget", exc, deadline) from exc
         with self._lock:
             attached = list(self._attached)
         had = [users.forget(user_id, erased.tombstone) for users in attached]
@@ -169,6 +175,21 @@ class Feedback:
     def _folded_users(self) -> int:
         with self._lock:
             return self._attached[-1].folded_users if self._attached else 0
+
+    def _failed(self, operation: str, exc: StoreError, deadline: float) -> ServiceError:
+        """The status of a failed store call: the call's deadline when it ran out first (the
+        write may still land), else the store's failure. The store's own message names where
+        it lives (a path, a host): it goes to the log, not to the caller."""
+        if time.monotonic() >= deadline:
+            return DeadlineExceeded(
+                f"the feedback store did not confirm the {operation} before the call's "
+                "deadline; it may still land (resending with the same idempotency keys is safe)"
+            )
+        self._metrics.store_failed(operation)
+        log.warning("feedback: %s failed: %s", operation, exc)
+        return Unavailable(
+            f"the feedback store failed the {operation}; resending (same keys) is safe"
+        )
 
     def _require_store(self) -> FeedbackStore:
         if self.store is None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import ssl
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +44,9 @@ class RotatingCredentials:
         self._signature = self._stat()
         initial = self._configuration()
         if initial is None:
-            raise TlsError(f"cannot read the TLS files {files.cert}, {files.key}")
+            raise TlsError(
+                f"cannot use the TLS files {files.cert}, {files.key} (see the error logged above)"
+            )
         self.credentials = grpc.dynamic_ssl_server_credentials(
             initial, self._fetch, require_client_authentication=files.client_ca is not None
         )
@@ -80,6 +83,8 @@ class RotatingCredentials:
         ):
             log.error("tls: %s, %s: not PEM files (a write in progress?)", f.cert, f.key)
             return None
+        if not _pair_matches(f.cert, f.key):
+            return None
         return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=ca)
 
     def _stat(self) -> tuple[tuple[int, int, int], ...]:
@@ -91,3 +96,15 @@ class RotatingCredentials:
         except OSError as exc:
             raise TlsError(f"cannot read a TLS file: {exc}") from None
         return tuple((s.st_mtime_ns, s.st_size, s.st_ino) for s in stats)
+
+
+def _pair_matches(cert: Path, key: Path) -> bool:
+    """Whether the key belongs to the certificate (OpenSSL checks when loading the pair): a
+    rotation caught between its two renames must keep the old pair, and a wrong key at start
+    must name the files, not fail later as a bind error."""
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        log.error("tls: %s, %s do not make a certificate and its key: %s", cert, key, exc)
+        return False
+    return True
