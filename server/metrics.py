@@ -1,9 +1,22 @@
 """Every Prometheus series the server exports, on one per-server `CollectorRegistry`.
 
-The `grpc_server_*` series follow the names and labels of go-grpc-prometheus / py-grpc-prometheus
-so standard dashboards work; they are recorded only by the interceptor in `interceptor.py`.
+Label convention: go-grpc-prometheus (github.com/grpc-ecosystem/go-grpc-prometheus), the one
+most community dashboards and alerts are written for. The `grpc_server_*` series have its names
+and labels, with its label values:
+- `grpc_type`: `unary`, `client_stream`, `server_stream`, `bidi_stream`;
+- `grpc_code`: Go's `codes.Code.String()`: `OK`, `Canceled`, `Unknown`, `InvalidArgument`,
+  `DeadlineExceeded`, `NotFound`, `AlreadyExists`, `PermissionDenied`, `ResourceExhausted`,
+  `FailedPrecondition`, `Aborted`, `OutOfRange`, `Unimplemented`, `Internal`, `Unavailable`,
+  `DataLoss`, `Unauthenticated` (`code_label`);
+- `grpc_service` (full name, `bertrec.v1.RecommenderService`) and `grpc_method` (`Recommend`).
+They are recorded only by the interceptor in `interceptor.py`. Health checks and reflection are
+counted too: dashboards filter them by `grpc_service`.
+
 The `bertrec_*` series are recorded by the batchers and the model loader. Nothing here is
-global: each server owns a `ServerMetrics`, so tests need no registry reset.
+global: each server owns a `ServerMetrics`, so tests need no registry reset. The `_created`
+series of counters and histograms are not exported (they double the series count and no
+dashboard reads them); prometheus_client can only switch them off process-wide, which
+`ServerMetrics` does.
 """
 
 from __future__ import annotations
@@ -12,13 +25,21 @@ import threading
 from dataclasses import dataclass
 
 import grpc
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
 from bertrec.server.feedback_metrics import FeedbackMetrics
 
 UNARY, CLIENT_STREAM, SERVER_STREAM, BIDI_STREAM = (
-    "UNARY", "CLIENT_STREAM", "SERVER_STREAM", "BIDI_STREAM",
+    "unary", "client_stream", "server_stream", "bidi_stream",
 )  # fmt: skip
+# grpc.StatusCode -> Go's codes.Code.String() (note Go's spelling "Canceled")
+_CODE_LABELS = {
+    code: "Canceled"
+    if code is grpc.StatusCode.CANCELLED
+    else "".join(part.capitalize() for part in code.name.split("_"))
+    for code in grpc.StatusCode
+}
+_CODE_LABELS[grpc.StatusCode.OK] = "OK"
 GRPC_LABELS = ("grpc_type", "grpc_service", "grpc_method")
 BATCH_LABELS = ("model", "batcher")
 
@@ -48,14 +69,15 @@ class BatcherMetrics:
 
 
 def code_label(code: grpc.StatusCode) -> str:
-    """The `grpc_code` label value of a status code."""
-    return code.name
+    """The `grpc_code` label value of a status code (go-grpc-prometheus: `InvalidArgument`)."""
+    return _CODE_LABELS[code]
 
 
 class ServerMetrics:
     """The Prometheus objects of one server, registered on its own registry."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        disable_created_metrics()  # process-wide in prometheus_client; see the module doc
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
         self.grpc_started = Counter(

@@ -213,7 +213,7 @@ def dashboard_queries() -> list[tuple[str, str]]:
     return [
         (f"{p['title']} [{t['refId']}]", t["expr"])
         for p in dashboard["panels"]
-        for t in p["targets"]
+        for t in p.get("targets", ())  # rows have none
     ]
 
 
@@ -243,6 +243,7 @@ def test_dashboard_query(traffic: Prometheus, title: str, expr: str) -> None:
         assert values == [pytest.approx(ERROR_RATIO, rel=RATIO_TOLERANCE)]
     elif name.startswith("Latency"):
         assert 0 < by_method["Recommend"] < 1.0
+        assert "Check" not in by_method  # health checks stay out of the latency panels
     elif name == "Batch size distribution":
         by_le = {m["le"]: v for m, v in zip(labels, values, strict=True)}
         # Calls were sent one at a time: every batch in the window had one item.
@@ -255,6 +256,28 @@ def test_dashboard_query(traffic: Prometheus, title: str, expr: str) -> None:
         assert 0 < by_batcher["ranker"] < 1.0
     elif name == "In-flight requests by replica":
         assert values == [0.0]
+    elif name.startswith("Rejected calls") and title.endswith("[A]"):
+        # EmbedText's 10 texts overflow the 8-text encoder queue: rejected by the encoder.
+        assert by_batcher["encoder"] > 0 and by_batcher["ranker"] == 0, by_batcher
+    elif name.startswith("Rejected calls"):  # at admission: nothing, these calls were few
+        by_reason = {m["reason"]: v for m, v in zip(labels, values, strict=True)}
+        assert by_reason == {"calls": 0.0, "bytes": 0.0, "streams": 0.0}
+    elif name.startswith("Dropped queued items"):
+        drops = {(m["batcher"], m["reason"]): v for m, v in zip(labels, values, strict=True)}
+        assert set(drops) >= {
+            (b, r) for b in ("encoder", "ranker") for r in ("expired", "cancelled")
+        }
+        # Recommend calls were sent one at a time with long deadlines: none dropped.
+        assert drops[("ranker", "expired")] == drops[("ranker", "cancelled")] == 0
+    elif name == "Queue depth by batcher":
+        assert set(by_batcher) >= {"encoder", "ranker", "similar"} and set(values) == {0.0}
+    elif name == "Failed batches by batcher":
+        assert set(values) == {0.0}
+    elif name == "Auth failures by reason":
+        by_reason = {m["reason"]: v for m, v in zip(labels, values, strict=True)}
+        assert by_reason == dict.fromkeys(
+            ("missing", "invalid_token", "malformed", "forbidden"), 0.0
+        )
     elif name == "Model version":
         assert labels == [{"model": "tiny", "version": "1"}]  # one replica serving version 1
         assert values == [1.0]

@@ -33,7 +33,7 @@ from bertrec.server.errors import (
 )
 from bertrec.server.interceptor import CallObserver, MetricsAndErrorsInterceptor
 from bertrec.server.logs import ACCESS_LOGGER
-from bertrec.server.metrics import ServerMetrics
+from bertrec.server.metrics import ServerMetrics, code_label
 from bertrec.server.tracing import Tracing
 
 SERVICE = "test.Svc"
@@ -136,28 +136,28 @@ def test_streaming_errors_and_metrics(served) -> None:
     with pytest.raises(grpc.RpcError) as info:
         list(method(b"boom", timeout=5))
     assert info.value.code() == grpc.StatusCode.INTERNAL
-    labels = {"grpc_type": "SERVER_STREAM", "grpc_service": SERVICE, "grpc_method": "Stream"}
+    labels = {"grpc_type": "server_stream", "grpc_service": SERVICE, "grpc_method": "Stream"}
     sample = metrics.registry.get_sample_value
     assert sample("grpc_server_started_total", labels) == 2
     assert sample("grpc_server_handled_total", {**labels, "grpc_code": "OK"}) == 1
-    assert sample("grpc_server_handled_total", {**labels, "grpc_code": "INTERNAL"}) == 1
+    assert sample("grpc_server_handled_total", {**labels, "grpc_code": "Internal"}) == 1
 
 
 def test_handled_codes_are_counted_including_set_code(served) -> None:
     channel, metrics = served
-    labels = {"grpc_type": "UNARY", "grpc_service": SERVICE, "grpc_method": "Unary"}
+    labels = {"grpc_type": "unary", "grpc_service": SERVICE, "grpc_method": "Unary"}
     sample = metrics.registry.get_sample_value
 
     def handled(code: str) -> float:
         return sample("grpc_server_handled_total", {**labels, "grpc_code": code}) or 0.0
 
-    before = {c: handled(c) for c in ("OK", "NOT_FOUND", "INTERNAL")}
+    before = {c: handled(c) for c in ("OK", "NotFound", "Internal")}
     started = sample("grpc_server_started_total", labels) or 0.0
     for kind in ("ok", "set_code", "crash"):
         call(channel, kind)
     assert handled("OK") == before["OK"] + 1
-    assert handled("NOT_FOUND") == before["NOT_FOUND"] + 1
-    assert handled("INTERNAL") == before["INTERNAL"] + 1
+    assert handled("NotFound") == before["NotFound"] + 1
+    assert handled("Internal") == before["Internal"] + 1
     assert sample("grpc_server_started_total", labels) == started + 3
     assert sample("bertrec_in_flight_requests", {}) == 0
 
@@ -230,6 +230,23 @@ def test_not_found_has_a_default_reason_and_internal_errors_no_details(served) -
     assert rich_status(ValueError("x")) is None
 
 
+def test_code_labels_are_go_grpc_prometheus_values() -> None:
+    assert [code_label(c) for c in grpc.StatusCode] == [
+        "OK", "Canceled", "Unknown", "InvalidArgument", "DeadlineExceeded", "NotFound",
+        "AlreadyExists", "PermissionDenied", "ResourceExhausted", "FailedPrecondition",
+        "Aborted", "OutOfRange", "Unimplemented", "Internal", "Unavailable", "DataLoss",
+        "Unauthenticated",
+    ]  # fmt: skip
+
+
+def test_no_created_series_are_exported(served) -> None:
+    channel, metrics = served
+    call(channel, "ok")
+    names = {s.name for m in metrics.registry.collect() for s in m.samples}
+    assert "grpc_server_handled_total" in names
+    assert not [n for n in names if n.endswith("_created")]
+
+
 @pytest.fixture(scope="module")
 def observed() -> Iterator[tuple[grpc.Channel, InMemorySpanExporter]]:
     exporter = InMemorySpanExporter()
@@ -263,7 +280,7 @@ def test_the_request_id_is_echoed_or_made_and_the_access_log_has_no_payload(
     assert [(r.method, r.code, r.request_id) for r in lines] == [
         (f"/{SERVICE}/Unary", "OK", "req-42"),
         (f"/{SERVICE}/Unary", "OK", trailing_request_id(made)),
-        (f"/{SERVICE}/Unary", "INVALID_ARGUMENT", "req-43"),
+        (f"/{SERVICE}/Unary", "InvalidArgument", "req-43"),
     ]
     for record in lines:
         assert record.peer.startswith("ipv4:127.0.0.1:") or record.peer.startswith("ipv6:")
