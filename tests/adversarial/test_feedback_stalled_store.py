@@ -90,12 +90,6 @@ WRITES: dict[str, Callable[[pb_grpc.RecommenderServiceStub], object]] = {
 }
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server defect: server/feedback.py answers a store write that outlives the call's "
-    "deadline with UNAVAILABLE (a broken store; clients retry it) and the store's URL in the "
-    "message; it must be DEADLINE_EXCEEDED with a message naming no path",
-)
 @pytest.mark.parametrize("method", sorted(WRITES))
 def test_a_write_stalled_past_the_deadline_is_deadline_exceeded(
     adversarial_server: AdversarialServer, stub: pb_grpc.RecommenderServiceStub, method: str
@@ -134,13 +128,6 @@ def test_reads_answer_while_the_store_is_stalled_and_the_stalled_write_lands(
         assert conn.execute(query, ("stalled-then-landed",)).fetchone()[0] == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server defect: a RecordFeedback answered OK with duplicates does not fold in the "
-    "stored events it names (server/feedback.py delivers only the newly stored ones), so an "
-    "event whose first call outlived its deadline reaches Recommend only when the follower "
-    "polls",
-)
 def test_a_retry_acked_as_a_duplicate_is_in_the_next_recommend(
     adversarial_server: AdversarialServer, stub: pb_grpc.RecommenderServiceStub
 ) -> None:

@@ -51,10 +51,6 @@ FUZZ = settings(
 CALL_TIMEOUT_S = 5.0
 # Mostly a roomy deadline; sometimes one that expires while the call is queued or running.
 deadlines = st.sampled_from([CALL_TIMEOUT_S, CALL_TIMEOUT_S, CALL_TIMEOUT_S, 0.002, 0.05])
-# The feedback writes answer a deadline that passes while the store commits with UNAVAILABLE
-# (a server defect, pinned down by test_feedback_stalled_store.py): until it is fixed they get
-# roomy deadlines only, or this fuzz would fail at random.
-STORE_WRITES = {path("rec", "RecordFeedback"), path("rec", "ForgetUser")}
 
 
 # -- the properties ------------------------------------------------------------------------------
@@ -75,7 +71,7 @@ def test_hostile_messages(
     @settings(FUZZ, max_examples=MORE_EXAMPLES.get(method, EXAMPLES))
     @given(
         request=STRATEGIES[method],
-        timeout_s=st.just(CALL_TIMEOUT_S) if method in STORE_WRITES else deadlines,
+        timeout_s=deadlines,
     )
     def answers_properly(request: Message, timeout_s: float) -> None:
         outcome = invoke(adversarial_channel, rpc, request.SerializeToString(), timeout_s)
