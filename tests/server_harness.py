@@ -73,9 +73,10 @@ class ServerProcess:
                 return match
         raise AssertionError(f"server never printed {pattern.pattern!r}:\n{self.stderr()[-3000:]}")
 
-    def wait_serving(self, timeout_s: float = READY_TIMEOUT_S) -> None:
-        with RecommenderClient(self.target) as client:
-            client.wait_until_serving(timeout_s)
+    def wait_serving(self, timeout_s: float = READY_TIMEOUT_S, **client: Any) -> None:
+        """Wait for SERVING; `client` holds RecommenderClient options (tls=, token=, ...)."""
+        with RecommenderClient(self.target, **client) as checker:
+            checker.wait_until_serving(timeout_s)
 
     def terminate(self, timeout_s: float = 30.0) -> int:
         if self.proc.poll() is None:
@@ -124,11 +125,18 @@ def start_server(
 
 
 @contextmanager
-def serving(repo: Path, log_dir: Path, *flags: str, **options: Any) -> Iterator[ServerProcess]:
-    """`start_server`, wait until health is SERVING, and terminate on the way out."""
+def serving(
+    repo: Path,
+    log_dir: Path,
+    *flags: str,
+    client: dict[str, Any] | None = None,
+    **options: Any,
+) -> Iterator[ServerProcess]:
+    """`start_server`, wait until health is SERVING (checked with a client made from `client`,
+    e.g. {"tls": ca_pem} for a TLS server), and terminate on the way out."""
     server = start_server(repo, log_dir, *flags, **options)
     try:
-        server.wait_serving()
+        server.wait_serving(**(client or {}))
         yield server
     finally:
         server.terminate()
