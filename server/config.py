@@ -395,7 +395,11 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
         help_text = f.metadata.get("help", "")
         if f.default is not dataclasses.MISSING:
             help_text += f" (default: {_show(f.default)})"
-        parser.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, help=help_text)
+        if _hints()[f.name] is bool:  # `--access-log` alone means true; `--access-log false`
+            parser.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, help=help_text,
+                                nargs="?", const="true", metavar="BOOL")  # fmt: skip
+        else:
+            parser.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, help=help_text)
 
 
 def flags_from_args(args: argparse.Namespace) -> dict[str, Any]:
