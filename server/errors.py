@@ -40,6 +40,8 @@ INVALID_K = "INVALID_K"  # k negative or above max_k
 INVALID_KIND = "INVALID_KIND"  # an enum value the server does not know
 UNKNOWN_USER = "UNKNOWN_USER"  # no such user (or forgotten)
 UNKNOWN_ITEM = "UNKNOWN_ITEM"  # no such item in the catalogue
+UNKNOWN_MODEL = "UNKNOWN_MODEL"  # a model name this server does not serve
+UNKNOWN_VERSION = "UNKNOWN_VERSION"  # a model version that is not loaded
 UNDECODABLE = "UNDECODABLE"  # the request bytes are not a valid message
 
 

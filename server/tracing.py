@@ -2,7 +2,9 @@
 
 With `--otlp-endpoint` set, `Tracing.from_endpoint` builds a tracer provider that exports over
 OTLP/gRPC in the background (a `BatchSpanProcessor`; the SDK's own environment variables such as
-`OTEL_TRACES_SAMPLER` or `OTEL_EXPORTER_OTLP_HEADERS` apply). Without it nothing of
+`OTEL_TRACES_SAMPLER` or `OTEL_EXPORTER_OTLP_HEADERS` apply). Spans still buffered are sent at
+stop; a collector that is down then delays the exit by up to `OTEL_EXPORTER_OTLP_TIMEOUT`
+(10 s by default: 7.5 s measured against a closed port). Without it nothing of
 OpenTelemetry is imported and the request path pays one boolean check per call and per queued
 item (`tracing_anywhere`).
 
