@@ -251,7 +251,7 @@ def code_state() -> dict[str, Any]:
 
     def git(*argv: str) -> str:
         done = subprocess.run(["git", *argv], capture_output=True, text=True, check=False)
-        return done.stdout.strip()
+        return done.stdout.rstrip()
 
     changed = git("status", "--porcelain", "--", *CODE_FOLDERS).splitlines()
     return {"git_head": git("rev-parse", "HEAD"), "uncommitted": changed}
