@@ -47,7 +47,7 @@ def parsed(stderr: str) -> list[dict[str, Any]]:
 
 def test_json_logs_and_access_log(model_repo: Path, version_dir: Path, tmp_path: Path) -> None:
     token = secrets.token_urlsafe(32)
-    flags = ("--log-format", "json", "--access-log", "true", "--auth-file",
+    flags = ("--log-format", "json", "--access-log", "--auth-file",
              str(auth_file(tmp_path / "auth.toml", token)))  # fmt: skip
     user_id = str(np.load(version_dir / "user_ids.npy")[0])
     bearer = ("authorization", f"Bearer {token}")
