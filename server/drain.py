@@ -29,6 +29,8 @@ from typing import Protocol
 
 from prometheus_client import CollectorRegistry
 
+from bertrec.server.metrics import UNARY
+
 log = logging.getLogger(__name__)
 
 DRAIN_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -60,7 +62,7 @@ def unary_activity(registry: CollectorRegistry) -> tuple[float, float]:
     totals = {"grpc_server_started_total": 0.0, "grpc_server_handled_total": 0.0}
     for family in registry.collect():
         for sample in family.samples:
-            if sample.name in totals and sample.labels.get("grpc_type") == "UNARY":
+            if sample.name in totals and sample.labels.get("grpc_type") == UNARY:
                 totals[sample.name] += sample.value
     return totals["grpc_server_started_total"], totals["grpc_server_handled_total"]
 

@@ -332,11 +332,11 @@ def test_model_infer_is_in_rpc_and_batcher_metrics(
     def delta(name: str, **labels: str) -> float:
         return after(name, **labels) - before(name, **labels)
 
-    rpc = {"grpc_type": "UNARY", "grpc_service": SERVICE, "grpc_method": "ModelInfer"}
+    rpc = {"grpc_type": "unary", "grpc_service": SERVICE, "grpc_method": "ModelInfer"}
     assert delta("grpc_server_started_total", **rpc) == 4
     assert delta("grpc_server_handled_total", **rpc, grpc_code="OK") == 2
-    assert delta("grpc_server_handled_total", **rpc, grpc_code="NOT_FOUND") == 1
-    assert delta("grpc_server_handled_total", **rpc, grpc_code="INVALID_ARGUMENT") == 1
+    assert delta("grpc_server_handled_total", **rpc, grpc_code="NotFound") == 1
+    assert delta("grpc_server_handled_total", **rpc, grpc_code="InvalidArgument") == 1
     assert delta("grpc_server_handling_seconds_count", **rpc) == 4
     # The request's users are queued together (one batch unless the 2 ms window closes
     # between them on a busy machine); the texts went through the encoder batcher.

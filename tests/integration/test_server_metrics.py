@@ -25,7 +25,7 @@ def scrape(url: str) -> Samples:
 
 
 def rpc(method: str, **extra: str) -> dict[str, str]:
-    return {"grpc_type": "UNARY", "grpc_service": SERVICE, "grpc_method": method, **extra}
+    return {"grpc_type": "unary", "grpc_service": SERVICE, "grpc_method": method, **extra}
 
 
 def test_metrics_after_known_traffic(client: RecommenderClient, server) -> None:
@@ -46,7 +46,7 @@ def test_metrics_after_known_traffic(client: RecommenderClient, server) -> None:
 
     assert delta("grpc_server_started_total", **rpc("Recommend")) == 6
     assert delta("grpc_server_handled_total", **rpc("Recommend", grpc_code="OK")) == 5
-    assert delta("grpc_server_handled_total", **rpc("Recommend", grpc_code="NOT_FOUND")) == 1
+    assert delta("grpc_server_handled_total", **rpc("Recommend", grpc_code="NotFound")) == 1
     assert delta("grpc_server_handling_seconds_count", **rpc("Recommend")) == 6
     assert delta("grpc_server_handling_seconds_sum", **rpc("Recommend")) > 0
     assert delta("grpc_server_handled_total", **rpc("GetModelInfo", grpc_code="OK")) == 1

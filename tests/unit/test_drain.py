@@ -66,8 +66,8 @@ def test_traffic_that_never_stops_still_leaves_half_the_grace_to_grpc() -> None:
 
 def test_unary_activity_reads_the_interceptors_counters_and_ignores_streams() -> None:
     metrics = ServerMetrics(CollectorRegistry())
-    unary = {"grpc_type": "UNARY", "grpc_service": "s", "grpc_method": "m"}
-    stream = {**unary, "grpc_type": "SERVER_STREAM"}
+    unary = {"grpc_type": "unary", "grpc_service": "s", "grpc_method": "m"}
+    stream = {**unary, "grpc_type": "server_stream"}
     metrics.grpc_started.labels(**unary).inc(3)
     metrics.grpc_started.labels(**stream).inc(5)
     metrics.grpc_handled.labels(**unary, grpc_code="OK").inc(2)
