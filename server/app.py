@@ -64,7 +64,7 @@ from bertrec.server.config import ConfigError, ServerConfig
 from bertrec.server.drain import drain_grpc, unary_activity
 from bertrec.server.feedback import Feedback
 from bertrec.server.http_endpoints import HttpEndpoints
-from bertrec.server.interceptor import MetricsAndErrorsInterceptor
+from bertrec.server.interceptor import CallObserver, MetricsAndErrorsInterceptor
 from bertrec.server.lifecycle import HEALTH_SERVICE_NAME, SERVICE_NAME, Lifecycle
 from bertrec.server.live_versions import build_versions
 from bertrec.server.metrics import ServerMetrics
@@ -73,6 +73,7 @@ from bertrec.server.oip import InferenceServicer
 from bertrec.server.oip.repository import RepositoryControl
 from bertrec.server.service import RecommenderServicer
 from bertrec.server.tls import RotatingCredentials, TlsFiles
+from bertrec.server.tracing import Tracing
 from bertrec.server.version_watcher import RepositoryVersions
 from bertrec.v1 import recommender_pb2_grpc
 
@@ -106,6 +107,9 @@ class Server:
             config.reflection,
             lambda reason: self.metrics.auth_failures.labels(reason=reason).inc(),
         )
+        # Tracing and the access log, off unless configured (the OpenTelemetry SDK is imported
+        # only for an OTLP endpoint); closed last on stop, flushing the last calls' spans.
+        self.observer = CallObserver(Tracing.from_endpoint(config.otlp_endpoint), config.access_log)
         self.port = 0
         self.metrics_port = 0
         self.health_port = 0
@@ -216,6 +220,7 @@ class Server:
             self._http.stop()
         if self._health_server is not None:
             self._health_server.stop(0)
+        self.observer.close()
         log.info("stopped")
 
     def _grpc_server(self) -> grpc.Server:
@@ -231,7 +236,7 @@ class Server:
         )
         calls_pool, self._stream_pool = handler_pools(limits, c.grpc_max_workers)
         interceptor = MetricsAndErrorsInterceptor(
-            self.metrics, admission, self._stream_pool, self.authorizer
+            self.metrics, admission, self._stream_pool, self.authorizer, self.observer
         )
         # grpc core holds calls the Python loop has not picked up yet; past its default of
         # 1,000 such calls it cancels them (CANCELLED, invisible to the metrics). Let more wait

@@ -8,7 +8,6 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from bertrec.server.config import ServerConfig
-    from bertrec.server.interceptor import CallObserver
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -36,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     from bertrec.server.drain import on_stop_signals
 
     config = load_config(flags_from_args(args), config_file=args.config)
-    observer = observe(config)
+    configure_logs(config)
     server = Server(config)
     on_stop_signals(server.request_stop)  # SIGTERM, SIGINT, SIGHUP: drain, then exit 0
     try:
@@ -50,21 +49,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"bertrec serve: ready on port {server.port}", flush=True)
         server.wait()
     finally:
-        server.stop()
-        observer.close()  # flushes the spans of the last calls
+        server.stop()  # also flushes the spans of the last calls
     return 0
 
 
-def observe(config: ServerConfig) -> CallObserver:
-    """Apply the config's logging (replacing the CLI's `basicConfig`) and install its call
-    observer (tracing, access log) for the interceptor the server builds."""
-    from bertrec.server.interceptor import CallObserver, install_observer
+def configure_logs(config: ServerConfig) -> None:
+    """Apply the config's logging, replacing the CLI's `basicConfig`."""
     from bertrec.server.logs import configure
-    from bertrec.server.tracing import Tracing
 
     # `bertrec -v serve` asks for debug whatever --log-level says.
     verbose = logging.getLogger().getEffectiveLevel() <= logging.DEBUG
     configure(config.log_format, "debug" if verbose else config.log_level)
-    observer = CallObserver(Tracing.from_endpoint(config.otlp_endpoint), config.access_log)
-    install_observer(observer)
-    return observer

@@ -46,13 +46,18 @@ UNDECODABLE = "UNDECODABLE"  # the request bytes are not a valid message
 
 
 def shorten(text: str, limit: int = MAX_MESSAGE_CHARS) -> str:
-    """`text`, or its start and end around a note of how much was cut when it is too long."""
-    if len(text) <= limit:
+    """`text`, or its start and end around a note of how much was cut when it is too long.
+
+    `limit` counts UTF-8 bytes, as the trailers do: an echoed character may take four.
+    """
+    data = text.encode("utf-8", "replace")
+    if len(data) <= limit:
         return text
     widest_note = len(f"...[{len(text)} chars cut]...")
-    head = limit - _KEEP_END - widest_note
-    cut = len(text) - head - _KEEP_END
-    return f"{text[:head]}...[{cut} chars cut]...{text[len(text) - _KEEP_END :]}"
+    head = data[: limit - _KEEP_END - widest_note].decode("utf-8", "ignore")
+    tail = data[len(data) - _KEEP_END :].decode("utf-8", "ignore")
+    cut = len(text) - len(head) - len(tail)
+    return f"{head}...[{cut} chars cut]...{tail}"
 
 
 class ServiceError(Exception):

@@ -235,18 +235,6 @@ def _request_id(metadata: Any) -> str:
     return uuid.uuid4().hex
 
 
-# The observer of interceptors built without one: `bertrec serve` installs its configuration
-# here (server/cli.py) before the server is built. Off until then.
-_installed = CallObserver()
-
-
-def install_observer(observer: CallObserver) -> CallObserver:
-    """Make `observer` the default of interceptors built from now on; returns the previous."""
-    global _installed
-    previous, _installed = _installed, observer
-    return previous
-
-
 class MetricsAndErrorsInterceptor(grpc.ServerInterceptor):
     """Admits calls, records the standard grpc_server_* series and maps exceptions to statuses.
 
@@ -258,8 +246,7 @@ class MetricsAndErrorsInterceptor(grpc.ServerInterceptor):
         admission: the call, byte and stream caps (None: admit everything).
         stream_pool: the threads streaming calls run on (None: grpc's pool, shared with unary).
         authorizer: who may call what (None: everyone may call everything).
-        observer: tracing, request ids and access log (None: the one `install_observer` set,
-            off unless `bertrec serve` was configured to observe).
+        observer: tracing, request ids and access log (None: off; the server passes its own).
     """
 
     def __init__(
@@ -271,8 +258,7 @@ class MetricsAndErrorsInterceptor(grpc.ServerInterceptor):
         observer: CallObserver | None = None,
     ) -> None:
         self._metrics = metrics
-        observer = observer if observer is not None else _installed
-        self._observer = observer if observer.active else None
+        self._observer = observer if observer is not None and observer.active else None
         self._admission = admission
         self._stream_pool = stream_pool
         self._authorizer = authorizer

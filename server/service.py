@@ -16,6 +16,7 @@ import grpc
 
 from bertrec.explanation import ExplainedItem, Explanation
 from bertrec.results import ModelRef, Recommendations
+from bertrec.server import errors
 from bertrec.server.config import ServerConfig
 from bertrec.server.engine import Call, Recommender
 from bertrec.server.errors import InvalidArgument, NotFound
@@ -148,7 +149,7 @@ class RecommenderServicer(pb_grpc.RecommenderServiceServicer):
         self, request: pb.ForgetUserRequest, context: grpc.ServicerContext
     ) -> pb.ForgetUserResponse:
         if not request.user_id:
-            raise InvalidArgument("user_id is empty")
+            raise InvalidArgument("user_id is empty", "user_id", errors.EMPTY)
         erased, had_factors = self._feedback.forget(request.user_id, self._remaining(context))
         return pb.ForgetUserResponse(
             events_deleted=erased.events_deleted, had_model_factors=had_factors
@@ -168,7 +169,9 @@ class RecommenderServicer(pb_grpc.RecommenderServiceServicer):
         for key, value in context.invocation_metadata() or ():
             if key == VERSION_METADATA:
                 if not isinstance(value, str) or not value.isascii() or not value.isdigit():
-                    raise InvalidArgument(f"{VERSION_METADATA} must be a version number")
+                    raise InvalidArgument(
+                        f"{VERSION_METADATA} must be a version number", VERSION_METADATA
+                    )
                 named = int(value[:19])
                 if version is not None and named != version:
                     raise InvalidArgument(
@@ -176,11 +179,16 @@ class RecommenderServicer(pb_grpc.RecommenderServiceServicer):
                     )
                 version = named
         if version is not None and version < 0:
-            raise InvalidArgument(f"model.version must be positive, got {version}")
+            raise InvalidArgument(
+                f"model.version must be positive, got {version}", "model.version",
+                errors.OUT_OF_RANGE,
+            )  # fmt: skip
         lease = self._lease(version)
         if wanted.name and wanted.name != lease.value.model.name:
             lease.release()
-            raise NotFound(f"model {wanted.name!r} is not served here")
+            raise NotFound(
+                f"model {wanted.name!r} is not served here", "model.name", errors.UNKNOWN_MODEL
+            )
         return lease
 
 
