@@ -76,6 +76,11 @@ class FoldIn:
             self.gramian = np.asarray(arrays.rank_gramian, dtype=np.float64)
         else:  # older versions: the same Gram matrix, computed here
             self.gramian = y.T @ y + RANK_REG * np.eye(y.shape[1])
+        self._rating_items = (
+            arrays.rating_item_factors
+            if arrays.rating_item_factors is not None
+            else arrays.item_factors
+        )
         self._rating_prior = np.diag([RATING_REG_BIAS] + [RATING_REG] * _rating_dim(arrays)).astype(
             np.float64
         )
@@ -106,14 +111,45 @@ class FoldIn:
 
     def ranking_vector(self, touches: dict[int, Touch]) -> np.ndarray:
         """The exact implicit-ALS user vector for these pairs (float32, d)."""
+        return self.solve(*self.normal_equations(touches))
+
+    def normal_equations(self, touches: dict[int, Touch]) -> tuple[np.ndarray, np.ndarray]:
+        """(G + Y_u^T diag(w - 1) Y_u, Y_u^T (w p)) for these pairs: float64 (d, d), (d,)."""
+        system, rhs = self.gramian.copy(), np.zeros(self.gramian.shape[0])
         if not touches:
-            return np.zeros(self.gramian.shape[0], np.float32)
+            return system, rhs
         rows = np.fromiter(touches.keys(), np.int64, len(touches))
         w = np.fromiter((t.weight for t in touches.values()), np.float64, len(touches))
         p = np.fromiter((t.preference for t in touches.values()), np.float64, len(touches))
         y = np.asarray(self.arrays.item_factors[rows], dtype=np.float64)
-        system = self.gramian + (y.T * (w - 1.0)) @ y
-        return np.linalg.solve(system, y.T @ (w * p)).astype(np.float32)
+        system += (y.T * (w - 1.0)) @ y
+        rhs += y.T @ (w * p)
+        return system, rhs
+
+    def update(
+        self,
+        system: np.ndarray,
+        rhs: np.ndarray,
+        item: int,
+        old: Touch | None,
+        new: Touch | None,
+    ) -> None:
+        """Change one pair's evidence in the normal equations, in place: a rank-1 update, so a
+        new event costs O(d^2) instead of a rebuild over every pair the user touched."""
+        y = np.asarray(self.arrays.item_factors[item], dtype=np.float64)
+        was_w, was_wp = (
+            (0.0, 0.0) if old is None else (old.weight - 1.0, old.weight * old.preference)
+        )
+        now_w, now_wp = (
+            (0.0, 0.0) if new is None else (new.weight - 1.0, new.weight * new.preference)
+        )
+        if now_w != was_w:
+            system += (now_w - was_w) * np.outer(y, y)
+        if now_wp != was_wp:
+            rhs += (now_wp - was_wp) * y
+
+    def solve(self, system: np.ndarray, rhs: np.ndarray) -> np.ndarray:
+        return np.linalg.solve(system, rhs).astype(np.float32)
 
     def rating_user(self, row: int | None, ratings: dict[int, float]) -> RatingUser:
         """The rating-head parameters after the user's new ratings (item row -> rating).
@@ -121,9 +157,13 @@ class FoldIn:
         Known users start from their exported parameters with their training precision; cold
         users from zero with the prior's precision only.
         """
+        return self.rating_step(self.rating_prior(row), ratings)
+
+    def rating_prior(self, row: int | None) -> tuple[np.ndarray, np.ndarray]:
+        """(centre, precision) of the rating head before any feedback: the exported [b_u, p_u]
+        and what the user's training ratings made it weigh (cached per user by the caller)."""
         a = self.arrays
         dim = _rating_dim(a)
-        items = a.rating_item_factors if a.rating_item_factors is not None else a.item_factors
         centre = np.zeros(dim + 1)
         precision = self._rating_prior.copy()
         if row is not None:
@@ -135,12 +175,20 @@ class FoldIn:
             trained = np.asarray(
                 a.rated_indices[int(a.rated_indptr[row]) : int(a.rated_indptr[row + 1])]
             )
-            features = _features(items, trained)
+            features = _features(self._rating_items, trained)
             precision += features.T @ features
+        return centre, precision
+
+    def rating_step(
+        self, prior: tuple[np.ndarray, np.ndarray], ratings: dict[int, float]
+    ) -> RatingUser:
+        """One Kalman-style step from `prior` over the new ratings (module docstring)."""
+        a = self.arrays
+        centre, precision = prior
         if ratings:
             rows = np.fromiter(ratings.keys(), np.int64, len(ratings))
             values = np.fromiter(ratings.values(), np.float64, len(ratings))
-            features = _features(items, rows)
+            features = _features(self._rating_items, rows)
             residual = values - a.global_mean - np.asarray(a.item_bias[rows], np.float64)
             centre = np.linalg.solve(
                 precision + features.T @ features, precision @ centre + features.T @ residual

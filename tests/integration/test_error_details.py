@@ -88,13 +88,26 @@ def test_errors_name_their_field_and_reason(
 
 def test_errors_without_a_field_still_carry_a_reason(channel: grpc.Channel, ref: Reference) -> None:
     stub = pb_grpc.RecommenderServiceStub(channel)
-    request = pb.RecommendRequest(user_id=ref.user_ids[0], k=3, model=pb.ModelRef(name="other"))
+    request = pb.RecommendRequest(user_id=ref.user_ids[0], k=3, model=pb.ModelRef(version=99))
     with pytest.raises(grpc.RpcError) as info:
         stub.Recommend(request, timeout=10)
-    assert info.value.code() == NOT_FOUND  # a model that is not served here
+    assert info.value.code() == NOT_FOUND  # a version that is not loaded
     status = rpc_status.from_call(info.value)
     assert status is not None
     assert len(status.details) == 1  # no field: no BadRequest
     one = error_details_pb2.ErrorInfo()
     assert status.details[0].Unpack(one)
     assert (one.reason, one.domain, dict(one.metadata)) == ("NOT_FOUND", "bertrec.dev", {})
+
+
+def test_an_unknown_model_names_its_field(channel: grpc.Channel, ref: Reference) -> None:
+    stub = pb_grpc.RecommenderServiceStub(channel)
+    request = pb.RecommendRequest(user_id=ref.user_ids[0], k=3, model=pb.ModelRef(name="other"))
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Recommend(request, timeout=10)
+    status = rpc_status.from_call(info.value)
+    assert status is not None
+    bad, one = error_details_pb2.BadRequest(), error_details_pb2.ErrorInfo()
+    assert status.details[0].Unpack(bad) and status.details[1].Unpack(one)
+    assert [v.field for v in bad.field_violations] == ["model.name"]
+    assert (one.reason, one.domain) == ("UNKNOWN_MODEL", "bertrec.dev")
