@@ -21,8 +21,9 @@ EPYC, `bench.ranking_compact`): batches of up to `small_batch_rows` queries use 
 (8-bit weights, int8 compute, float32 queries coded per block inside the kernel), whose
 one-row kernel streams the codes ~1.7x faster than MatMulInteger's; larger batches use
 MatMulInteger on uint8 query codes, exact in int32, several times faster than MatMulNBits at
-batch 32. Each holds its own packed copy of the codes (about 2 x 65 bytes per item at d = 64,
-against 260 for the float32 matrix `Ranker` holds).
+batch 32. Memory is the price: ONNX Runtime keeps each code initializer besides its packed
+copy, so at 1M x 64 the two sessions grow the heap by ~320 MB (MatMulInteger alone, with
+`small_batch_rows=0`: ~175 MB), against ~250 MB for the float32 matrix `Ranker` holds.
 
 One scale for the catalogue (not one per row) keeps the int32 code product monotone in the
 score, so the top-k runs on MatMulInteger's output directly, with no per-item multiply pass
@@ -94,7 +95,8 @@ class CompactRanker:
             Runtime rounds differently from a multi-row one), so the exact scores here are
             computed the same way and equal `Ranker`'s to the bit.
         small_batch_rows: scans of up to this many queries use the float-query kernel
-            (MatMulNBits), larger ones MatMulInteger.
+            (MatMulNBits), larger ones MatMulInteger; 0 builds no MatMulNBits session, which
+            halves the memory held (module docstring) and slows batch 1.
     Raises:
         ValueError: shapes that do not match, or bad settings.
     """
@@ -132,9 +134,12 @@ class CompactRanker:
         self._groups = self.book.width // GROUP_WIDTH
         # ONNX Runtime packs the codes into its own layout; no second copy is kept here.
         self._scan_session = _cpu_session(build_int8_topk_graph(codes), self.threads)
-        small = build_nbits_topk_graph(codes[:-1], self.book.scale, bias)
-        self._small_session = _cpu_session(small, self.threads)
-        del codes, small
+        self._small_session: Any = None  # the float-query kernel's own packed copy
+        if small_batch_rows > 0:
+            small = build_nbits_topk_graph(codes[:-1], self.book.scale, bias)
+            self._small_session = _cpu_session(small, self.threads)
+            del small
+        del codes
         # A few hundred rows per query: one thread, in the caller's (no pool to wake).
         self._exact_session = _cpu_session(build_matmul_graph(), 1)
 

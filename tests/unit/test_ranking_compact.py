@@ -108,13 +108,14 @@ def queries(batch: int, dim: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((batch, dim), dtype=np.float32)
 
 
-@pytest.mark.parametrize("small_batch_rows", [0, 2, 64])  # MatMulInteger, default, MatMulNBits
+@pytest.mark.parametrize("small_batch_rows", [0, 2, 64])  # MatMulInteger only, default, NBits
 @pytest.mark.parametrize("batch", [1, 2, 32])
 def test_random_catalogue_matches_full_sort(batch: int, small_batch_rows: int) -> None:
     items, bias = gaussian(4000, 16, seed=batch)
     compact = check(
         items, bias, queries(batch, 16, seed=7), k=20, small_batch_rows=small_batch_rows
     )
+    assert (compact._small_session is None) == (small_batch_rows == 0)
     # The int8 scan settled every query: K' was a small share of the catalogue.
     assert compact.stats.full_scans == 0 and compact.stats.retries == 0
     assert compact.stats.rescored < 4000 * batch / 10
