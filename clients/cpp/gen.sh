@@ -26,22 +26,9 @@ missing() {
 command -v protoc >/dev/null 2>&1 || missing protoc protobuf-compiler
 plugin="$(command -v grpc_cpp_plugin)" || missing grpc_cpp_plugin protobuf-compiler-grpc
 
-# The API imports google/protobuf/timestamp.proto. Debian ships that file with libprotobuf-dev,
-# not with protoc, and only a protoc that finds it next to itself (../include) looks there
-# unasked; so find its folder here and name it, or report the package that provides it.
-wkt_include() {
-  local dir
-  for dir in "${PROTOC_INCLUDE:-}" "$(dirname "$(readlink -f "$1")")/../include" \
-    /usr/include /usr/local/include; do
-    if [[ -n "$dir" && -f "$dir/google/protobuf/timestamp.proto" ]]; then
-      (cd "$dir" && pwd)
-      return 0
-    fi
-  done
-  return 1
-}
-wkt="$(wkt_include "$(command -v protoc)")" ||
-  missing "google/protobuf/timestamp.proto (protobuf's well-known types)" libprotobuf-dev
+# shellcheck source=../wkt_include.sh
+source "$here/../wkt_include.sh"
+wkt="$(find_wkt "$(command -v protoc)")" || exit 3
 
 mkdir -p "$out"
 # Import paths mirror the proto packages, so the headers land at bertrec/v1/... and

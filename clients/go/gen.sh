@@ -33,22 +33,9 @@ command -v protoc >/dev/null 2>&1 || missing protoc protobuf-compiler
 command -v protoc-gen-go >/dev/null 2>&1 || missing protoc-gen-go protoc-gen-go
 command -v protoc-gen-go-grpc >/dev/null 2>&1 || missing protoc-gen-go-grpc protoc-gen-go-grpc
 
-# The API imports google/protobuf/timestamp.proto. Debian ships that file with libprotobuf-dev,
-# not with protoc, and only a protoc that finds it next to itself (../include) looks there
-# unasked; so find its folder here and name it, or report the package that provides it.
-wkt_include() {
-  local dir
-  for dir in "${PROTOC_INCLUDE:-}" "$(dirname "$(readlink -f "$1")")/../include" \
-    /usr/include /usr/local/include; do
-    if [[ -n "$dir" && -f "$dir/google/protobuf/timestamp.proto" ]]; then
-      (cd "$dir" && pwd)
-      return 0
-    fi
-  done
-  return 1
-}
-wkt="$(wkt_include "$(command -v protoc)")" ||
-  missing "google/protobuf/timestamp.proto (protobuf's well-known types)" libprotobuf-dev
+# shellcheck source=../wkt_include.sh
+source "$here/../wkt_include.sh"
+wkt="$(find_wkt "$(command -v protoc)")" || exit 3
 
 # Start from an empty package folder so a message or file removed from proto/ cannot linger.
 rm -rf "$out/bertrec.dev/clients/go/gen"

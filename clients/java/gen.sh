@@ -28,25 +28,9 @@ if [[ -z "$plugin" || ! -x "$plugin" ]]; then
   exit 3
 fi
 
-# The API imports google/protobuf/timestamp.proto. Debian ships that file with libprotobuf-dev,
-# not with protoc, and only a protoc that finds it next to itself (../include) looks there
-# unasked; so find its folder here and name it, or report the package that provides it.
-wkt_include() {
-  local dir
-  for dir in "${PROTOC_INCLUDE:-}" "$(dirname "$(readlink -f "$1")")/../include" \
-    /usr/include /usr/local/include; do
-    if [[ -n "$dir" && -f "$dir/google/protobuf/timestamp.proto" ]]; then
-      (cd "$dir" && pwd)
-      return 0
-    fi
-  done
-  return 1
-}
-if ! wkt="$(wkt_include "$protoc")"; then
-  echo "missing toolchain: google/protobuf/timestamp.proto, protobuf's well-known types" \
-    "(install: libprotobuf-dev)" >&2
-  exit 3
-fi
+# shellcheck source=../wkt_include.sh
+source "$script_dir/../wkt_include.sh"
+wkt="$(find_wkt "$protoc")" || exit 3
 
 mkdir -p -- "$1"
 out="$(cd -- "$1" && pwd)"
