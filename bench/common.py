@@ -153,12 +153,34 @@ def environment() -> dict[str, Any]:
         "numpy": np.__version__,
         "blas_env": {name: os.environ.get(name) for name in BLAS_ENV},
         "loadavg_start": loadavg(),
+        "cpu_flags": cpu_flags(),
     }
     # Versions from package metadata: importing torch just to read one would cost seconds and
     # load a second threading runtime into the process being measured.
     for name, distributions in _LIBRARIES.items():
         info[name] = next(filter(None, map(_installed_version, distributions)), None)
     return info
+
+
+# CPU features that change a benchmark's numbers: the SIMD that numpy, ONNX Runtime and faiss
+# use (int8 gains ~2x only with VNNI), and the instructions TLS's ciphers and hashes use.
+CPU_FLAGS = (
+    "sse4_2", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
+    "avx_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_int8", "aes", "pclmulqdq",
+    "sha_ni", "vaes", "vpclmulqdq",
+)  # fmt: skip
+
+
+def cpu_flags() -> list[str]:
+    """Which of `CPU_FLAGS` this CPU has (from /proc/cpuinfo; [] where it cannot be read)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                present = set(line.split(":", 1)[1].split())
+                return [f for f in CPU_FLAGS if f in present]
+    except OSError:
+        pass
+    return []
 
 
 _LIBRARIES = {

@@ -32,8 +32,6 @@ from bertrec.bench.common import environment, loadavg, markdown_table, write_jso
 from bertrec.feedback.events import FeedbackEvent, FeedbackKind
 from bertrec.feedback.store import FeedbackStore, StoreError, open_store
 
-CPU_FLAGS = ("avx2", "avx512f", "sse4_2", "aes", "crc32")  # crc32/aes: none matter to fsync
-
 
 class Commits:
     """Counts the store's durable writes (SQLite: one WAL fsync each) and the calls in them."""
@@ -169,16 +167,6 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def cpu_flags() -> list[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return [f for f in CPU_FLAGS if f in line.split()]
-    except OSError:
-        pass
-    return []
-
-
 def filesystem(path: Path) -> str | None:
     """The type of the filesystem holding `path` (tmpfs would make fsync free)."""
     best: tuple[str, str | None] = ("", None)
@@ -206,7 +194,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
-    env = {**environment(), "cpu_flags": cpu_flags(), "filesystem": filesystem(args.data_dir)}
+    env = {**environment(), "filesystem": filesystem(args.data_dir)}
     stores: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(dir=args.data_dir, prefix=".feedback-bench-") as tmp:
         for name, run in [("sqlite", run_sqlite), ("redis", run_redis)]:

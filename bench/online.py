@@ -52,7 +52,6 @@ K = 10
 PERCENTILES = (50, 90, 99)
 PRIOR_BUCKETS = ((1, 4), (5, 19), (20, 99), (100, 100_000))  # the lift as feedback accumulates
 CODE_FOLDERS = ("train", "export", "repository", "server", "feedback")
-SIMD_FLAGS = ("sse4", "avx", "fma", "f16c", "amx")
 
 
 @dataclass(frozen=True)
@@ -234,17 +233,6 @@ def table(summary: dict[str, Any]) -> str:
     return f"{quality}\n\n{cost}"
 
 
-def cpu_flags() -> list[str]:
-    """The SIMD flags of the CPU (from /proc/cpuinfo): what numpy and ONNX Runtime can use."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return [f for f in line.split()[2:] if f.startswith(SIMD_FLAGS)]
-    except OSError:
-        pass
-    return []
-
-
 def code_state() -> dict[str, Any]:
     """The commit measured, and any uncommitted change to the code that trains or serves."""
     import subprocess
@@ -318,7 +306,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "b": "no store (frozen, exclude_item_ids = the user's streamed items)",
         },
         **summarize(done, events),
-        "environment": environment() | {"cpu_flags": cpu_flags()},
+        "environment": environment(),
         "loadavg_end": loadavg(),
         "total_s": round(time.monotonic() - start, 1),
     }

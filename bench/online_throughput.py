@@ -337,7 +337,7 @@ def run_store(name: str, url: str, catalogue: Catalogue, args: argparse.Namespac
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Every store, every level and batch size; the environment and settings."""
     from bertrec.bench.common import environment, loadavg
-    from bertrec.bench.online import code_state, cpu_flags
+    from bertrec.bench.online import code_state
     from bertrec.bench.online_model import cached_repo
     from bertrec.bench.online_protocol import time_holdout
     from bertrec.bench.quality_protocol import load_quality_data
@@ -356,7 +356,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "warmup_s": args.warmup_s,
             "batches": list(BATCHES),
         },
-        "environment": environment() | {"cpu_flags": cpu_flags()},
+        "environment": environment(),
         "code": code_state(),
         "stores": {},
     }

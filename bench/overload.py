@@ -54,7 +54,6 @@ from bertrec.bench.spawned import Spawned
 RPCS = ("recommend_for_text", "recommend")
 MODEL = "overload"
 CAPACITY_WARMUP_S = 4.0
-CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile")
 
 
 @dataclass(frozen=True)
@@ -216,7 +215,7 @@ def start_server(repo: Path, model: str, log_dir: Path) -> Spawned:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    env = {**environment(), "cpu_flags": cpu_flags()}  # load average before, not after
+    env = environment()  # load average before, not after
     with tempfile.TemporaryDirectory(prefix="bertrec-bench-overload-") as tmp:
         root = Path(tmp)
         start = time.monotonic()
@@ -243,17 +242,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "table": table(steps),
         "loadavg_end": loadavg(),
     }
-
-
-def cpu_flags() -> list[str]:
-    """The SIMD flags that change ONNX Runtime's speed here (int8 needs VNNI to gain ~2x)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return [f for f in CPU_FLAGS if f in line.split()]
-    except OSError:
-        pass
-    return []
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

@@ -58,7 +58,6 @@ from bertrec.bench.synthetic import MODEL, build_synthetic_repo
 
 RECOMMEND_METHOD = "/bertrec.v1.RecommenderService/Recommend"
 MODES = ("plaintext", "token", "tls+token")
-CPU_FLAGS = ("aes", "pclmulqdq", "sha_ni", "vaes", "vpclmulqdq", "avx2", "avx512f")
 TOKEN = "bench-" + "x" * 40  # a throwaway token for a throwaway server on loopback
 SERVER_NAME = "127.0.0.1"
 
@@ -318,20 +317,9 @@ def auth_check_us(folder: Path) -> dict[str, float]:
     return {name: t.best_s * 1e6 for name, t in timings.items()}
 
 
-def cpu_flags() -> list[str]:
-    """The CPU features TLS's ciphers and hashes use (AES-GCM: aes + pclmulqdq)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return [f for f in CPU_FLAGS if f in line.split()]
-    except OSError:
-        pass
-    return []
-
-
 def run(args: argparse.Namespace) -> dict[str, Any]:
     concurrencies = [int(c) for c in args.concurrency.split(",")]
-    env = {**environment(), "cpu_flags": cpu_flags()}
+    env = environment()
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="bertrec-bench-security-") as tmp:
         root = Path(tmp)
