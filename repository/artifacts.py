@@ -84,6 +84,7 @@ RANK_REG = 30.0
 RATING_REG = 20.0
 RATING_REG_BIAS = 5.0
 
+
 @dataclass(frozen=True)
 class FactorArrays:
     """The numeric state of a trained hybrid model, in row order of `user_ids`/`item_ids`."""
