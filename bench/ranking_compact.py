@@ -229,9 +229,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"\nTop-{args.k}, {plan.items:,} x {args.dim}, {args.threads} threads, "
           f"{plan.rounds} interleaved rounds\n")  # fmt: skip
     print(table(cells))
+    # Judged on the median of the per-round ratios: one lucky turn of either ranker moves the
+    # best-of-run ratio (seen 1.55x and 2.22x at batch 1 in two runs), the median far less.
     targets = {f"batch {c['batch']} >= {c['target']}x fp32": {
-        "value": c["ratio_best"], "median_per_round": c["ratio_median"],
-        "met": c["ratio_best"] >= c["target"] and c["exact_same_as_fp32"]}
+        "value": c["ratio_median"], "best_of_run": c["ratio_best"],
+        "met": c["ratio_median"] >= c["target"] and c["exact_same_as_fp32"]}
         for c in cells if c["target"] is not None and plan.items >= 1_000_000}  # fmt: skip
     del ranker, compact
     cpu = cpu_time_cells(plan.items, args.dim, args.seed, args.k, plan.batches, plan.rounds)
