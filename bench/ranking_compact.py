@@ -142,7 +142,7 @@ def run_batch(
     ratios = [f / c for f, c in zip(best["fp32 Ranker"], best["CompactRanker"], strict=True)]
     row_bytes = 4 * (dim + 1)  # a float32 row and its bias, re-scored
     fp32_bytes = ranker.n_items * row_bytes / batch
-    compact_bytes = compact.scan_bytes / batch + rescored_per_query * row_bytes
+    compact_bytes = compact.scan_bytes(batch) / batch + rescored_per_query * row_bytes
     return {
         "batch": batch,
         "k": k,
@@ -181,7 +181,10 @@ def build(
         info[f"{name}_rss_growth_bytes_per_item"] = grown * 1024 / n
     compact = rankers["compact"]
     info["compact_outliers"] = int(compact.book.outliers.size)
-    info["compact_scan_bytes"] = compact.scan_bytes
+    info["compact_scan_bytes"] = {
+        "batch 1": compact.scan_bytes(1),
+        "batch 32": compact.scan_bytes(32),
+    }
     return rankers["fp32"], compact, info
 
 

@@ -130,7 +130,6 @@ class CompactRanker:
         self.threads = threads or os.cpu_count() or 1
         self.stats = CompactStats()
         codes, self.book = quantise(factors, bias, outlier_fraction)
-        self.scan_bytes = int(codes.nbytes)  # what the int8 scan reads per batch
         self._groups = self.book.width // GROUP_WIDTH
         # ONNX Runtime packs the codes into its own layout; no second copy is kept here.
         self._scan_session = _cpu_session(build_int8_topk_graph(codes), self.threads)
@@ -150,6 +149,18 @@ class CompactRanker:
     @property
     def dim(self) -> int:
         return int(self.item_factors.shape[1])
+
+    def scan_bytes(self, batch_rows: int) -> int:
+        """Bytes one scan of `batch_rows` queries reads, as ONNX Runtime packs the codes:
+        MatMulNBits reads the codes padded to whole blocks, a float32 scale per block and
+        the bias; MatMulInteger the codes with K padded to a multiple of 4 and an int32
+        column sum per item (MLAS's packed layout)."""
+        d = self.dim
+        if batch_rows <= self.small_batch_rows:
+            block = _nbits_block(d)
+            blocks = -(-d // block)
+            return self.book.width * (blocks * block + 4 * blocks + 4)
+        return self.book.width * (-(-(d + 1) // 4) * 4 + 4)
 
     def topk(
         self,
@@ -519,7 +530,7 @@ def build_nbits_topk_graph(codes: np.ndarray, scale: float, bias: np.ndarray) ->
     from onnx import TensorProto, helper, numpy_helper
 
     d, width = codes.shape
-    block = max(16, min(64, 1 << (d - 1).bit_length()))
+    block = _nbits_block(d)
     blocks = -(-d // block)
     packed = np.full((width, blocks * block), QUERY_ZERO_POINT, dtype=np.uint8)
     packed[:, :d] = (codes.T.astype(np.int16) + QUERY_ZERO_POINT).astype(np.uint8)
@@ -547,6 +558,12 @@ def build_nbits_topk_graph(codes: np.ndarray, scale: float, bias: np.ndarray) ->
         initializers,
     )  # fmt: skip
     return _serialised(graph, contrib=True)
+
+
+def _nbits_block(d: int) -> int:
+    """MatMulNBits block length for d coordinates: a power of two in 16..64, one block for
+    d <= 64."""
+    return max(16, min(64, 1 << (d - 1).bit_length()))
 
 
 def build_int8_topk_graph(codes: np.ndarray) -> bytes:

@@ -116,6 +116,7 @@ def test_random_catalogue_matches_full_sort(batch: int, small_batch_rows: int) -
         items, bias, queries(batch, 16, seed=7), k=20, small_batch_rows=small_batch_rows
     )
     assert (compact._small_session is None) == (small_batch_rows == 0)
+    assert compact.scan_bytes(batch) == 4000 * (16 + 4 + 4 if batch <= small_batch_rows else 20 + 4)
     # The int8 scan settled every query: K' was a small share of the catalogue.
     assert compact.stats.full_scans == 0 and compact.stats.retries == 0
     assert compact.stats.rescored < 4000 * batch / 10
