@@ -80,10 +80,14 @@ def check(
     k: int,
     exclude: Rows | None = None,
     small_batch_rows: int = 2,
+    max_candidate_share: float = 0.05,
     **settings: int,
 ) -> CompactRanker:
     """CompactRanker == full float32 sort == Ranker, rows and scores to the bit."""
-    compact = CompactRanker(items, bias, threads=1, small_batch_rows=small_batch_rows, **settings)
+    compact = CompactRanker(
+        items, bias, threads=1, small_batch_rows=small_batch_rows,
+        max_candidate_share=max_candidate_share, **settings,
+    )  # fmt: skip
     rows, scores = compact.topk(queries, k, exclude=exclude)
     fetch_limit = settings.get("exclude_fetch_limit", 1024)
     want_rows, want_scores = reference(items, bias, queries, k, exclude, fetch_limit)
@@ -163,8 +167,9 @@ def test_float_query_bound_holds_for_every_item() -> None:
     assert (bound[:3] < 20 * errors[:3].max(axis=1)).all()
 
 
+@pytest.mark.parametrize("share", [0.05, 1.0])  # a retry scored in full, or scanned wider
 @pytest.mark.parametrize("batch", [2, 32])  # both scan kernels
-def test_near_ties_and_duplicate_rows(batch: int) -> None:
+def test_near_ties_and_duplicate_rows(batch: int, share: float) -> None:
     """A thousand rows within float32 rounding of each other at the top, some identical:
     the int8 scan cannot tell them apart, the exact pass must, ties to the lower row."""
     items, bias = gaussian(4000, 8, seed=5)
@@ -174,8 +179,10 @@ def test_near_ties_and_duplicate_rows(batch: int) -> None:
     items[top] = base + rng.integers(-3, 4, (1000, 8)).astype(np.float32) * np.float32(1e-7)
     items[top[:50]] = base  # exact duplicates
     bias[top] = np.float32(0.5) + rng.integers(-2, 3, 1000).astype(np.float32) * np.float32(6e-8)
-    compact = check(items, bias, np.ones((batch, 8), dtype=np.float32), k=100)
+    compact = check(items, bias, np.ones((batch, 8), dtype=np.float32), k=100,
+                    max_candidate_share=share)  # fmt: skip
     assert compact.stats.retries > 0  # the bound could not settle the first K'
+    assert (compact.stats.full_scans > 0) == (share < 1)
 
 
 @pytest.mark.parametrize("factor", [1e-20, 1e-4, 1e4, 1e18])
