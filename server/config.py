@@ -125,6 +125,13 @@ class ServerConfig:
         "auto", "encoder graph: auto (int8 if export cosine >= 0.99, else fp32), fp32, int8"
     )
     warmup_iterations: int = _opt(3, "warm-up batches per model part before SERVING")
+    workers: int = _opt(
+        1,
+        "server processes sharing the gRPC port (so_reuseport) and the memory-mapped arrays, "
+        "with one metrics endpoint; 1: this process serves alone",
+    )
+    max_batch_users: int = _opt(1024, "most user ids in one RecommendBatch call")
+    max_stream_users: int = _opt(100_000, "most user ids in one StreamRecommendations call")
     feedback_store: str = _opt(
         "",
         "feedback store URL: sqlite://PATH (embedded; sqlite:///abs/path.db) or "
@@ -263,6 +270,9 @@ _RULES: dict[str, Callable[[Any], str | None]] = {
     "inter_op_threads": _at_least(0),
     "ranker_threads": _at_least(0),
     "warmup_iterations": _at_least(0),
+    "workers": _at_least(1),
+    "max_batch_users": _at_least(1),
+    "max_stream_users": _at_least(1),
     "encoder_variant": lambda v: None if str(v).strip() else "must not be empty",
     "feedback_store": _store_problem,
     "max_feedback_events": _at_least(1),
