@@ -26,6 +26,7 @@ from bertrec.server.errors import NotFound
 from bertrec.server.fold_in import RatingUser
 from bertrec.server.providers import choose_providers
 from bertrec.server.ranking import Ranker
+from bertrec.server.ranking_compact import CompactRanker
 from bertrec.text import TextTokenizer
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,7 @@ class Model:
         encoder: EncoderRuntime,
         encoder_file: str,
         ranker_threads: int = 0,
+        ranker_precision: str = "fp32",
     ) -> None:
         self.version_dir = version_dir
         self.manifest = manifest
@@ -86,9 +88,20 @@ class Model:
         self._item_rows = _index(self.item_ids, "item", version_dir)
         # The ranker's layout is the one heap copy of the item factors; cosines scan that same
         # matrix with a per-item 1 / |item| instead of a normalised copy (`Ranker.scaled`).
-        self.ranker = Ranker(arrays.item_factors, arrays.item_rank_bias, threads=ranker_threads)
+        exact = Ranker(arrays.item_factors, arrays.item_rank_bias, threads=ranker_threads)
         self._inverse_norms = _inverse_norms(arrays.item_factors)
-        self.similarity = self.ranker.scaled(self._inverse_norms)
+        self.similarity = exact.scaled(self._inverse_norms)
+        # int8: Recommend and text queries scan an int8 copy and re-score in fp32 whatever a
+        # proven bound leaves in reach, with the fp32 Ranker's answers to the bit
+        # (server/ranking_compact.py); SimilarItems keeps the fp32 scan (no cosine twin yet).
+        self.ranker: Ranker | CompactRanker = exact
+        if ranker_precision == "int8":
+            self.ranker = CompactRanker(
+                arrays.item_factors, arrays.item_rank_bias, threads=ranker_threads,
+                max_batch_rows=exact.max_batch_rows,
+                exclude_fetch_limit=exact.exclude_fetch_limit,
+                single_row_batches=exact.single_row_batches,
+            )  # fmt: skip
 
     @property
     def dim(self) -> int:
@@ -251,7 +264,7 @@ def _inverse_norms(factors: np.ndarray) -> np.ndarray:
     return (1.0 / np.maximum(np.sqrt(squares), 1e-12)).astype(np.float32)
 
 
-def _topk(ranker: Ranker, queries: list[RankQuery]) -> list[RankResult]:
+def _topk(ranker: Ranker | CompactRanker, queries: list[RankQuery]) -> list[RankResult]:
     vectors = np.stack([q.vector for q in queries]).astype(np.float32, copy=False)
     k = max(q.k for q in queries)
     exclude = None if all(q.exclude is None for q in queries) else [q.exclude for q in queries]
@@ -292,7 +305,10 @@ def load_model(config: ServerConfig) -> Model:
         inter_op_threads=config.inter_op_threads,
         max_batch=config.encoder_max_batch_size,
     )
-    model = Model(version_dir, manifest, arrays, encoder, encoder_file, config.ranker_threads)
+    model = Model(
+        version_dir, manifest, arrays, encoder, encoder_file, config.ranker_threads,
+        config.ranker_precision,
+    )  # fmt: skip
     log.info(
         "loaded %s version %d from %s: %d users, %d items, dim %d, encoder %s on %s (%.2f s)",
         model.name, model.version, version_dir, model.n_users, model.n_items, model.dim,
