@@ -36,6 +36,10 @@ def run(args: argparse.Namespace) -> int:
 
     config = load_config(flags_from_args(args), config_file=args.config)
     configure_logs(config)
+    if config.workers > 1:
+        from bertrec.server.workers import serve_workers
+
+        return serve_workers(config)  # N processes on one port, one metrics endpoint
     server = Server(config)
     on_stop_signals(server.request_stop)  # SIGTERM, SIGINT, SIGHUP: drain, then exit 0
     try:

@@ -17,6 +17,11 @@ global: each server owns a `ServerMetrics`, so tests need no registry reset. The
 series of counters and histograms are not exported (they double the series count and no
 dashboard reads them); prometheus_client can only switch them off process-wide, which
 `ServerMetrics` does.
+
+With `--workers N` each worker process writes its series to files the supervisor sums
+(prometheus_client's multiprocess mode, `workers.py`); every gauge therefore names how workers
+combine: `livesum` for what is in flight or queued, `livemax` for the model's identity and size
+(the same in every worker once a swap has reached them all). Dead workers' gauges drop out.
 """
 
 from __future__ import annotations
@@ -97,7 +102,10 @@ class ServerMetrics:
             registry=r,
         )
         self.in_flight = Gauge(
-            "bertrec_in_flight_requests", "RPCs being handled right now.", registry=r
+            "bertrec_in_flight_requests",
+            "RPCs being handled right now.",
+            registry=r,
+            multiprocess_mode="livesum",
         )
         self.rejected_rpcs = Counter(
             "bertrec_rejected_rpcs_total",
@@ -111,6 +119,7 @@ class ServerMetrics:
             "bertrec_in_flight_request_bytes",
             "Serialized request bytes of the unary calls being handled right now.",
             registry=r,
+            multiprocess_mode="livesum",
         )
         self.batch_size = Histogram(
             "bertrec_batch_size",
@@ -134,7 +143,11 @@ class ServerMetrics:
             registry=r,
         )
         self.queue_depth = Gauge(
-            "bertrec_queue_depth", "Items waiting in a batcher queue.", BATCH_LABELS, registry=r
+            "bertrec_queue_depth",
+            "Items waiting in a batcher queue.",
+            BATCH_LABELS,
+            registry=r,
+            multiprocess_mode="livesum",
         )
         self.dropped = Counter(
             "bertrec_dropped_total",
@@ -157,21 +170,33 @@ class ServerMetrics:
             registry=r,
         )
         self.catalogue_items = Gauge(
-            "bertrec_catalogue_items", "Items in the served catalogue.", ("model",), registry=r
+            "bertrec_catalogue_items",
+            "Items in the served catalogue.",
+            ("model",),
+            registry=r,
+            multiprocess_mode="livemax",
         )
-        self.users = Gauge("bertrec_users", "Users with factors.", ("model",), registry=r)
+        self.users = Gauge(
+            "bertrec_users",
+            "Users with factors.",
+            ("model",),
+            registry=r,
+            multiprocess_mode="livemax",
+        )
         self.model_info = Gauge(
             "bertrec_model_info",
             "The model being served (value 1), with its version, encoder execution provider "
             "and encoder graph file.",
             ("model", "version", "provider", "encoder_file"),
             registry=r,
+            multiprocess_mode="livemax",
         )
         self.serving_version = Gauge(
             "bertrec_model_serving_version",
             "The version that answers calls naming none.",
             ("model",),
             registry=r,
+            multiprocess_mode="livemax",
         )
         self.model_swaps = Counter(
             "bertrec_model_swaps_total",
@@ -237,6 +262,9 @@ class ServerMetrics:
         with self._info_lock:
             labels = self._info_labels.pop((model, version), None)
         if labels is not None:
+            # Worker processes (`workers.py`) keep values in files that `remove` leaves alone:
+            # 0 there marks the version gone (livemax of 0); a single process drops it anyway.
+            self.model_info.labels(model, str(version), *labels).set(0)
             self.model_info.remove(model, str(version), *labels)
 
     def for_versions(self, model: str) -> VersionSeries:

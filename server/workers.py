@@ -1,0 +1,378 @@
+"""`bertrec serve --workers N`: N server processes on one gRPC port, supervised by a parent.
+
+Why processes: one interpreter's lock bounds the Python work per call (issue 14), and grpc's
+guidance for Python is one server process per core sharing the port with `SO_REUSEPORT`, the
+kernel spreading new connections over the listening processes by a hash of their addresses. A
+single channel is one connection and so one worker: the spread needs several connections.
+
+The parent binds no gRPC listener. It reserves the port (a bound, never listening socket with
+`SO_REUSEPORT`, so port 0 resolves once and every worker gets the same number), starts N
+`python -m bertrec.server.workers RUN_DIR SLOT` processes each running the whole `Server`
+(its own batchers and version watcher; the memory-mapped arrays are shared through the page
+cache), and serves the one metrics/probe endpoint:
+- `/metrics` sums every worker's series: workers write them to files under
+  `PROMETHEUS_MULTIPROC_DIR` (set in their environment before they import prometheus_client)
+  and the parent reads them with `MultiProcessCollector`, plus its own
+  `bertrec_worker_restarts_total` and `bertrec_workers_ready`;
+- `/readyz` is 200 only while every worker reports SERVING.
+A worker tells the parent its state through a small JSON file in the run folder (pid, its own
+metrics port, started/ready). A worker that dies is restarted (at once, then with a back-off if
+it keeps dying young) and counted; SIGTERM/SIGINT/SIGHUP to the parent are forwarded to every
+worker, which drains as a single server does, and the parent exits 0 once they have.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
+
+from bertrec.errors import BertrecError
+from bertrec.server.config import ConfigError, ServerConfig
+from bertrec.server.http_endpoints import HttpEndpoints
+from bertrec.server.tls import TlsFiles
+
+log = logging.getLogger(__name__)
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+POLL_S = 0.1
+YOUNG_S = 10.0  # a worker that dies younger than this is restarted after a growing back-off
+MAX_BACKOFF_S = 30.0
+STOP_MARGIN_S = 10.0  # past the grace period, before a worker that has not exited is killed
+
+
+class WorkerError(BertrecError):
+    """A worker exited before it first served (its own error is in the log above)."""
+
+
+@dataclass
+class _Slot:
+    """One worker position: the process now filling it and its restart history."""
+
+    index: int
+    proc: subprocess.Popen[bytes] | None = None
+    started_at: float = 0.0
+    young_deaths: int = 0
+    restart_at: float = 0.0
+    announced_pid: int = 0
+
+
+class Supervisor:
+    """Starts, watches, restarts and drains the worker processes; serves the merged metrics.
+
+    Use like `Server`: `start()` (workers bound the port), `load()` (all of them SERVING),
+    `wait()` (until `request_stop()`, restarting crashed workers), `stop()` (drain all).
+    """
+
+    def __init__(self, config: ServerConfig, python: str = sys.executable) -> None:
+        self.config = config
+        self._python = python
+        self._run_dir = Path(tempfile.mkdtemp(prefix="bertrec-workers-"))
+        self._metrics_dir = self._run_dir / "metrics"
+        self._metrics_dir.mkdir()
+        self._reservation = _reserve_port(config.host, config.grpc_port)
+        self.port = int(self._reservation.getsockname()[1])
+        self._slots = [_Slot(i) for i in range(config.workers)]
+        self.registry = CollectorRegistry()
+        MultiProcessCollector(self.registry, path=str(self._metrics_dir))
+        self._restarts = Counter(
+            "bertrec_worker_restarts_total",
+            "Worker processes restarted after they exited unasked (crash, OOM kill).",
+            registry=self.registry,
+        )
+        self._ready_gauge = Gauge(
+            "bertrec_workers_ready", "Worker processes reporting SERVING.", registry=self.registry
+        )
+        self._ready_gauge.set_function(lambda: sum(self._ready_pids().values()))
+        self._http: HttpEndpoints | None = None
+        self.metrics_port = 0
+        self._stop_requested = threading.Event()
+        self._stopping = False
+
+    def start(self) -> None:
+        """Serve the metrics port, start every worker, return once all have bound the port.
+
+        Raises:
+            WorkerError: a worker exited first (e.g. no version to serve, a bad TLS file).
+            ConfigError: the metrics port cannot be bound.
+        """
+        worker_config = replace(self.config, grpc_port=self.port, metrics_port=0)
+        (self._run_dir / "config.pickle").write_bytes(pickle.dumps(worker_config))
+        for slot in self._slots:
+            self._spawn(slot)
+        self._wait_all("started")
+        self._http = _http(self.config, self.registry, self.ready)
+        self.metrics_port = self._http.port
+        self._http.start()
+
+    def load(self) -> None:
+        """Block until every worker reports SERVING.
+
+        Raises:
+            WorkerError: a worker exited before it served.
+        """
+        self._wait_all("ready")
+        self._announce_new_workers()
+
+    def ready(self) -> bool:
+        """True while every worker is SERVING and no drain has begun (`/readyz`)."""
+        if self._stopping:
+            return False
+        ready = self._ready_pids()
+        return len(ready) == len(self._slots) and all(ready.values())
+
+    def worker_pids(self) -> list[int]:
+        """The pids of the workers running now, by slot (0 for an empty slot)."""
+        return [s.proc.pid if s.proc is not None and s.proc.poll() is None else 0
+                for s in self._slots]  # fmt: skip
+
+    def request_stop(self) -> None:
+        """Ask `wait` to drain every worker. Safe to call from a signal handler."""
+        self._stop_requested.set()
+
+    def wait(self) -> None:
+        """Restart workers that exit, until `request_stop`; then drain them all."""
+        while not self._stop_requested.wait(POLL_S):
+            for slot in self._slots:
+                self._watch(slot)
+            self._announce_new_workers()
+        self.stop()
+
+    def stop(self) -> None:
+        """Forward SIGTERM to every worker, wait for their drains, clean up. Idempotent."""
+        if self._stopping:
+            return
+        self._stopping = True
+        running = [s.proc for s in self._slots if s.proc is not None and s.proc.poll() is None]
+        for proc in running:
+            proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + self.config.grace_period_s + STOP_MARGIN_S
+        for proc in running:
+            try:
+                proc.wait(max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                log.error("worker %d did not drain in time: killed", proc.pid)
+                proc.kill()
+                proc.wait()
+        if self._http is not None:
+            self._http.stop()
+        self._reservation.close()
+        shutil.rmtree(self._run_dir, ignore_errors=True)
+        log.info("all %d workers stopped", len(self._slots))
+
+    def _spawn(self, slot: _Slot) -> None:
+        _state_file(self._run_dir, slot.index).unlink(missing_ok=True)
+        env = dict(os.environ, **{MULTIPROC_ENV: str(self._metrics_dir)})
+        command = [self._python, "-m", "bertrec.server.workers", str(self._run_dir),
+                   str(slot.index)]  # fmt: skip
+        if logging.getLogger().getEffectiveLevel() <= logging.DEBUG:
+            command.append("--debug")
+        # stdout is the parent's to announce ports on; a worker's output goes to the log.
+        slot.proc = subprocess.Popen(command, env=env, stdout=sys.stderr)
+        slot.started_at = time.monotonic()
+
+    def _watch(self, slot: _Slot) -> None:
+        """Restart the slot's worker if it exited, after its back-off."""
+        proc = slot.proc
+        now = time.monotonic()
+        if proc is not None:
+            code = proc.poll()
+            if code is None:
+                if now - slot.started_at > YOUNG_S:
+                    slot.young_deaths = 0
+                return
+            mark_process_dead(proc.pid, str(self._metrics_dir))  # its live gauges go
+            slot.young_deaths += 1 if now - slot.started_at < YOUNG_S else 0
+            backoff = min(MAX_BACKOFF_S, 2.0 ** (slot.young_deaths - 1)) if slot.young_deaths else 0
+            slot.restart_at = now + backoff
+            log.error("worker %d (pid %d) exited with %d; restarting in %.0f s",
+                      slot.index, proc.pid, code, backoff)  # fmt: skip
+            slot.proc = None
+        if now >= slot.restart_at:
+            self._restarts.inc()
+            self._spawn(slot)
+
+    def _wait_all(self, state: str) -> None:
+        while True:
+            states = {s.index: _read_state(self._run_dir, s) for s in self._slots}
+            if all(st is not None and _reached(st, state) for st in states.values()):
+                return
+            for slot in self._slots:
+                assert slot.proc is not None
+                code = slot.proc.poll()
+                if code is not None:
+                    self.stop()
+                    raise WorkerError(f"worker {slot.index} exited with {code} before serving")
+            time.sleep(POLL_S)
+
+    def _ready_pids(self) -> dict[int, bool]:
+        """Slot -> SERVING, for the slots whose state file belongs to the running worker."""
+        states = {s.index: _read_state(self._run_dir, s) for s in self._slots}
+        return {i: st.state == "ready" for i, st in states.items() if st is not None}
+
+    def _announce_new_workers(self) -> None:
+        """Print each worker's pid and metrics port once it serves (for operators and tests)."""
+        for slot in self._slots:
+            st = _read_state(self._run_dir, slot)
+            if st is not None and st.state == "ready" and st.pid != slot.announced_pid:
+                slot.announced_pid = st.pid
+                print(f"bertrec serve: worker {slot.index} pid {st.pid} serving, its own "
+                      f"metrics on {self.config.host}:{st.metrics_port}", flush=True)  # fmt: skip
+
+
+def serve_workers(config: ServerConfig) -> int:
+    """`bertrec serve` with `workers > 1`: supervise until a stop signal; exit code 0."""
+    from bertrec.server.drain import on_stop_signals
+
+    supervisor = Supervisor(config)
+    on_stop_signals(supervisor.request_stop)
+    try:
+        supervisor.start()
+        print(f"bertrec serve: grpc {config.host}:{supervisor.port} metrics {config.host}:"
+              f"{supervisor.metrics_port} ({config.workers} workers)", flush=True)  # fmt: skip
+        supervisor.load()
+        print(f"bertrec serve: ready on port {supervisor.port}", flush=True)
+        supervisor.wait()
+    finally:
+        supervisor.stop()
+    return 0
+
+
+def _reserve_port(host: str, port: int) -> socket.socket:
+    """Bind (never listen) host:port with SO_REUSEPORT: resolves port 0 once for all workers,
+    and keeps a process without SO_REUSEPORT off the port between worker restarts."""
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"cannot bind gRPC to {host}:{port}: {exc}") from exc
+    return sock
+
+
+def _http(
+    config: ServerConfig, registry: CollectorRegistry, ready: Callable[[], bool]
+) -> HttpEndpoints:
+    tls = None
+    if config.metrics_tls:
+        ca = Path(config.tls_client_ca) if config.tls_client_ca else None
+        tls = TlsFiles(Path(config.tls_cert), Path(config.tls_key), ca)
+    try:
+        return HttpEndpoints(config.host, config.metrics_port, registry, ready,
+                             config.http_timeout_s, tls=tls)  # fmt: skip
+    except OSError as exc:
+        where = f"{config.host}:{config.metrics_port}"
+        raise ConfigError(f"cannot serve metrics on {where}: {exc}") from exc
+
+
+def _state_file(run_dir: Path, index: int) -> Path:
+    return run_dir / f"worker-{index}.json"
+
+
+@dataclass(frozen=True)
+class _State:
+    """What a worker last reported: its pid, "started" (port bound) or "ready", metrics port."""
+
+    pid: int
+    state: str
+    metrics_port: int
+
+
+def _read_state(run_dir: Path, slot: _Slot) -> _State | None:
+    """The slot's state, or None if absent or written by a worker that is no longer running."""
+    try:
+        state = _State(**json.loads(_state_file(run_dir, slot.index).read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
+    proc = slot.proc
+    return state if proc is not None and proc.poll() is None and state.pid == proc.pid else None
+
+
+def _reached(state: _State, wanted: str) -> bool:
+    return state.state == wanted or (wanted == "started" and state.state == "ready")
+
+
+def _write_state(run_dir: Path, index: int, state: str, metrics_port: int) -> None:
+    """Replace the slot's state file atomically (the parent never reads half a file)."""
+    path = _state_file(run_dir, index)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"pid": os.getpid(), "state": state, "metrics_port": metrics_port}))
+    tmp.replace(path)
+
+
+def _share_port() -> None:
+    """Make this worker's gRPC listener join the port's SO_REUSEPORT group.
+
+    `Server._grpc_server` passes `grpc.so_reuseport=0` (one process alone on its port). Until
+    it reads `config.workers` itself, the worker process (which builds nothing but its one
+    server) turns that option on for every grpc server it creates.
+    """
+    import grpc
+
+    real = grpc.server
+
+    def server(*args: Any, options: Sequence[tuple[str, Any]] = (), **kwargs: Any) -> Any:
+        shared = [(k, 1 if k == "grpc.so_reuseport" else v) for k, v in options]
+        return real(*args, options=shared, **kwargs)
+
+    grpc.server = server
+
+
+def _exit_with_parent(parent: int, request_stop: Callable[[], None]) -> None:
+    """Drain if the parent disappears (killed -9): a worker must not outlive its supervisor."""
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    log.error("the supervisor (pid %d) is gone: draining", parent)
+    request_stop()
+
+
+def worker_main(run_dir: Path, index: int, debug: bool) -> int:
+    """One worker: the full server on the shared port, reporting its state to the parent."""
+    from bertrec.server.app import Server
+    from bertrec.server.cli import configure_logs
+    from bertrec.server.drain import on_stop_signals
+
+    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO)
+    config: ServerConfig = pickle.loads((run_dir / "config.pickle").read_bytes())
+    configure_logs(config)
+    _share_port()
+    server = Server(config)
+    on_stop_signals(server.request_stop)
+    threading.Thread(
+        target=_exit_with_parent, args=(os.getppid(), server.request_stop), daemon=True
+    ).start()
+    try:
+        server.start()
+        _write_state(run_dir, index, "started", server.metrics_port)
+        server.load()
+        _write_state(run_dir, index, "ready", server.metrics_port)
+        log.info("worker %d (pid %d) serving on port %d", index, os.getpid(), server.port)
+        server.wait()
+    except BertrecError as exc:
+        print(f"bertrec serve: worker {index}: error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(worker_main(Path(sys.argv[1]), int(sys.argv[2]), "--debug" in sys.argv[3:]))

@@ -1,0 +1,145 @@
+"""`bertrec serve --workers 2`: two processes on one port, one metrics endpoint, restarts, drain.
+
+so_reuseport spreads connections, not calls: each test channel gets its own connection (a local
+subchannel pool), and 32 of them leave both workers idle with probability 2 * 2**-32.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from server_harness import ServerProcess, serving
+
+from bertrec.v1 import recommender_pb2 as pb
+from bertrec.v1 import recommender_pb2_grpc as pb_grpc
+
+WORKER = re.compile(r"worker (\d+) pid (\d+) serving, its own metrics on (\S+):(\d+)")
+RECOMMEND_OK = {
+    "grpc_type": "unary",
+    "grpc_service": "bertrec.v1.RecommenderService",
+    "grpc_method": "Recommend",
+    "grpc_code": "OK",
+}
+USERS = [f"u{i:04d}" for i in range(8)]
+
+
+def sample(url: str, name: str, **labels: str) -> float:
+    with urllib.request.urlopen(url, timeout=5) as response:
+        text = response.read().decode()
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == name and s.labels == labels:
+                return s.value
+    return 0.0
+
+
+def recommend_ok(url: str) -> float:
+    return sample(url, "grpc_server_handled_total", **RECOMMEND_OK)
+
+
+def workers_announced(server: ServerProcess, count: int) -> dict[int, tuple[int, str]]:
+    """slot -> (pid, its own metrics URL), from the next `count` worker lines."""
+    found = {}
+    for _ in range(count):
+        m = server.wait_for_line(WORKER, 60)
+        found[int(m.group(1))] = (int(m.group(2)), f"http://{m.group(3)}:{m.group(4)}/metrics")
+    return found
+
+
+def call_on_fresh_connections(target: str, ref, channels: int, per_channel: int) -> None:
+    """Recommend over `channels` separate TCP connections; every answer checked against numpy."""
+    for c in range(channels):
+        options = [("grpc.use_local_subchannel_pool", 1)]
+        with grpc.insecure_channel(target, options=options) as channel:
+            stub = pb_grpc.RecommenderServiceStub(channel)
+            for n in range(per_channel):
+                user = USERS[(c + n) % len(USERS)]
+                reply = stub.Recommend(
+                    pb.RecommendRequest(user_id=user, k=3), timeout=30, wait_for_ready=True
+                )
+                assert [i.item_id for i in reply.items] == [i for i, _ in ref.recommend(user, 3)]
+
+
+@pytest.fixture(scope="module")
+def two_workers(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator:
+    with serving(model_repo, tmp_path_factory.mktemp("workers"), "--workers", "2") as server:
+        yield server, workers_announced(server, 2)
+
+
+def test_two_workers_share_the_port_and_the_parent_sums_their_metrics(two_workers, ref) -> None:
+    server, workers = two_workers
+    assert sorted(workers) == [0, 1] and server.proc.pid not in {p for p, _ in workers.values()}
+    before = {slot: recommend_ok(url) for slot, (_, url) in workers.items()}
+
+    call_on_fresh_connections(server.target, ref, channels=32, per_channel=3)
+
+    served = {slot: recommend_ok(url) - before[slot] for slot, (_, url) in workers.items()}
+    assert all(n > 0 for n in served.values()), served  # both processes took calls
+    assert sum(served.values()) == 96
+    assert recommend_ok(server.metrics_url) == sum(before.values()) + 96
+    assert sample(server.metrics_url, "bertrec_workers_ready") == 2
+    readyz = server.metrics_url.replace("/metrics", "/readyz")
+    with urllib.request.urlopen(readyz, timeout=5) as response:
+        assert response.status == 200
+
+
+def test_a_killed_worker_is_restarted_and_counted_and_calls_keep_succeeding(
+    two_workers, ref
+) -> None:
+    server, workers = two_workers
+    total = recommend_ok(server.metrics_url)
+    assert sample(server.metrics_url, "bertrec_worker_restarts_total") == 0
+    victim, _ = workers[1]
+    os.kill(victim, signal.SIGKILL)
+
+    call_on_fresh_connections(server.target, ref, channels=8, per_channel=2)  # one worker left
+    slot, (pid, url) = next(iter(workers_announced(server, 1).items()))
+    assert slot == 1 and pid != victim
+    workers[1] = (pid, url)
+
+    assert sample(server.metrics_url, "bertrec_worker_restarts_total") == 1
+    call_on_fresh_connections(server.target, ref, channels=16, per_channel=2)
+    assert recommend_ok(url) > 0  # the new worker serves
+    # The dead worker's counts stay in the sum: counters never go back.
+    assert recommend_ok(server.metrics_url) == total + 16 + 32
+
+
+def test_sigterm_to_the_parent_drains_every_worker(model_repo: Path, tmp_path: Path) -> None:
+    flags = ("--workers", "2", "--ranker-max-queue-delay-us", "2000000", "--grace-period-s", "20")
+    with serving(model_repo, tmp_path, *flags) as server:
+        pids = [pid for pid, _ in workers_announced(server, 2).values()]
+        options = [("grpc.use_local_subchannel_pool", 1)]
+        channels = [grpc.insecure_channel(server.target, options=options) for _ in range(8)]
+        try:
+            calls = [
+                pb_grpc.RecommenderServiceStub(ch).Recommend.future(
+                    pb.RecommendRequest(user_id=USERS[n % 8], k=3), timeout=60
+                )
+                for n, ch in enumerate(channels * 2)
+            ]
+            # The parent sums the workers' in-flight gauges (livesum): all 16 calls are inside.
+            deadline = time.monotonic() + 30
+            while sample(server.metrics_url, "bertrec_in_flight_requests") < 16:
+                assert time.monotonic() < deadline, "calls never reached the workers"
+                time.sleep(0.05)
+            server.proc.send_signal(signal.SIGTERM)
+            assert [len(c.result().items) for c in calls] == [3] * 16
+        finally:
+            for ch in channels:
+                ch.close()
+        assert server.proc.wait(60) == 0
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    with pytest.raises(urllib.error.URLError):
+        urllib.request.urlopen(server.metrics_url, timeout=2)
