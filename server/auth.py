@@ -53,7 +53,8 @@ _REC = "/bertrec.v1.RecommenderService/"
 _OIP = "/inference.GRPCInferenceService/"
 _READ_METHODS = (
     *(_REC + m for m in ("Recommend", "RecommendForText", "ScoreItems", "SimilarItems",
-                         "EmbedText", "GetModelInfo")),
+                         "EmbedText", "GetModelInfo", "RecommendBatch",
+                         "StreamRecommendations")),
     *(_OIP + m for m in ("ServerLive", "ServerReady", "ModelReady", "ServerMetadata",
                          "ModelMetadata", "ModelInfer", "RepositoryIndex")),
 )  # fmt: skip

@@ -10,13 +10,15 @@ version policy keeps several loaded); otherwise the serving version answers.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import closing
 
 import grpc
 
 from bertrec.explanation import ExplainedItem, Explanation
 from bertrec.results import ModelRef, Recommendations
 from bertrec.server import errors
+from bertrec.server.bulk import BulkRanking, UserResult, check_user_ids
 from bertrec.server.config import ServerConfig
 from bertrec.server.engine import Call, Recommender
 from bertrec.server.errors import InvalidArgument, NotFound
@@ -65,6 +67,29 @@ class RecommenderServicer(pb_grpc.RecommenderServiceServicer):
                 request.explain,
             )
         return pb.RecommendResponse(items=ranked_items(result), model=model_ref(result.model))
+
+    def RecommendBatch(
+        self, request: pb.RecommendBatchRequest, context: grpc.ServicerContext
+    ) -> pb.RecommendBatchResponse:
+        with self._leased(context, request.model) as lease:
+            rec, c = lease.value, self._config
+            bulk = self._bulk(rec, request, context, c.max_batch_users, "max_batch_users")
+            ids = rec.model.item_ids
+            results = [one for chunk in bulk.chunks() for one in user_results(chunk, ids)]
+        return pb.RecommendBatchResponse(results=results, model=model_ref(rec.ref))
+
+    def StreamRecommendations(
+        self, request: pb.StreamRecommendationsRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.StreamRecommendationsResponse]:
+        with self._leased(context, request.model) as lease:
+            rec, c = lease.value, self._config
+            bulk = self._bulk(rec, request, context, c.max_stream_users, "max_stream_users")
+            ref, ids = model_ref(rec.ref), rec.model.item_ids
+            with closing(bulk.chunks()) as chunks:  # a closed stream withdraws queued work
+                for chunk in chunks:
+                    yield pb.StreamRecommendationsResponse(
+                        results=user_results(chunk, ids), model=ref
+                    )
 
     def RecommendForText(
         self, request: pb.RecommendForTextRequest, context: grpc.ServicerContext
@@ -155,6 +180,24 @@ class RecommenderServicer(pb_grpc.RecommenderServiceServicer):
             events_deleted=erased.events_deleted, had_model_factors=had_factors
         )
 
+    def _bulk(
+        self,
+        rec: Recommender,
+        request: pb.RecommendBatchRequest | pb.StreamRecommendationsRequest,
+        context: grpc.ServicerContext,
+        limit: int,
+        limit_name: str,
+    ) -> BulkRanking:
+        """The ranking of a bulk request's users, validated as Recommend validates one."""
+        k = rec.resolve_k(request.k)
+        user_ids = list(request.user_ids)
+        check_user_ids(user_ids, limit, limit_name)
+        exclude_rated = request.exclude_rated if request.HasField("exclude_rated") else True
+        c = self._config
+        # Two chunks are in flight at once; both must fit the ranker's queue.
+        chunk = min(c.ranker_max_batch_size, max(1, c.ranker_max_queue_size // 2))
+        return BulkRanking(rec, user_ids, k, exclude_rated, self._call(context), chunk)
+
     def _remaining(self, context: grpc.ServicerContext) -> float:
         return max(self._call(context).deadline_s - time.monotonic(), 0.001)
 
@@ -207,6 +250,23 @@ def ranked_items(result: Recommendations) -> list[pb.RankedItem]:
         )
         for i in result.items
     ]
+
+
+def user_results(
+    chunk: Sequence[UserResult], item_ids: Sequence[str]
+) -> list[pb.UserRecommendations]:
+    """Bulk results as protos, straight from the ranked arrays (no per-item dataclasses)."""
+    out = []
+    for one in chunk:
+        items = [
+            pb.RankedItem(item_id=item_ids[row], score=score, predicted_rating=rating, rank=rank)
+            for rank, (row, score, rating) in enumerate(
+                zip(one.rows.tolist(), one.scores.tolist(), one.ratings.tolist(), strict=True),
+                start=1,
+            )
+        ]
+        out.append(pb.UserRecommendations(user_id=one.user_id, items=items, found=one.found))
+    return out
 
 
 def explanation_pb(e: Explanation | None) -> pb.Explanation | None:

@@ -38,6 +38,7 @@ from bertrec.v1 import recommender_pb2 as pb
 MAX_K, MAX_IDS = LIMITS["max_k"], LIMITS["max_item_ids"]
 MAX_TEXTS, MAX_TEXT_BYTES = LIMITS["max_texts"], LIMITS["max_text_bytes"]
 MAX_EVENTS = LIMITS["max_feedback_events"]
+MAX_BATCH, MAX_STREAM = LIMITS["max_batch_users"], LIMITS["max_stream_users"]
 LONG = "y" * 20_000  # echoed at full length, this passes the 16 KB metadata limit
 INT32_MAX, INT64_MAX = 2**31 - 1, 2**63 - 1
 Input: TypeAlias = oip.ModelInferRequest.InferInputTensor
@@ -233,6 +234,32 @@ BAD_INPUT: list[Case] = [
         INVALID, "max_text_bytes"),
     rec("EmbedText", "far-too-many-texts", pb.EmbedTextRequest(texts=["a"] * 100_000), INVALID),
     rec("GetModelInfo", "no-fields", pb.GetModelInfoRequest(), OK),
+    # RecommendBatch and StreamRecommendations: the list is checked whole; strangers are no error
+    *[row for method, request, limit, name in (
+        ("RecommendBatch", pb.RecommendBatchRequest, MAX_BATCH, "max_batch_users"),
+        ("StreamRecommendations", pb.StreamRecommendationsRequest, MAX_STREAM, "max_stream_users"),
+    ) for row in (
+        rec(method, "no-users", request(k=5), INVALID, "user_ids is empty"),
+        rec(method, "empty-user", request(user_ids=[USERS[1], ""], k=5), INVALID, "user_ids[1]"),
+        rec(method, "duplicate-user", request(user_ids=[USERS[1], USERS[2], USERS[1]], k=5),
+            INVALID, "user_ids[2]"),
+        rec(method, "users-over-max", request(user_ids=[f"u{i}" for i in range(limit + 1)], k=5),
+            INVALID, name),
+        rec(method, "users-far-over-max", request(user_ids=[f"u{i}" for i in range(100_000)]),
+            INVALID, name),
+        rec(method, "long-duplicate-user", request(user_ids=[LONG, LONG], k=5), INVALID,
+            "more than once"),
+        rec(method, "negative-k", request(user_ids=[USERS[1]], k=-1), INVALID, "k must be"),
+        rec(method, "k-over-max", request(user_ids=[USERS[1]], k=MAX_K + 1), INVALID, "k must be"),
+        rec(method, "k-int32-min", request(user_ids=[USERS[1]], k=-(2**31)), INVALID, "k must be"),
+        rec(method, "model-version-not-loaded",
+            request(user_ids=[USERS[1]], k=5, model=pb.ModelRef(version=99)), NOT_FOUND),
+        rec(method, "model-other-name",
+            request(user_ids=[USERS[1]], k=5, model=pb.ModelRef(name="other")), NOT_FOUND),
+        rec(method, "unknown-users-are-not-found-entries",
+            request(user_ids=["ghost", LONG, "u0001\x00", USERS[1]], k=5), OK),
+        rec(method, "users-at-max", request(user_ids=USERS[:limit], k=MAX_K), OK),
+    )],
     # RecordFeedback: the whole batch is checked first; one bad event refuses all of it
     feedback("no-events", INVALID, "events is empty"),
     feedback("events-over-max", INVALID, "max_feedback_events",

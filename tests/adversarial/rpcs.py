@@ -44,7 +44,8 @@ MAX_REQUEST_BYTES = 4 * 1024 * 1024
 MODEL = "tiny"
 # The request limits every adversarial server runs with (small, so "over" is cheap to send).
 LIMITS: Mapping[str, int] = {"max_k": 50, "max_item_ids": 20, "max_texts": 12,
-                             "max_text_bytes": 400, "max_feedback_events": 8}  # fmt: skip
+                             "max_text_bytes": 400, "max_feedback_events": 8,
+                             "max_batch_users": 6, "max_stream_users": 30}  # fmt: skip
 # Load and unload parse their parameters only where explicit model control is on. (Probed so
 # the suite also runs on servers from before the setting: there every load is refused unread.)
 CONTROL: Mapping[str, int | str] = (
@@ -134,6 +135,10 @@ VALID: Mapping[str, Message] = {
     path("rec", "SimilarItems"): pb.SimilarItemsRequest(item_id=ITEMS[1], k=5),
     path("rec", "EmbedText"): pb.EmbedTextRequest(texts=["a film about the sea"]),
     path("rec", "GetModelInfo"): pb.GetModelInfoRequest(),
+    path("rec", "RecommendBatch"): pb.RecommendBatchRequest(user_ids=USERS[1:4], k=5),
+    path("rec", "StreamRecommendations"): pb.StreamRecommendationsRequest(
+        user_ids=USERS[1:20], k=5
+    ),
     # One rating under one fixed key: the first call stores it, every later one is a duplicate.
     path("rec", "RecordFeedback"): pb.RecordFeedbackRequest(
         events=[

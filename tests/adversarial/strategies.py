@@ -62,6 +62,11 @@ item_lists = st.one_of(
     st.lists(st.sampled_from(ITEMS), min_size=2, max_size=MAX_IDS + 3),  # duplicates likely
     st.integers(MAX_IDS + 1, 3_000).map(lambda n: [f"i{j}" for j in range(n)]),
 )
+user_lists = st.one_of(
+    st.lists(users, max_size=LIMITS["max_batch_users"] + 2),
+    st.lists(st.sampled_from(USERS), min_size=2, max_size=12),  # duplicates likely
+    st.integers(LIMITS["max_batch_users"], 3_000).map(lambda n: [f"u{j}" for j in range(n)]),
+)
 ks = st.one_of(
     st.integers(-3, MAX_K + 3),
     st.integers(-(2**31), 2**31 - 1),
@@ -387,6 +392,12 @@ STRATEGIES: dict[str, st.SearchStrategy[Message]] = {
         pb.EmbedTextRequest, texts=st.lists(texts, max_size=MAX_TEXTS + 3)
     ),
     path("rec", "GetModelInfo"): st.just(pb.GetModelInfoRequest()),
+    path("rec", "RecommendBatch"): st.builds(
+        pb.RecommendBatchRequest, user_ids=user_lists, k=ks, exclude_rated=st.booleans()
+    ),
+    path("rec", "StreamRecommendations"): st.builds(
+        pb.StreamRecommendationsRequest, user_ids=user_lists, k=ks, exclude_rated=st.booleans()
+    ),
     path("rec", "RecordFeedback"): record_feedback(),
     path("rec", "ForgetUser"): st.builds(pb.ForgetUserRequest, user_id=forget_users),
     path("oip", "ServerLive"): st.just(oip.ServerLiveRequest()),

@@ -162,7 +162,7 @@ def test_reflection_lists_and_describes_the_services(channel: grpc.Channel) -> N
     service = pool.FindServiceByName("bertrec.v1.RecommenderService")
     assert {m.name for m in service.methods} == {
         "Recommend", "RecommendForText", "ScoreItems", "SimilarItems", "EmbedText", "GetModelInfo",
-        "RecordFeedback", "ForgetUser",
+        "RecordFeedback", "ForgetUser", "RecommendBatch", "StreamRecommendations",
     }  # fmt: skip
     request = pool.FindMessageTypeByName("bertrec.v1.RecommendRequest")
     assert "exclude_rated" in request.fields_by_name

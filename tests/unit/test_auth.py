@@ -147,7 +147,7 @@ def test_a_missing_file_fails_at_start(tmp_path: Path) -> None:
 EXPECTED = {
     **{f"/bertrec.v1.RecommenderService/{m}": READ for m in (
         "Recommend", "RecommendForText", "ScoreItems", "SimilarItems", "EmbedText",
-        "GetModelInfo")},
+        "GetModelInfo", "RecommendBatch", "StreamRecommendations")},
     "/bertrec.v1.RecommenderService/RecordFeedback": FEEDBACK,
     "/bertrec.v1.RecommenderService/ForgetUser": ADMIN,
     **{f"/inference.GRPCInferenceService/{m}": READ for m in (

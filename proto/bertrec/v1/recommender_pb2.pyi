@@ -286,3 +286,53 @@ class ForgetUserResponse(_message.Message):
     events_deleted: int
     had_model_factors: bool
     def __init__(self, events_deleted: _Optional[int] = ..., had_model_factors: _Optional[bool] = ...) -> None: ...
+
+class RecommendBatchRequest(_message.Message):
+    __slots__ = ("user_ids", "k", "exclude_rated", "model")
+    USER_IDS_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    EXCLUDE_RATED_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    user_ids: _containers.RepeatedScalarFieldContainer[str]
+    k: int
+    exclude_rated: bool
+    model: ModelRef
+    def __init__(self, user_ids: _Optional[_Iterable[str]] = ..., k: _Optional[int] = ..., exclude_rated: _Optional[bool] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ...) -> None: ...
+
+class UserRecommendations(_message.Message):
+    __slots__ = ("user_id", "items", "found")
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    FOUND_FIELD_NUMBER: _ClassVar[int]
+    user_id: str
+    items: _containers.RepeatedCompositeFieldContainer[RankedItem]
+    found: bool
+    def __init__(self, user_id: _Optional[str] = ..., items: _Optional[_Iterable[_Union[RankedItem, _Mapping]]] = ..., found: _Optional[bool] = ...) -> None: ...
+
+class RecommendBatchResponse(_message.Message):
+    __slots__ = ("results", "model")
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[UserRecommendations]
+    model: ModelRef
+    def __init__(self, results: _Optional[_Iterable[_Union[UserRecommendations, _Mapping]]] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ...) -> None: ...
+
+class StreamRecommendationsRequest(_message.Message):
+    __slots__ = ("user_ids", "k", "exclude_rated", "model")
+    USER_IDS_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    EXCLUDE_RATED_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    user_ids: _containers.RepeatedScalarFieldContainer[str]
+    k: int
+    exclude_rated: bool
+    model: ModelRef
+    def __init__(self, user_ids: _Optional[_Iterable[str]] = ..., k: _Optional[int] = ..., exclude_rated: _Optional[bool] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ...) -> None: ...
+
+class StreamRecommendationsResponse(_message.Message):
+    __slots__ = ("results", "model")
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[UserRecommendations]
+    model: ModelRef
+    def __init__(self, results: _Optional[_Iterable[_Union[UserRecommendations, _Mapping]]] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ...) -> None: ...

@@ -76,6 +76,16 @@ class RecommenderServiceStub:
                 request_serializer=bertrec_dot_v1_dot_recommender__pb2.ForgetUserRequest.SerializeToString,
                 response_deserializer=bertrec_dot_v1_dot_recommender__pb2.ForgetUserResponse.FromString,
                 _registered_method=True)
+        self.RecommendBatch = channel.unary_unary(
+                '/bertrec.v1.RecommenderService/RecommendBatch',
+                request_serializer=bertrec_dot_v1_dot_recommender__pb2.RecommendBatchRequest.SerializeToString,
+                response_deserializer=bertrec_dot_v1_dot_recommender__pb2.RecommendBatchResponse.FromString,
+                _registered_method=True)
+        self.StreamRecommendations = channel.unary_stream(
+                '/bertrec.v1.RecommenderService/StreamRecommendations',
+                request_serializer=bertrec_dot_v1_dot_recommender__pb2.StreamRecommendationsRequest.SerializeToString,
+                response_deserializer=bertrec_dot_v1_dot_recommender__pb2.StreamRecommendationsResponse.FromString,
+                _registered_method=True)
 
 
 class RecommenderServiceServicer:
@@ -152,6 +162,27 @@ class RecommenderServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RecommendBatch(self, request, context):
+        """Top-k items for each of many users in one call (offline jobs: e-mails, precompute), ranked
+        exactly as Recommend ranks them, results in the order of the request's user_ids. An
+        unknown or forgotten user does not fail the call: its entry has found = false and no
+        items. At most max_batch_users ids (the server's `--max-batch-users`, 1024 by default).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StreamRecommendations(self, request, context):
+        """RecommendBatch for long lists (up to the server's `--max-stream-users`, 100000 by
+        default): the server ranks the users in chunks of its ranking batch size and sends one
+        message per chunk, in request order, only as fast as the client reads them. Cancelling
+        the call stops the work; a deadline that passes mid-way ends the stream with
+        DEADLINE_EXCEEDED after the chunks already sent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RecommenderServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -194,6 +225,16 @@ def add_RecommenderServiceServicer_to_server(servicer, server):
                     servicer.ForgetUser,
                     request_deserializer=bertrec_dot_v1_dot_recommender__pb2.ForgetUserRequest.FromString,
                     response_serializer=bertrec_dot_v1_dot_recommender__pb2.ForgetUserResponse.SerializeToString,
+            ),
+            'RecommendBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.RecommendBatch,
+                    request_deserializer=bertrec_dot_v1_dot_recommender__pb2.RecommendBatchRequest.FromString,
+                    response_serializer=bertrec_dot_v1_dot_recommender__pb2.RecommendBatchResponse.SerializeToString,
+            ),
+            'StreamRecommendations': grpc.unary_stream_rpc_method_handler(
+                    servicer.StreamRecommendations,
+                    request_deserializer=bertrec_dot_v1_dot_recommender__pb2.StreamRecommendationsRequest.FromString,
+                    response_serializer=bertrec_dot_v1_dot_recommender__pb2.StreamRecommendationsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -414,6 +455,60 @@ class RecommenderService:
             '/bertrec.v1.RecommenderService/ForgetUser',
             bertrec_dot_v1_dot_recommender__pb2.ForgetUserRequest.SerializeToString,
             bertrec_dot_v1_dot_recommender__pb2.ForgetUserResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RecommendBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/bertrec.v1.RecommenderService/RecommendBatch',
+            bertrec_dot_v1_dot_recommender__pb2.RecommendBatchRequest.SerializeToString,
+            bertrec_dot_v1_dot_recommender__pb2.RecommendBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamRecommendations(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/bertrec.v1.RecommenderService/StreamRecommendations',
+            bertrec_dot_v1_dot_recommender__pb2.StreamRecommendationsRequest.SerializeToString,
+            bertrec_dot_v1_dot_recommender__pb2.StreamRecommendationsResponse.FromString,
             options,
             channel_credentials,
             insecure,
