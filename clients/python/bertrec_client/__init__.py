@@ -52,6 +52,7 @@ if TYPE_CHECKING:
         Scores,
         SimilarItem,
         SimilarItems,
+        UserRecommendations,
     )
 
 # Where each public name lives. They are imported on first use (PEP 562), so a module of this
@@ -66,7 +67,7 @@ _HOME = {
     **dict.fromkeys(
         ("Contribution", "Embeddings", "ExplainedItem", "Explanation", "ModelInfo", "ModelRef",
          "RankedItem", "Recommendations", "RecommenderError", "RetryPolicy", "ScoredItem",
-         "Scores", "SimilarItem", "SimilarItems"),
+         "Scores", "SimilarItem", "SimilarItems", "UserRecommendations"),
         "types",
     ),
 }  # fmt: skip
@@ -106,6 +107,7 @@ __all__ = [
     "SimilarItem",
     "SimilarItems",
     "UserForgotten",
+    "UserRecommendations",
     "channel_options",
     "read_token_file",
 ]

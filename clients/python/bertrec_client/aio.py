@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import grpc
@@ -88,6 +88,42 @@ class AsyncRecommenderClient:
             user_id, k, exclude_rated, include_item_ids, exclude_item_ids, explain
         )
         return t.recommendations(await self._invoke(self._stub.Recommend, request, timeout_s))
+
+    async def recommend_batch(
+        self,
+        user_ids: Sequence[str],
+        k: int = 10,
+        *,
+        exclude_rated: bool = True,
+        timeout_s: float | None = None,
+    ) -> list[t.UserRecommendations]:
+        """Top-k items for each user, in order; unknown users have `found=False`."""
+        request = t.bulk_request(user_ids, k, exclude_rated)
+        response = await self._invoke(self._stub.RecommendBatch, request, timeout_s)
+        return list(t.user_recommendations(response))
+
+    async def stream_recommendations(
+        self,
+        user_ids: Sequence[str],
+        k: int = 10,
+        *,
+        exclude_rated: bool = True,
+        timeout_s: float | None = None,
+    ) -> AsyncIterator[t.UserRecommendations]:
+        """`recommend_batch` for long lists, as an async iterator paced by its reader;
+        leaving it early cancels the call."""
+        request = t.stream_request(user_ids, k, exclude_rated)
+        timeout = self.timeout_s if timeout_s is None else timeout_s
+        metadata = None if self._token is None else self._token.metadata
+        call = self._stub.StreamRecommendations(request, timeout=timeout, metadata=metadata)
+        try:
+            async for message in call:
+                for one in t.user_recommendations(message):
+                    yield one
+        except grpc.RpcError as error:
+            raise t.RecommenderError.of(error) from error
+        finally:
+            call.cancel()
 
     async def recommend_for_text(
         self, text: str, k: int = 10, *, explain: bool = False, timeout_s: float | None = None

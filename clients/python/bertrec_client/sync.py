@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import grpc
@@ -110,6 +110,46 @@ class RecommenderClient:
             user_id, k, exclude_rated, include_item_ids, exclude_item_ids, explain
         )
         return t.recommendations(self._invoke(self._stub.Recommend, request, timeout_s))
+
+    def recommend_batch(
+        self,
+        user_ids: Sequence[str],
+        k: int = 10,
+        *,
+        exclude_rated: bool = True,
+        timeout_s: float | None = None,
+    ) -> list[t.UserRecommendations]:
+        """Top-k items for each user (at most the server's max_batch_users, 1024 by default),
+        in order; unknown users come back with `found=False` instead of failing the call."""
+        request = t.bulk_request(user_ids, k, exclude_rated)
+        response = self._invoke(self._stub.RecommendBatch, request, timeout_s)
+        return list(t.user_recommendations(response))
+
+    def stream_recommendations(
+        self,
+        user_ids: Sequence[str],
+        k: int = 10,
+        *,
+        exclude_rated: bool = True,
+        timeout_s: float | None = None,
+    ) -> Iterator[t.UserRecommendations]:
+        """`recommend_batch` for long lists (up to max_stream_users), read as they are ranked.
+
+        The server works only as far ahead as this iterator is read; closing it (or leaving
+        the loop) cancels the call and the server's queued work. `timeout_s` bounds the
+        whole stream.
+        """
+        request = t.stream_request(user_ids, k, exclude_rated)
+        timeout = self.timeout_s if timeout_s is None else timeout_s
+        metadata = None if self._token is None else self._token.metadata
+        call = self._stub.StreamRecommendations(request, timeout=timeout, metadata=metadata)
+        try:
+            for message in call:
+                yield from t.user_recommendations(message)
+        except grpc.RpcError as error:
+            raise t.RecommenderError.of(error) from error
+        finally:
+            call.cancel()
 
     def recommend_for_text(
         self, text: str, k: int = 10, *, explain: bool = False, timeout_s: float | None = None

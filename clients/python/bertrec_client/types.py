@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import grpc
 import numpy as np
@@ -37,6 +38,7 @@ __all__ = [
     "Scores",
     "SimilarItem",
     "SimilarItems",
+    "UserRecommendations",
 ]
 
 
@@ -126,3 +128,43 @@ def model_info(msg: pb.GetModelInfoResponse) -> ModelInfo:
         metrics=dict(msg.metrics),
         scoring=dict(msg.scoring),
     )
+
+
+@dataclass(frozen=True)
+class UserRecommendations:
+    """One user's top-k items from `recommend_batch` or `stream_recommendations`.
+
+    `found` is False (and `items` empty) for a user the model does not know, never seen or
+    forgotten: bulk jobs get an answer for every id instead of failing on the first stranger.
+    """
+
+    user_id: str
+    found: bool
+    items: tuple[RankedItem, ...]
+    model: ModelRef
+
+    @property
+    def item_ids(self) -> list[str]:
+        return [i.item_id for i in self.items]
+
+
+def bulk_request(user_ids: Sequence[str], k: int, exclude_rated: bool) -> pb.RecommendBatchRequest:
+    return pb.RecommendBatchRequest(user_ids=list(user_ids), k=k, exclude_rated=exclude_rated)
+
+
+def stream_request(
+    user_ids: Sequence[str], k: int, exclude_rated: bool
+) -> pb.StreamRecommendationsRequest:
+    return pb.StreamRecommendationsRequest(
+        user_ids=list(user_ids), k=k, exclude_rated=exclude_rated
+    )
+
+
+def user_recommendations(
+    msg: pb.RecommendBatchResponse | pb.StreamRecommendationsResponse,
+) -> Iterator[UserRecommendations]:
+    """The users of one bulk response (or stream message), in the request's order."""
+    ref = model_ref(msg.model)
+    for one in msg.results:
+        items = tuple(RankedItem(i.item_id, i.score, i.predicted_rating, i.rank) for i in one.items)
+        yield UserRecommendations(one.user_id, one.found, items, ref)
