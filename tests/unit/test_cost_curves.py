@@ -32,13 +32,15 @@ def cell(items: int, dim: int, p99_ms: float, errors: int = 0, answered: float =
         items=items, dim=dim, build_s=1.0, ready_s=2.0, load_s=0.5, rss_kib=rss_kib,
         pss_kib=None, rss_bytes_per_item=rss_kib * 1024 / items, offered_qps=100.0,
         answered_qps=answered, p50_ms=p99_ms / 3, p99_ms=p99_ms, calls=500, errors=errors,
+        p99_ms_rounds=[p99_ms], send_late_ms_max=1.0, loadavg=None,
     )  # fmt: skip
 
 
 def test_a_served_cell_answers_every_scheduled_request_of_a_real_server() -> None:
-    got = served_cell(items=2000, dim=8, rate_qps=50.0, duration_s=0.4)
+    got = served_cell(items=2000, dim=8, rate_qps=50.0, duration_s=0.4, rounds=2)
     assert (got.items, got.dim, got.calls, got.errors) == (2000, 8, 20, 0)
-    assert 0 < got.p50_ms <= got.p99_ms
+    assert 0 < got.p50_ms <= got.p99_ms == min(got.p99_ms_rounds)
+    assert len(got.p99_ms_rounds) == 2 and got.send_late_ms_max >= 0
     assert got.rss_kib > 0 and got.load_s is not None and got.ready_s >= got.load_s
 
 
