@@ -12,7 +12,11 @@ Everything runs on loopback, on this machine, in one bounded run (about two minu
    - recommend-sync-batched: `bertrec serve` (sync grpcio) with dynamic batching;
    - recommend-sync-unbatched: the same with batching off (max batch size 1, no window);
    - recommend-aio-batched: a grpc.aio server over the same `Recommender` and batcher, to
-     compare server styles on this workload (Recommend only, no interceptor, which flatters it).
+     compare server styles on this workload (Recommend only, no interceptor, which flatters it);
+   - recommend-1-worker, recommend-2-workers, ... (`--workers 1,2`): `bertrec serve --workers N`
+     with batching, loaded over `--worker-channels` connections (so_reuseport spreads
+     connections, not calls: one channel reaches one worker); CPU and memory are the whole
+     process tree's (RSS and PSS after loading in "memory_after_load").
 3. A closed-loop load generator (grpc.aio, pre-serialised requests; `--client-procs` processes)
    at each concurrency, for every server in turn within each round (noise hits all alike).
    Requests: random known users, k=10, rated items excluded.
@@ -52,6 +56,10 @@ from bertrec.bench.synthetic import MODEL, build_synthetic_repo
 
 ECHO_METHOD = "/bench.Echo/Echo"
 RECOMMEND_METHOD = "/bertrec.v1.RecommenderService/Recommend"
+SERVER_STYLES = {
+    "echo-sync", "echo-aio", "recommend-sync-batched", "recommend-sync-unbatched",
+    "recommend-aio-batched",
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -69,9 +77,30 @@ class Cell:
 
 
 def process_cpu_s(pid: int) -> float:
-    """User + system CPU seconds used so far by a process (Linux /proc)."""
+    """User + system CPU seconds used so far by a process and its children (Linux /proc)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return own + sum(process_cpu_s(child) for child in _children(pid))
+
+
+def _children(pid: int) -> list[int]:
+    """Running child processes (a `--workers N` supervisor's workers)."""
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    return [int(c) for c in text.split()]
+
+
+def tree_memory_mb(pid: int) -> dict[str, float]:
+    """RSS and PSS (resident pages shared by k processes count 1/k each) of a process tree."""
+    totals = {"rss_mb": 0.0, "pss_mb": 0.0}
+    for p in [pid, *_children(pid)]:
+        for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines():
+            name, _, value = line.partition(":")
+            if name in ("Rss", "Pss"):
+                totals[f"{name.lower()}_mb"] += int(value.split()[0]) / 1024
+    return {k: round(v, 1) for k, v in totals.items()}
 
 
 # ------------------------------------------------------------------------------ server roles
@@ -159,9 +188,11 @@ async def serve_recommend_aio(repo: Path, batch: int, delay_us: int, threads: in
 
 
 async def run_load(
-    target: str, method: str, payloads: Sequence[bytes], concurrency: int, duration_s: float
-) -> tuple[float, list[float], int]:
-    """Closed loop: `concurrency` callers, each sending its next request on each answer.
+    target: str, method: str, payloads: Sequence[bytes], concurrency: int, duration_s: float,
+    channels: int = 1,
+) -> tuple[float, list[float], int]:  # fmt: skip
+    """Closed loop: `concurrency` callers, each sending its next request on each answer, spread
+    over `channels` connections (each its own TCP connection: a local subchannel pool).
 
     Returns (elapsed seconds, latencies in seconds, error count).
     """
@@ -169,38 +200,42 @@ async def run_load(
 
     latencies: list[float] = []
     errors = 0
-    async with grpc.aio.insecure_channel(target) as channel:
-        call = channel.unary_unary(method)
-        await channel.channel_ready()
-        stop = time.perf_counter() + duration_s
+    options = [("grpc.use_local_subchannel_pool", 1)] if channels > 1 else []
+    opened = [grpc.aio.insecure_channel(target, options=options) for _ in range(channels)]
+    calls = [channel.unary_unary(method) for channel in opened]
+    await asyncio.gather(*(channel.channel_ready() for channel in opened))
+    stop = time.perf_counter() + duration_s
 
-        async def caller(offset: int) -> None:
-            nonlocal errors
-            i = offset
-            while time.perf_counter() < stop:
-                start = time.perf_counter()
-                try:
-                    await call(payloads[i % len(payloads)], timeout=30)
-                    latencies.append(time.perf_counter() - start)
-                except grpc.RpcError:
-                    errors += 1
-                i += concurrency
+    async def caller(offset: int) -> None:
+        nonlocal errors
+        i, call = offset, calls[offset % channels]
+        while time.perf_counter() < stop:
+            start = time.perf_counter()
+            try:
+                await call(payloads[i % len(payloads)], timeout=30)
+                latencies.append(time.perf_counter() - start)
+            except grpc.RpcError:
+                errors += 1
+            i += concurrency
 
-        begin = time.perf_counter()
-        await asyncio.gather(*(caller(c) for c in range(concurrency)))
-        elapsed = time.perf_counter() - begin
+    begin = time.perf_counter()
+    await asyncio.gather(*(caller(c) for c in range(concurrency)))
+    elapsed = time.perf_counter() - begin
+    await asyncio.gather(*(channel.close() for channel in opened))
     return elapsed, latencies, errors
 
 
 def _load(
-    target: str, method: str, payloads: Sequence[bytes], concurrency: int, duration_s: float
-) -> tuple[float, list[float], int]:
-    return asyncio.run(run_load(target, method, payloads, concurrency, duration_s))
+    target: str, method: str, payloads: Sequence[bytes], concurrency: int, duration_s: float,
+    channels: int = 1,
+) -> tuple[float, list[float], int]:  # fmt: skip
+    return asyncio.run(run_load(target, method, payloads, concurrency, duration_s, channels))
 
 
 def measure(
     name: str, target: str, method: str, payloads: Sequence[bytes], concurrency: int,
     duration_s: float, pid: int, pool: ProcessPoolExecutor | None, pool_size: int = 1,
+    channels: int = 1,
 ) -> Cell:  # fmt: skip
     """Warm up briefly, then load the server `pid` from `pool`'s processes (or this one)."""
     procs = 1 if pool is None else min(pool_size, concurrency)
@@ -209,9 +244,10 @@ def measure(
     for seconds in (min(0.3, duration_s), duration_s):
         cpu_start = process_cpu_s(pid)
         if pool is None:
-            results = [_load(target, method, payloads, concurrency, seconds)]
+            results = [_load(target, method, payloads, concurrency, seconds, channels)]
         else:
-            jobs = [pool.submit(_load, target, method, payloads, c, seconds) for c in shares]
+            jobs = [pool.submit(_load, target, method, payloads, c, seconds, channels)
+                    for c in shares]  # fmt: skip
             results = [job.result() for job in jobs]
     cpu_s = process_cpu_s(pid) - cpu_start
     elapsed = max(r[0] for r in results)
@@ -245,23 +281,33 @@ def start_servers(repo: Path, log_dir: Path, args: argparse.Namespace) -> dict[s
     batched = ("--ranker-max-batch-size", str(args.batch),
                "--ranker-max-queue-delay-us", str(args.delay_us), *threads)  # fmt: skip
     unbatched = ("--ranker-max-batch-size", "1", "--ranker-max-queue-delay-us", "0", *threads)
-    cpus = _cpus(args.server_cpus)
-    servers = {
-        "echo-sync": Spawned("echo-sync", _me("echo-sync"), log_dir, cpus),
-        "echo-aio": Spawned("echo-aio", _me("echo-aio"), log_dir, cpus),
-    }
     aio = ("--repo", str(repo), "--batch", str(args.batch), "--delay-us", str(args.delay_us),
            "--ranker-threads", str(args.ranker_threads))  # fmt: skip
-    recommenders = {
+    argvs = {
+        "echo-sync": _me("echo-sync"),
+        "echo-aio": _me("echo-aio"),
         "recommend-sync-batched": _serve(repo, *batched),
         "recommend-sync-unbatched": _serve(repo, *unbatched),
         "recommend-aio-batched": _me("recommend-aio", *aio),
+        **{
+            worker_row(n): _serve(repo, *batched, "--workers", str(n))
+            for n in (int(w) for w in args.workers.split(","))
+        },
     }
-    for name, argv in recommenders.items():  # one at a time: loading competes for the CPUs
+    if args.only:
+        argvs = {name: argv for name, argv in argvs.items() if name in args.only.split(",")}
+    cpus = _cpus(args.server_cpus)
+    servers = {}
+    for name, argv in argvs.items():  # one at a time: loading competes for the CPUs
         servers[name] = spawned = Spawned(name, argv, log_dir, cpus)
-        if name.startswith("recommend-sync"):
+        if argv[1:3] == ["-m", "bertrec"]:
             spawned.wait_ready()
     return servers
+
+
+def worker_row(workers: int) -> str:
+    """The name of a `bertrec serve --workers N` row."""
+    return f"recommend-{workers}-worker{'s' if workers > 1 else ''}"
 
 
 def _cpus(spec: str) -> set[int] | None:
@@ -288,6 +334,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         build_s = time.monotonic() - start
         servers = start_servers(repo, root, args)
         try:
+            memory = {name: tree_memory_mb(s.proc.pid) for name, s in servers.items()}
             measured = _measure_all(servers, args, concurrencies)
         finally:
             for server in servers.values():
@@ -309,6 +356,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "best": [asdict(c) for c in cells],
         "rounds": [asdict(c) for c in measured],
         "summary": _summary(measured, max(concurrencies)),
+        "memory_after_load": memory,
         "table": table,
         "loadavg_end": loadavg(),
     }
@@ -333,6 +381,7 @@ def _measure_all(
                         name, server.target, ECHO_METHOD if is_echo else RECOMMEND_METHOD,
                         echo if is_echo else recommend, concurrency, args.duration_s,
                         server.proc.pid, pool, args.client_procs,
+                        args.worker_channels if "worker" in name else 1,
                     )  # fmt: skip
                     print(f"round {round_ + 1}: {cell}", file=sys.stderr, flush=True)
                     measured.append(cell)
@@ -362,7 +411,15 @@ def _summary(measured: list[Cell], concurrency: int) -> dict[str, Any]:
     out: dict[str, Any] = {"concurrency": concurrency}
     for stat, pick in (("best", max), ("median", statistics.median)):
         at = {name: float(pick(qps)) for name, qps in runs.items()}
+        one = at.get(worker_row(1))
+        for name, qps in at.items():
+            n = name.split("-")[1]
+            if one and name.startswith("recommend-") and name.endswith("-workers"):
+                out.setdefault(stat, {})[f"workers_{n}_vs_1"] = qps / one
+        if not at.keys() >= SERVER_STYLES:  # a run of some servers only (--only)
+            continue
         out[stat] = {
+            **out.get(stat, {}),
             "recommend_vs_fastest_echo": at["recommend-sync-batched"]
             / max(at["echo-sync"], at["echo-aio"]),
             "batching_speedup": at["recommend-sync-batched"] / at["recommend-sync-unbatched"],
@@ -393,6 +450,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--client-cpus", default="", help="pin the load generator(s) to these cores, e.g. 1"
     )
+    parser.add_argument("--workers", default="1,2", help="rows for bertrec serve --workers N")
+    parser.add_argument(
+        "--worker-channels", type=int, default=8, help="connections to the --workers servers"
+    )
+    parser.add_argument("--only", default="", help="these servers only (comma-separated names)")
     parser.add_argument("--quick", action="store_true", help="10k items, 1 round of 1 s")
     parser.add_argument("--role", default="bench", help=argparse.SUPPRESS)
     parser.add_argument("--repo", type=Path, help=argparse.SUPPRESS)
