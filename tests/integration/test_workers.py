@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import re
 import signal
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -143,3 +145,36 @@ def test_sigterm_to_the_parent_drains_every_worker(model_repo: Path, tmp_path: P
             os.kill(pid, 0)
     with pytest.raises(urllib.error.URLError):
         urllib.request.urlopen(server.metrics_url, timeout=2)
+
+
+def test_a_worker_that_cannot_serve_fails_the_start_with_its_error(
+    model_repo: Path, tmp_path: Path
+) -> None:
+    command = [sys.executable, "-m", "bertrec", "serve", "--model-repo", str(model_repo),
+               "--model", "absent", "--host", "127.0.0.1", "--grpc-port", "0",
+               "--metrics-port", "0", "--workers", "2"]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BERTREC_")}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 2
+    assert "grpc" not in done.stdout  # no port announced
+    assert "absent" in done.stderr and "exited with 2 before serving" in done.stderr
+
+
+def gone(pid: int) -> bool:
+    """Exited (a zombie left to an init that does not reap counts as exited)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return True
+    return "\nState:\tZ" in status
+
+
+def test_workers_drain_and_exit_when_the_parent_is_killed(model_repo: Path, tmp_path: Path) -> None:
+    with serving(model_repo, tmp_path, "--workers", "2") as server:
+        pids = [pid for pid, _ in workers_announced(server, 2).values()]
+        server.proc.kill()
+        server.proc.wait(10)
+        deadline = time.monotonic() + 60
+        while not all(gone(pid) for pid in pids):
+            assert time.monotonic() < deadline, "orphaned workers kept running"
+            time.sleep(0.2)
