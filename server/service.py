@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import closing
+from typing import Any
 
 import grpc
 
@@ -74,9 +75,10 @@ class RecommenderServicer(pb_grpc.RecommenderServiceServicer):
         with self._leased(context, request.model) as lease:
             rec, c = lease.value, self._config
             bulk = self._bulk(rec, request, context, c.max_batch_users, "max_batch_users")
-            ids = rec.model.item_ids
-            results = [one for chunk in bulk.chunks() for one in user_results(chunk, ids)]
-        return pb.RecommendBatchResponse(results=results, model=model_ref(rec.ref))
+            response = pb.RecommendBatchResponse(model=model_ref(rec.ref))
+            for chunk in bulk.chunks():
+                add_user_results(response.results, chunk, rec.model.item_ids)
+        return response
 
     def StreamRecommendations(
         self, request: pb.StreamRecommendationsRequest, context: grpc.ServicerContext
@@ -87,9 +89,9 @@ class RecommenderServicer(pb_grpc.RecommenderServiceServicer):
             ref, ids = model_ref(rec.ref), rec.model.item_ids
             with closing(bulk.chunks()) as chunks:  # a closed stream withdraws queued work
                 for chunk in chunks:
-                    yield pb.StreamRecommendationsResponse(
-                        results=user_results(chunk, ids), model=ref
-                    )
+                    message = pb.StreamRecommendationsResponse(model=ref)
+                    add_user_results(message.results, chunk, ids)
+                    yield message
 
     def RecommendForText(
         self, request: pb.RecommendForTextRequest, context: grpc.ServicerContext
@@ -252,21 +254,15 @@ def ranked_items(result: Recommendations) -> list[pb.RankedItem]:
     ]
 
 
-def user_results(
-    chunk: Sequence[UserResult], item_ids: Sequence[str]
-) -> list[pb.UserRecommendations]:
-    """Bulk results as protos, straight from the ranked arrays (no per-item dataclasses)."""
-    out = []
+def add_user_results(field: Any, chunk: Sequence[UserResult], item_ids: Sequence[str]) -> None:
+    """Append bulk results to a repeated `UserRecommendations` field, straight from the ranked
+    arrays: built in place, since a message passed to a constructor is copied (twice as slow)."""
     for one in chunk:
-        items = [
-            pb.RankedItem(item_id=item_ids[row], score=score, predicted_rating=rating, rank=rank)
-            for rank, (row, score, rating) in enumerate(
-                zip(one.rows.tolist(), one.scores.tolist(), one.ratings.tolist(), strict=True),
-                start=1,
-            )
-        ]
-        out.append(pb.UserRecommendations(user_id=one.user_id, items=items, found=one.found))
-    return out
+        add = field.add(user_id=one.user_id, found=one.found).items.add
+        for rank, (row, score, rating) in enumerate(
+            zip(one.rows.tolist(), one.scores.tolist(), one.ratings.tolist(), strict=True), start=1
+        ):
+            add(item_id=item_ids[row], score=score, predicted_rating=rating, rank=rank)
 
 
 def explanation_pb(e: Explanation | None) -> pb.Explanation | None:
