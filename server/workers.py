@@ -112,14 +112,15 @@ class Supervisor:
             WorkerError: a worker exited first (e.g. no version to serve, a bad TLS file).
             ConfigError: the metrics port cannot be bound.
         """
+        # The metrics port first: a port in use fails before any worker loads a model.
+        self._http = _http(self.config, self.registry, self.ready)
+        self.metrics_port = self._http.port
+        self._http.start()
         worker_config = replace(self.config, grpc_port=self.port, metrics_port=0)
         (self._run_dir / "config.pickle").write_bytes(pickle.dumps(worker_config))
         for slot in self._slots:
             self._spawn(slot)
         self._wait_all("started")
-        self._http = _http(self.config, self.registry, self.ready)
-        self.metrics_port = self._http.port
-        self._http.start()
 
     def load(self) -> None:
         """Block until every worker reports SERVING.
@@ -136,11 +137,6 @@ class Supervisor:
             return False
         ready = self._ready_pids()
         return len(ready) == len(self._slots) and all(ready.values())
-
-    def worker_pids(self) -> list[int]:
-        """The pids of the workers running now, by slot (0 for an empty slot)."""
-        return [s.proc.pid if s.proc is not None and s.proc.poll() is None else 0
-                for s in self._slots]  # fmt: skip
 
     def request_stop(self) -> None:
         """Ask `wait` to drain every worker. Safe to call from a signal handler."""
