@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from server_harness import SHARED_FLAGS, Reference, ServerProcess, serving
 
-from bertrec.client import AsyncRecommenderClient, RecommenderClient, RecommenderError
+from bertrec.client import AsyncRecommenderClient, Feedback, RecommenderClient, RecommenderError
 from bertrec.server.bulk import BulkRanking
 from bertrec.server.engine import Call
 from bertrec.server.errors import Cancelled, NotFound
@@ -228,3 +228,32 @@ def test_a_caller_leaving_mid_wait_cancels_the_queued_queries() -> None:
     with pytest.raises(Cancelled):
         list(ranking.chunks())
     assert len(ranker.futures) == 4 and all(f.cancelled() for f in ranker.futures)
+
+
+@pytest.fixture(scope="module")
+def feedback_server(
+    model_repo: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerProcess]:
+    store = tmp_path_factory.mktemp("bulk-feedback") / "feedback.db"
+    logs = tmp_path_factory.mktemp("logs")
+    with serving(model_repo, logs, "--feedback-store", f"sqlite:///{store}") as proc:
+        yield proc
+
+
+def test_folded_and_forgotten_users(feedback_server: ServerProcess, ref: Reference) -> None:
+    """A user known only from feedback is ranked like Recommend ranks them (their vector
+    re-solved, their items excluded); a forgotten one comes back found=False."""
+    cold, forgotten, item = "bulk-cold-reader", USERS[5], ref.item_ids[3]
+    top = float(ref.manifest["scoring"]["rating_range"][1])
+    with RecommenderClient(feedback_server.target, timeout_s=10.0) as c:
+        c.record_feedback([Feedback(cold, item, "rating", rating=top)])
+        c.forget_user(forgotten)
+        asked = [cold, forgotten, USERS[6]]
+        single = c.recommend(cold, 50)
+        for results in (c.recommend_batch(asked, k=50), list(c.stream_recommendations(asked, 50))):
+            got_cold, got_forgotten, trained = results
+            assert got_cold.found and item not in got_cold.item_ids
+            assert got_cold.item_ids == single.item_ids
+            assert [i.score for i in got_cold.items] == [i.score for i in single.items]
+            assert (got_forgotten.found, got_forgotten.items) == (False, ())
+            check_user(trained, ref, 50)
