@@ -243,7 +243,9 @@ class Server:
         # for the loop, which refuses them at once with a counted RESOURCE_EXHAUSTED.
         pending = max(MIN_PENDING_CALLS, 8 * (c.max_concurrent_rpcs + c.max_streaming_rpcs))
         options = [
-            ("grpc.so_reuseport", 0),
+            # --workers N: every worker listens on the same port (workers.py); alone, a second
+            # server on the port must fail to bind rather than share its calls.
+            ("grpc.so_reuseport", 1 if c.workers > 1 else 0),
             ("grpc.max_receive_message_length", c.max_request_bytes),
             ("grpc.server.max_pending_requests", pending),
             ("grpc.server.max_pending_requests_hard_limit", 2 * pending),

@@ -50,7 +50,6 @@ class Feedback:
         self._cursor = 0  # the follower has applied every record up to here
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        metrics.track_folded(self._folded_users)
 
     def users_for(self, model: Model) -> OnlineUsers:
         """A version's users, attached to the store and replayed (see the module doc).
@@ -79,6 +78,7 @@ class Feedback:
             self._cursor = max(self._cursor, cursor)
         duration = time.perf_counter() - started
         self._metrics.replayed(duration)
+        self._count_folded()
         log.info(
             "feedback: replayed %d records into version %d in %.2f s (%d folded users)",
             total, model_users.model.version, duration, model_users.folded_users,
@@ -138,6 +138,7 @@ class Feedback:
             attached = list(self._attached)
         had = [users.forget(user_id, erased.tombstone) for users in attached]
         self._metrics.forgot()
+        self._count_folded()
         return erased, any(had)
 
     def start(self) -> None:
@@ -171,6 +172,12 @@ class Feedback:
             attached = list(self._attached)
         for users in attached:
             users.apply(records)
+        self._count_folded()
+
+    def _count_folded(self) -> None:
+        """Set the folded-users gauge (a value, not a callback: with --workers the parent
+        reads it from the workers' metric files, where no callback of theirs can run)."""
+        self._metrics.folded.set(self._folded_users())
 
     def _folded_users(self) -> int:
         with self._lock:

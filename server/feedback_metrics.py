@@ -3,7 +3,7 @@ waits for), replay time, folded users, forgets and store failures."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -58,6 +58,7 @@ class FeedbackMetrics:
             "bertrec_feedback_folded_users",
             "Users whose vectors were re-solved from feedback, on the newest loaded version.",
             registry=r,
+            multiprocess_mode="livemax",  # --workers: every worker folds the same users
         )
         self.forgotten = Counter(
             "bertrec_feedback_forgotten_users_total", "ForgetUser calls carried out.", registry=r
@@ -92,6 +93,3 @@ class FeedbackMetrics:
 
     def store_failed(self, operation: str) -> None:
         self.store_errors.labels(operation=operation).inc()
-
-    def track_folded(self, count: Callable[[], int]) -> None:
-        self.folded.set_function(count)

@@ -35,10 +35,9 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
@@ -314,24 +313,6 @@ def _write_state(run_dir: Path, index: int, state: str, metrics_port: int) -> No
     tmp.replace(path)
 
 
-def _share_port() -> None:
-    """Make this worker's gRPC listener join the port's SO_REUSEPORT group.
-
-    `Server._grpc_server` passes `grpc.so_reuseport=0` (one process alone on its port). Until
-    it reads `config.workers` itself, the worker process (which builds nothing but its one
-    server) turns that option on for every grpc server it creates.
-    """
-    import grpc
-
-    real = grpc.server
-
-    def server(*args: Any, options: Sequence[tuple[str, Any]] = (), **kwargs: Any) -> Any:
-        shared = [(k, 1 if k == "grpc.so_reuseport" else v) for k, v in options]
-        return real(*args, options=shared, **kwargs)
-
-    grpc.server = server
-
-
 def _exit_with_parent(parent: int, request_stop: Callable[[], None]) -> None:
     """Drain if the parent disappears (killed -9): a worker must not outlive its supervisor."""
     while os.getppid() == parent:
@@ -349,7 +330,6 @@ def worker_main(run_dir: Path, index: int, debug: bool) -> int:
     logging.basicConfig(level=logging.DEBUG if debug else logging.INFO)
     config: ServerConfig = pickle.loads((run_dir / "config.pickle").read_bytes())
     configure_logs(config)
-    _share_port()
     server = Server(config)
     on_stop_signals(server.request_stop)
     threading.Thread(
