@@ -1,4 +1,6 @@
-// Example bertrec client: checks health, asks for recommendations and embeds one text, then
+// Example bertrec client: checks health, asks for recommendations and embeds one text, asks
+// for the same user's and an unknown user's top items in one RecommendBatch call and again over
+// StreamRecommendations (read to its end; the unknown user comes back found=false), then
 // prints the answers as one JSON document on stdout. Diagnostics go to stderr. With
 // --feedback-user-id F it also records that F rated the top recommended item (RecordFeedback,
 // a write, so never done unasked) under the fixed idempotency key "bertrec-example:F:ITEM":
@@ -54,6 +56,10 @@ constexpr int kExitRpcError = 1;
 constexpr int kExitUsage = 2;
 // The rating --feedback-user-id records; any value in the model's rating range works.
 constexpr double kExampleRating = 4.0;
+// An id no model knows: the bulk calls answer it with found=false instead of failing the call.
+constexpr char kUnknownUserId[] = "bertrec-example-unknown-user";
+// The k of the bulk calls: small, as a bulk job's per-user lists are.
+constexpr int kBulkK = 3;
 
 constexpr char kUsage[] =
     "usage: bertrec-example --user-id U [--target HOST:PORT] [--text T] [--k K] "
@@ -258,6 +264,63 @@ void WriteModel(JsonWriter& json, const rec::ModelRef& model) {
   json.EndObject();
 }
 
+void WriteItems(JsonWriter& json,
+                const google::protobuf::RepeatedPtrField<rec::RankedItem>& items) {
+  json.Key("items").BeginArray();
+  for (const rec::RankedItem& item : items) {
+    json.BeginObject();
+    json.Key("item_id").String(item.item_id());
+    json.Key("score").Float(item.score());
+    json.Key("predicted_rating").Float(item.predicted_rating());
+    json.Key("rank").Int(item.rank());
+    json.EndObject();
+  }
+  json.EndArray();
+}
+
+// One bulk call's answer (a stream's messages gathered into one RecommendBatchResponse).
+void WriteBulk(JsonWriter& json, std::string_view key, const rec::RecommendBatchResponse& bulk) {
+  json.Key(key).BeginObject();
+  WriteModel(json, bulk.model());
+  json.Key("results").BeginArray();
+  for (const rec::UserRecommendations& user : bulk.results()) {
+    json.BeginObject();
+    json.Key("user_id").String(user.user_id());
+    json.Key("found").Bool(user.found());
+    WriteItems(json, user.items());
+    json.EndObject();
+  }
+  json.EndArray();
+  json.EndObject();
+}
+
+// RecommendBatch, then StreamRecommendations read to its end (its deadline bounds the whole
+// stream), for the same users. On failure prints the error line and returns false.
+bool CallBulk(rec::RecommenderService::Stub& recommender, const Options& opts,
+              rec::RecommendBatchResponse* batch, rec::RecommendBatchResponse* stream) {
+  rec::RecommendBatchRequest batch_request;
+  batch_request.add_user_ids(opts.user_id);
+  batch_request.add_user_ids(kUnknownUserId);
+  batch_request.set_k(kBulkK);
+  if (!Invoke("RecommendBatch", opts.timeout_s, [&](grpc::ClientContext* ctx) {
+        return recommender.RecommendBatch(ctx, batch_request, batch);
+      })) {
+    return false;
+  }
+  rec::StreamRecommendationsRequest stream_request;
+  *stream_request.mutable_user_ids() = batch_request.user_ids();
+  stream_request.set_k(kBulkK);
+  return Invoke("StreamRecommendations", opts.timeout_s, [&](grpc::ClientContext* ctx) {
+    const auto reader = recommender.StreamRecommendations(ctx, stream_request);
+    rec::StreamRecommendationsResponse message;
+    while (reader->Read(&message)) {
+      *stream->mutable_model() = message.model();  // the same in every message of a stream
+      for (const rec::UserRecommendations& user : message.results()) *stream->add_results() = user;
+    }
+    return reader->Finish();
+  });
+}
+
 int Run(const Options& opts) {
   // One channel carries all three calls; stubs are cheap views onto it. The default service
   // config applies unless the name resolver supplies one (DNS TXT records, off by default).
@@ -304,6 +367,10 @@ int Run(const Options& opts) {
     return kExitRpcError;
   }
 
+  rec::RecommendBatchResponse batch_response;
+  rec::RecommendBatchResponse stream_response;
+  if (!CallBulk(*recommender, opts, &batch_response, &stream_response)) return kExitRpcError;
+
   // One rating of the top recommended item by --feedback-user-id. Retried on UNAVAILABLE by the
   // service config: the fixed key makes a second attempt of an event the server did store a
   // duplicate, never a second copy.
@@ -340,16 +407,7 @@ int Run(const Options& opts) {
 
   json.Key("recommend").BeginObject();
   WriteModel(json, recommend_response.model());
-  json.Key("items").BeginArray();
-  for (const rec::RankedItem& item : recommend_response.items()) {
-    json.BeginObject();
-    json.Key("item_id").String(item.item_id());
-    json.Key("score").Float(item.score());
-    json.Key("predicted_rating").Float(item.predicted_rating());
-    json.Key("rank").Int(item.rank());
-    json.EndObject();
-  }
-  json.EndArray();
+  WriteItems(json, recommend_response.items());
   json.EndObject();
 
   json.Key("embed").BeginObject();
@@ -358,6 +416,9 @@ int Run(const Options& opts) {
   for (const float v : embed_response.embeddings(0).values()) json.Float(v);
   json.EndArray();
   json.EndObject();
+
+  WriteBulk(json, "batch", batch_response);
+  WriteBulk(json, "stream", stream_response);
 
   if (feedback_request.events_size() == 1) {
     const rec::FeedbackEvent& event = feedback_request.events(0);

@@ -54,6 +54,12 @@ class JsonWriter {
   // The same for a double (e.g. a rating, a proto `double` field).
   JsonWriter& Double(double value) { return Shortest(value); }
 
+  JsonWriter& Bool(bool value) {
+    Separate();
+    out_ += value ? "true" : "false";
+    return *this;
+  }
+
  private:
   JsonWriter& Open(char bracket) {
     Separate();

@@ -5,9 +5,11 @@ Each `clients/<lang>/` holds two scripts with one contract (see clients/README.m
     build.sh OUT_DIR                 regenerate the stubs from proto/ and build into OUT_DIR;
                                      exit 3 with "missing toolchain: ..." when one is absent
     run.sh OUT_DIR --target HOST:PORT --user-id U --text T --k K --feedback-user-id F
-                                     call Health.Check, Recommend and EmbedText once each, then
-                                     RecordFeedback (F rated Recommend's top item, with a fixed
-                                     idempotency key), and print one JSON document on stdout
+                                     call Health.Check, Recommend and EmbedText once each,
+                                     RecommendBatch and StreamRecommendations for U and an unknown
+                                     id (k=3; the stream read to its end), then RecordFeedback
+                                     (F rated Recommend's top item, with a fixed idempotency
+                                     key), and print one JSON document on stdout
 
     run.sh ... [--tls-ca FILE [--tls-cert FILE --tls-key FILE] [--token-file FILE]]
                                      the same over TLS (mTLS with the client certificate), the
@@ -35,7 +37,7 @@ import subprocess
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,7 +49,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from server_harness import Reference, ServerProcess, serving, start_server
 from tls_material import CertificateAuthority, token_entries, write_auth_file
 
-from bertrec.client import Feedback, FeedbackRecorded, RecommenderClient
+from bertrec.client import Feedback, FeedbackRecorded, RecommenderClient, UserRecommendations
 from bertrec.v1 import recommender_pb2 as pb
 from bertrec.v1 import recommender_pb2_grpc as pb_grpc
 
@@ -58,6 +60,8 @@ BUILD_TIMEOUT_S = 900
 RUN_TIMEOUT_S = 120
 TEXT = "a gentle story about friendship, music and a long journey home"
 K = 7
+BULK_K = 3  # the k of every example's bulk calls (clients/README.md)
+UNKNOWN_USER = "bertrec-example-unknown-user"  # the id every example adds to its bulk calls
 RATING = 4.0  # the rating every example records (clients/README.md)
 
 
@@ -130,6 +134,27 @@ def _run(
     return document
 
 
+def _assert_items_equal(mine: list[dict[str, Any]], theirs: Any) -> None:
+    """A client's printed items against the Python client's, ids, ranks and scores."""
+    assert [i["item_id"] for i in mine] == [i.item_id for i in theirs]
+    assert [i["rank"] for i in mine] == [i.rank for i in theirs]
+    for one, other in zip(mine, theirs, strict=True):
+        assert math.isclose(one["score"], other.score, rel_tol=1e-6, abs_tol=1e-6)
+        assert math.isclose(
+            one["predicted_rating"], other.predicted_rating, rel_tol=1e-6, abs_tol=1e-6
+        )
+
+
+def _assert_bulk_equal(got: dict[str, Any], want: list[UserRecommendations]) -> None:
+    """One bulk call's printed answer against the Python client's: every user, in order."""
+    assert got["model"] == {"name": want[0].model.name, "version": want[0].model.version}
+    assert [(r["user_id"], r["found"]) for r in got["results"]] == [
+        (w.user_id, w.found) for w in want
+    ]
+    for mine, theirs in zip(got["results"], want, strict=True):
+        _assert_items_equal(mine["items"], theirs.items)
+
+
 def test_client_answers_equal_python_client(
     built_client: tuple[str, Path],
     feedback_server: ServerProcess,
@@ -147,13 +172,15 @@ def test_client_answers_equal_python_client(
     want = client.recommend(user_id, K)
     rec = got["recommend"]
     assert rec["model"] == {"name": want.model.name, "version": want.model.version}
-    assert [i["item_id"] for i in rec["items"]] == want.item_ids
-    assert [i["rank"] for i in rec["items"]] == [i.rank for i in want.items]
-    for mine, theirs in zip(rec["items"], want.items, strict=True):
-        assert math.isclose(mine["score"], theirs.score, rel_tol=1e-6, abs_tol=1e-6)
-        assert math.isclose(
-            mine["predicted_rating"], theirs.predicted_rating, rel_tol=1e-6, abs_tol=1e-6
-        )
+    _assert_items_equal(rec["items"], want.items)
+
+    # Both bulk calls: the user's top BULK_K as Recommend ranks them, the stranger not found.
+    ids = [user_id, UNKNOWN_USER]
+    batch = client.recommend_batch(ids, BULK_K)
+    assert [u.found for u in batch] == [True, False] and len(batch[0].items) == BULK_K
+    assert batch[0].item_ids == want.item_ids[:BULK_K]
+    _assert_bulk_equal(got["batch"], batch)
+    _assert_bulk_equal(got["stream"], list(client.stream_recommendations(ids, BULK_K)))
 
     emb = client.embed_text([TEXT])
     vector = got["embed"]["values"]
@@ -175,8 +202,10 @@ def test_client_answers_equal_python_client(
 
 # What the flaky server answers each RPC's attempts with before it answers: every code the
 # shared policy retries, and no more failures than retry throttling allows on a fresh channel
-# (4: each spends one of 10 tokens, and retries stop at 5).
+# (4: each spends one of 10 tokens, and retries stop at 5), so the bulk calls answer at once.
 FAILURES = {
+    "RecommendBatch": (),
+    "StreamRecommendations": (),
     "Recommend": (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.UNAVAILABLE),
     "EmbedText": (grpc.StatusCode.RESOURCE_EXHAUSTED,),
     "RecordFeedback": (grpc.StatusCode.UNAVAILABLE,),
@@ -217,6 +246,29 @@ class FlakyRecommender(pb_grpc.RecommenderServiceServicer):
         vectors = [pb.Embedding(values=[0.5, -0.25]) for _ in request.texts]
         return pb.EmbedTextResponse(embeddings=vectors, dim=2, model=FLAKY_MODEL)
 
+    def _bulk(self, user_ids: Iterable[str]) -> list[pb.UserRecommendations]:
+        """The stand-in's bulk answer: a "u..." id is known and gets one pick; others are not."""
+        answers = []
+        for user in user_ids:
+            known = user.startswith("u")
+            picks = [pb.RankedItem(item_id=user + "-bulk", score=0.5, rank=1)] if known else []
+            answers.append(pb.UserRecommendations(user_id=user, found=known, items=picks))
+        return answers
+
+    def RecommendBatch(
+        self, request: pb.RecommendBatchRequest, context: grpc.ServicerContext
+    ) -> pb.RecommendBatchResponse:
+        self._attempt("RecommendBatch", context)
+        return pb.RecommendBatchResponse(results=self._bulk(request.user_ids), model=FLAKY_MODEL)
+
+    def StreamRecommendations(
+        self, request: pb.StreamRecommendationsRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.StreamRecommendationsResponse]:
+        """One message per user, so the clients must read a stream of several to its end."""
+        self._attempt("StreamRecommendations", context)
+        for user in request.user_ids:
+            yield pb.StreamRecommendationsResponse(results=self._bulk([user]), model=FLAKY_MODEL)
+
     def RecordFeedback(
         self, request: pb.RecordFeedbackRequest, context: grpc.ServicerContext
     ) -> pb.RecordFeedbackResponse:
@@ -232,6 +284,8 @@ class FlakyRecommender(pb_grpc.RecommenderServiceServicer):
 # A server without a feedback store: FAILED_PRECONDITION, which the feedback writes' own entry
 # of the policy leaves out (a retry cannot help), though the service-wide entry retries it.
 NO_STORE = {
+    "RecommendBatch": (),
+    "StreamRecommendations": (),
     "Recommend": (),
     "EmbedText": (),
     "RecordFeedback": (grpc.StatusCode.FAILED_PRECONDITION,) * 5,
@@ -263,6 +317,14 @@ def test_client_retries_by_the_shared_service_config(
     assert got["recommend"]["items"][0]["item_id"] == "u7-pick"
     assert got["embed"]["values"] == [0.5, -0.25]
     assert servicer.calls == {m: len(codes) + 1 for m, codes in FAILURES.items()}
+    # Every chunk of the stream read, in order, as one call's answer.
+    flaky_model = {"name": FLAKY_MODEL.name, "version": FLAKY_MODEL.version}
+    want_users = [("u7", True, ["u7-bulk"]), (UNKNOWN_USER, False, [])]
+    for bulk in (got["batch"], got["stream"]):
+        assert bulk["model"] == flaky_model
+        assert [
+            (r["user_id"], r["found"], [i["item_id"] for i in r["items"]]) for r in bulk["results"]
+        ] == want_users
     # The retry resent the event with its key, which the lost first attempt had stored.
     assert got["feedback"]["accepted"] == 0 and got["feedback"]["duplicates"] == 1
     first, retry = servicer.feedback

@@ -1,6 +1,8 @@
 /**
  * bertrec example client (TypeScript, Node): checks the server's health, asks for one user's
- * recommendations and embeds one text, then prints a single JSON document on stdout. With
+ * recommendations and embeds one text, asks for the same user's and an unknown user's top items
+ * in one RecommendBatch call and again over StreamRecommendations (read to the end; the unknown
+ * user comes back found=false), then prints a single JSON document on stdout. With
  * --feedback-user-id F it also records that F rated the top recommended item (RecordFeedback, a
  * write, so never done unasked) under the fixed idempotency key "bertrec-example:F:ITEM": running
  * it again stores nothing new, and the answer counts a duplicate.
@@ -42,6 +44,10 @@ import {
   RecommenderServiceClient,
   RecordFeedbackRequest,
   type RecommendResponse,
+  RecommendBatchRequest,
+  type RankedItem,
+  StreamRecommendationsRequest,
+  type UserRecommendations,
 } from "./gen/bertrec/v1/recommender.js";
 import {
   HealthCheckRequest,
@@ -56,6 +62,10 @@ const DEFAULT_TIMEOUT_S = 10;
 const MAX_INT32 = 2 ** 31 - 1;
 // The rating --feedback-user-id records; any value in the model's rating range works.
 const EXAMPLE_RATING = 4.0;
+// An id no model knows: the bulk calls answer it with found=false instead of failing the call.
+const UNKNOWN_USER_ID = "bertrec-example-unknown-user";
+// The k of the bulk calls: small, as a bulk job's per-user lists are.
+const BULK_K = 3;
 
 const USAGE = `usage: example --user-id U [--target HOST:PORT] [--text T] [--k K] [--timeout-s S]
                [--feedback-user-id F]
@@ -244,6 +254,44 @@ function modelJson(model: ModelRef | undefined): ModelJson {
   return { name: model?.name ?? "", version: model?.version ?? 0 };
 }
 
+function itemsJson(items: readonly RankedItem[]): unknown[] {
+  return items.map((item) => ({
+    item_id: item.itemId,
+    score: item.score,
+    predicted_rating: item.predictedRating,
+    rank: item.rank,
+  }));
+}
+
+function usersJson(results: readonly UserRecommendations[]): unknown[] {
+  return results.map((r) => ({ user_id: r.userId, found: r.found, items: itemsJson(r.items) }));
+}
+
+/** Reads a StreamRecommendations call to its end; the deadline bounds the whole stream. */
+async function streamRecommendations(
+  recommender: RecommenderServiceClient,
+  userIds: string[],
+  timeoutS: number,
+): Promise<unknown> {
+  const rpc = "bertrec.v1.RecommenderService/StreamRecommendations";
+  const deadline = new Date(Date.now() + timeoutS * 1000);
+  const request = StreamRecommendationsRequest.fromPartial({ userIds, k: BULK_K });
+  const call = recommender.streamRecommendations(request, new Metadata(), { deadline });
+  let model: ModelRef | undefined;
+  const results: UserRecommendations[] = [];
+  try {
+    for await (const message of call) {
+      const chunk = message as { model?: ModelRef; results: UserRecommendations[] };
+      model = chunk.model; // the same in every message of a stream
+      results.push(...chunk.results);
+    }
+  } catch (error) {
+    const failure = error as ServiceError;
+    throw new RpcError(rpc, failure.code, failure.details);
+  }
+  return { model: modelJson(model), results: usersJson(results) };
+}
+
 /** One rating of the top recommended item by --feedback-user-id, and the store's answer. */
 async function recordFeedback(
   recommender: RecommenderServiceClient,
@@ -325,6 +373,15 @@ async function run(options: Options, channelCreds: ChannelCredentials): Promise<
       throw new Error(`${embedRpc} returned ${embedding.embeddings.length} vectors for 1 text`);
     }
 
+    const userIds = [options.userId, UNKNOWN_USER_ID];
+    const batch = await callUnary(
+      "bertrec.v1.RecommenderService/RecommendBatch",
+      recommender.recommendBatch.bind(recommender),
+      RecommendBatchRequest.fromPartial({ userIds, k: BULK_K }),
+      options.timeoutS,
+    );
+    const stream = await streamRecommendations(recommender, userIds, options.timeoutS);
+
     const feedback =
       options.feedbackUserId === ""
         ? undefined // left out of the document
@@ -336,14 +393,11 @@ async function run(options: Options, channelCreds: ChannelCredentials): Promise<
       health: healthCheckResponse_ServingStatusToJSON(healthResponse.status),
       recommend: {
         model: modelJson(recommendation.model),
-        items: recommendation.items.map((item) => ({
-          item_id: item.itemId,
-          score: item.score,
-          predicted_rating: item.predictedRating,
-          rank: item.rank,
-        })),
+        items: itemsJson(recommendation.items),
       },
       embed: { model: modelJson(embedding.model), values: vector.values },
+      batch: { model: modelJson(batch.model), results: usersJson(batch.results) },
+      stream,
       feedback,
     };
   } finally {

@@ -4,7 +4,9 @@
 //  1. grpc.health.v1.Health/Check for the whole server (service ""),
 //  2. bertrec.v1.RecommenderService/Recommend for --user-id,
 //  3. bertrec.v1.RecommenderService/EmbedText for --text,
-//  4. with --feedback-user-id F only: bertrec.v1.RecommenderService/RecordFeedback, one event
+//  4. bertrec.v1.RecommenderService/RecommendBatch for --user-id and unknownUserID (k=bulkK),
+//  5. bertrec.v1.RecommenderService/StreamRecommendations for the same ids, read to the end,
+//  6. with --feedback-user-id F only: bertrec.v1.RecommenderService/RecordFeedback, one event
 //     saying F rated the top item of step 2 with exampleRating. Its idempotency key is fixed,
 //     "bertrec-example:F:ITEM", so running the example again stores nothing new (the answer
 //     then counts a duplicate).
@@ -31,6 +33,7 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"io"
 	"math"
 	"os"
 	"os/signal"
@@ -54,6 +57,11 @@ const (
 	defaultText  = "a heartwarming story about friendship and adventure"
 	// exampleRating is the rating step 4 records; any value in the model's rating range works.
 	exampleRating = 4.0
+	// unknownUserID is an id no model knows: the bulk calls answer it with found=false
+	// instead of failing the call.
+	unknownUserID = "bertrec-example-unknown-user"
+	// bulkK is the k of the bulk calls: small, as a bulk job's per-user lists are.
+	bulkK = 3
 )
 
 // Full method names, used in error messages so they match server logs and grpcurl.
@@ -62,6 +70,8 @@ const (
 	rpcRecommend   = "bertrec.v1.RecommenderService/Recommend"
 	rpcEmbedText   = "bertrec.v1.RecommenderService/EmbedText"
 	rpcFeedback    = "bertrec.v1.RecommenderService/RecordFeedback"
+	rpcBatch       = "bertrec.v1.RecommenderService/RecommendBatch"
+	rpcStream      = "bertrec.v1.RecommenderService/StreamRecommendations"
 )
 
 // The output document. Scores and vector values stay float32, as on the wire: encoding/json
@@ -71,6 +81,8 @@ type output struct {
 	Health    string          `json:"health"`
 	Recommend recommendOutput `json:"recommend"`
 	Embed     embedOutput     `json:"embed"`
+	Batch     bulkOutput      `json:"batch"`
+	Stream    bulkOutput      `json:"stream"`
 	Feedback  *feedbackOutput `json:"feedback,omitempty"`
 }
 
@@ -89,6 +101,18 @@ type itemOutput struct {
 type recommendOutput struct {
 	Model modelOutput  `json:"model"`
 	Items []itemOutput `json:"items"`
+}
+
+// bulkOutput is one bulk call's answer: every requested user's items, in request order.
+type bulkOutput struct {
+	Model   modelOutput  `json:"model"`
+	Results []userOutput `json:"results"`
+}
+
+type userOutput struct {
+	UserID string       `json:"user_id"`
+	Found  bool         `json:"found"`
+	Items  []itemOutput `json:"items"`
 }
 
 // feedbackOutput is the event step 4 sent and what the server's store did with it.
@@ -365,7 +389,16 @@ func callAll(ctx context.Context, conn *grpc.ClientConn, opts options) (*output,
 	if err != nil {
 		return nil, err
 	}
-	doc := &output{Health: healthStatus, Recommend: rec, Embed: emb}
+	ids := []string{opts.userID, unknownUserID}
+	batch, err := recommendBatch(ctx, recommender, opts, ids)
+	if err != nil {
+		return nil, err
+	}
+	stream, err := streamRecommendations(ctx, recommender, opts, ids)
+	if err != nil {
+		return nil, err
+	}
+	doc := &output{Health: healthStatus, Recommend: rec, Embed: emb, Batch: batch, Stream: stream}
 	if opts.feedbackUserID == "" {
 		return doc, nil
 	}
@@ -399,16 +432,60 @@ func recommend(ctx context.Context, client bertrecv1.RecommenderServiceClient, o
 	if err != nil {
 		return recommendOutput{}, wrapRPC(rpcRecommend, err)
 	}
-	out := recommendOutput{Model: model(resp.GetModel()), Items: make([]itemOutput, 0, len(resp.GetItems()))}
-	for _, it := range resp.GetItems() {
-		out.Items = append(out.Items, itemOutput{
+	return recommendOutput{Model: model(resp.GetModel()), Items: items(resp.GetItems())}, nil
+}
+
+func items(ranked []*bertrecv1.RankedItem) []itemOutput {
+	out := make([]itemOutput, 0, len(ranked))
+	for _, it := range ranked {
+		out = append(out, itemOutput{
 			ItemID:          it.GetItemId(),
 			Score:           it.GetScore(),
 			PredictedRating: it.GetPredictedRating(),
 			Rank:            it.GetRank(),
 		})
 	}
-	return out, nil
+	return out
+}
+
+func users(results []*bertrecv1.UserRecommendations) []userOutput {
+	out := make([]userOutput, 0, len(results))
+	for _, r := range results {
+		out = append(out, userOutput{UserID: r.GetUserId(), Found: r.GetFound(), Items: items(r.GetItems())})
+	}
+	return out
+}
+
+func recommendBatch(ctx context.Context, client bertrecv1.RecommenderServiceClient, opts options, ids []string) (bulkOutput, error) {
+	ctx, cancel := context.WithTimeout(ctx, opts.timeout)
+	defer cancel()
+	resp, err := client.RecommendBatch(ctx, &bertrecv1.RecommendBatchRequest{UserIds: ids, K: bulkK})
+	if err != nil {
+		return bulkOutput{}, wrapRPC(rpcBatch, err)
+	}
+	return bulkOutput{Model: model(resp.GetModel()), Results: users(resp.GetResults())}, nil
+}
+
+// streamRecommendations reads the stream to its end; the deadline bounds the whole stream.
+func streamRecommendations(ctx context.Context, client bertrecv1.RecommenderServiceClient, opts options, ids []string) (bulkOutput, error) {
+	ctx, cancel := context.WithTimeout(ctx, opts.timeout)
+	defer cancel()
+	stream, err := client.StreamRecommendations(ctx, &bertrecv1.StreamRecommendationsRequest{UserIds: ids, K: bulkK})
+	if err != nil {
+		return bulkOutput{}, wrapRPC(rpcStream, err)
+	}
+	out := bulkOutput{Results: []userOutput{}}
+	for {
+		msg, err := stream.Recv()
+		if errors.Is(err, io.EOF) {
+			return out, nil
+		}
+		if err != nil {
+			return bulkOutput{}, wrapRPC(rpcStream, err)
+		}
+		out.Model = model(msg.GetModel()) // the same in every message of a stream
+		out.Results = append(out.Results, users(msg.GetResults())...)
+	}
 }
 
 func embed(ctx context.Context, client bertrecv1.RecommenderServiceClient, opts options) (embedOutput, error) {

@@ -13,11 +13,16 @@ import dev.bertrec.v1.FeedbackEvent;
 import dev.bertrec.v1.FeedbackKind;
 import dev.bertrec.v1.ModelRef;
 import dev.bertrec.v1.RankedItem;
+import dev.bertrec.v1.RecommendBatchRequest;
+import dev.bertrec.v1.RecommendBatchResponse;
 import dev.bertrec.v1.RecordFeedbackRequest;
 import dev.bertrec.v1.RecordFeedbackResponse;
 import dev.bertrec.v1.RecommendRequest;
 import dev.bertrec.v1.RecommendResponse;
 import dev.bertrec.v1.RecommenderServiceGrpc;
+import dev.bertrec.v1.StreamRecommendationsRequest;
+import dev.bertrec.v1.StreamRecommendationsResponse;
+import dev.bertrec.v1.UserRecommendations;
 import io.grpc.CallCredentials;
 import io.grpc.ChannelCredentials;
 import io.grpc.Grpc;
@@ -47,6 +52,9 @@ import java.nio.charset.StandardCharsets;
 import java.nio.file.Files;
 import java.nio.file.Path;
 import java.time.Instant;
+import java.util.ArrayList;
+import java.util.Iterator;
+import java.util.List;
 import java.util.Map;
 import java.util.Set;
 import java.util.concurrent.Executor;
@@ -57,7 +65,9 @@ import java.util.logging.Logger;
 
 /**
  * Example bertrec client: checks health, asks for recommendations for one user and embeds one
- * text, then prints the answers as one JSON document on stdout. With {@code --feedback-user-id F}
+ * text, asks for the same user's and an unknown user's top items in one {@code RecommendBatch}
+ * call and again over {@code StreamRecommendations} (read to its end; the unknown user comes
+ * back found=false), then prints the answers as one JSON document on stdout. With {@code --feedback-user-id F}
  * it also records that F rated the top recommended item ({@code RecordFeedback}, a write, so
  * never done unasked) under the fixed idempotency key {@code bertrec-example:F:ITEM}: running it
  * again stores nothing new and the answer counts a duplicate.
@@ -83,6 +93,10 @@ public final class Example {
   private static final String SERVICE_CONFIG = "service_config.json";
   // The rating --feedback-user-id records; any value in the model's rating range works.
   private static final double EXAMPLE_RATING = 4.0;
+  // An id no model knows: the bulk calls answer it with found=false instead of failing the call.
+  private static final String UNKNOWN_USER_ID = "bertrec-example-unknown-user";
+  // The k of the bulk calls: small, as a bulk job's per-user lists are.
+  private static final int BULK_K = 3;
 
   private static final String USAGE =
       "usage: Example --user-id U [--target HOST:PORT] [--text T] [--k K] [--timeout-s S]"
@@ -435,14 +449,60 @@ public final class Example {
               "expected 1 embedding, got " + embedded.getEmbeddingsCount()));
     }
 
+    List<String> userIds = List.of(options.userId(), UNKNOWN_USER_ID);
+    RecommendBatchResponse batch =
+        call(RecommenderServiceGrpc.getRecommendBatchMethod(),
+            () -> recommender.withDeadlineAfter(timeoutMs, TimeUnit.MILLISECONDS)
+                .recommendBatch(RecommendBatchRequest.newBuilder()
+                    .addAllUserIds(userIds)
+                    .setK(BULK_K)
+                    .build()));
+    // The deadline bounds the whole stream; a failure mid-way surfaces from the iterator.
+    JsonObject stream =
+        call(RecommenderServiceGrpc.getStreamRecommendationsMethod(),
+            () -> readStream(recommender.withDeadlineAfter(timeoutMs, TimeUnit.MILLISECONDS)
+                .streamRecommendations(StreamRecommendationsRequest.newBuilder()
+                    .addAllUserIds(userIds)
+                    .setK(BULK_K)
+                    .build())));
+
     JsonObject document = new JsonObject();
     document.addProperty("health", status.getStatus().name());
     document.add("recommend", toJson(recommended));
     document.add("embed", toJson(embedded));
+    document.add("batch", bulkJson(batch.getModel(), batch.getResultsList()));
+    document.add("stream", stream);
     if (!options.feedbackUserId().isEmpty()) {
       document.add("feedback", recordFeedback(recommender, options, recommended));
     }
     return document;
+  }
+
+  /** Reads every message of a StreamRecommendations call, in order, as one bulk answer. */
+  private static JsonObject readStream(Iterator<StreamRecommendationsResponse> messages) {
+    ModelRef model = ModelRef.getDefaultInstance();
+    List<UserRecommendations> results = new ArrayList<>();
+    while (messages.hasNext()) {
+      StreamRecommendationsResponse message = messages.next();
+      model = message.getModel(); // the same in every message of a stream
+      results.addAll(message.getResultsList());
+    }
+    return bulkJson(model, results);
+  }
+
+  private static JsonObject bulkJson(ModelRef model, List<UserRecommendations> results) {
+    JsonArray users = new JsonArray();
+    for (UserRecommendations result : results) {
+      JsonObject json = new JsonObject();
+      json.addProperty("user_id", result.getUserId());
+      json.addProperty("found", result.getFound());
+      json.add("items", itemsJson(result.getItemsList()));
+      users.add(json);
+    }
+    JsonObject json = new JsonObject();
+    json.add("model", toJson(model));
+    json.add("results", users);
+    return json;
   }
 
   /** One rating of the top recommended item by --feedback-user-id, and the store's answer. */
@@ -503,9 +563,9 @@ public final class Example {
 
   // Floats stay boxed as Float: Gson prints them with Float.toString, the shortest decimal that
   // reads back as the same float32 (widening to double first would print float noise digits).
-  private static JsonObject toJson(RecommendResponse response) {
+  private static JsonArray itemsJson(List<RankedItem> ranked) {
     JsonArray items = new JsonArray();
-    for (RankedItem item : response.getItemsList()) {
+    for (RankedItem item : ranked) {
       JsonObject json = new JsonObject();
       json.addProperty("item_id", item.getItemId());
       json.addProperty("score", item.getScore());
@@ -513,9 +573,13 @@ public final class Example {
       json.addProperty("rank", item.getRank());
       items.add(json);
     }
+    return items;
+  }
+
+  private static JsonObject toJson(RecommendResponse response) {
     JsonObject json = new JsonObject();
     json.add("model", toJson(response.getModel()));
-    json.add("items", items);
+    json.add("items", itemsJson(response.getItemsList()));
     return json;
   }
 
