@@ -264,30 +264,46 @@ class Ranker:
         return (dots * self._scale[rows]).astype(np.float32, copy=False)
 
     def _queries(self, queries: np.ndarray) -> np.ndarray:
-        q = np.ascontiguousarray(queries, dtype=np.float32)
-        if q.ndim != 2 or q.shape[1] != self.dim:
-            raise ValueError(f"queries must be (B, {self.dim}), got {q.shape}")
-        if not np.isfinite(q).all():
-            raise ValueError("queries must be finite")
-        return q
+        return checked_queries(queries, self.dim)
 
     def _per_query(
         self, arrays: Sequence[np.ndarray | None] | None, batch: int, what: str
     ) -> list[np.ndarray | None]:
-        if arrays is None:
-            return [None] * batch
-        if len(arrays) != batch:
-            raise ValueError(f"{what} has {len(arrays)} entries for {batch} queries")
-        out: list[np.ndarray | None] = []
-        for a in arrays:
-            rows = None if a is None else np.asarray(a).ravel()
-            if rows is not None and rows.size:
-                if not np.issubdtype(rows.dtype, np.integer):
-                    raise ValueError(f"{what} rows must be integers, got {rows.dtype}")
-                if int(rows.min()) < 0 or int(rows.max()) >= self.n_items:
-                    raise ValueError(f"{what} holds item rows outside 0..{self.n_items - 1}")
-            out.append(rows)
-        return out
+        return per_query_rows(arrays, batch, what, self.n_items)
+
+
+def checked_queries(queries: np.ndarray, dim: int) -> np.ndarray:
+    """Queries as a contiguous float32 (B, dim) array. Raises ValueError if not finite."""
+    q = np.ascontiguousarray(queries, dtype=np.float32)
+    if q.ndim != 2 or q.shape[1] != dim:
+        raise ValueError(f"queries must be (B, {dim}), got {q.shape}")
+    if not np.isfinite(q).all():
+        raise ValueError("queries must be finite")
+    return q
+
+
+def per_query_rows(
+    arrays: Sequence[np.ndarray | None] | None, batch: int, what: str, n_items: int
+) -> list[np.ndarray | None]:
+    """Per-query exclusion or allow lists as flat int arrays (None where a query has none).
+
+    Raises:
+        ValueError: a list per query missing, non-integer rows, or rows outside the catalogue.
+    """
+    if arrays is None:
+        return [None] * batch
+    if len(arrays) != batch:
+        raise ValueError(f"{what} has {len(arrays)} entries for {batch} queries")
+    out: list[np.ndarray | None] = []
+    for a in arrays:
+        rows = None if a is None else np.asarray(a).ravel()
+        if rows is not None and rows.size:
+            if not np.issubdtype(rows.dtype, np.integer):
+                raise ValueError(f"{what} rows must be integers, got {rows.dtype}")
+            if int(rows.min()) < 0 or int(rows.max()) >= n_items:
+                raise ValueError(f"{what} holds item rows outside 0..{n_items - 1}")
+        out.append(rows)
+    return out
 
 
 def _augmented(factors: np.ndarray, bias: np.ndarray, group_width: int) -> np.ndarray:

@@ -45,7 +45,14 @@ from typing import Any
 import numpy as np
 
 from bertrec.server.providers import CPU, onnxruntime
-from bertrec.server.ranking import GROUP_WIDTH, OPSET, PAD_ROW, PAD_SCORE
+from bertrec.server.ranking import (
+    GROUP_WIDTH,
+    OPSET,
+    PAD_ROW,
+    PAD_SCORE,
+    checked_queries,
+    per_query_rows,
+)
 
 QUERY_ZERO_POINT = 128  # the query codes are uint8 around 128 (u8 x s8 is MLAS's fast path)
 CODE_MAX = 127  # int8 codes stay in -127..127
@@ -357,30 +364,12 @@ class CompactRanker:
         return _best(rows, scores, excluded, k)
 
     def _queries(self, queries: np.ndarray) -> np.ndarray:
-        q = np.ascontiguousarray(queries, dtype=np.float32)
-        if q.ndim != 2 or q.shape[1] != self.dim:
-            raise ValueError(f"queries must be (B, {self.dim}), got {q.shape}")
-        if not np.isfinite(q).all():
-            raise ValueError("queries must be finite")
-        return q
+        return checked_queries(queries, self.dim)
 
     def _per_query(
         self, arrays: Sequence[np.ndarray | None] | None, batch: int, what: str
     ) -> list[np.ndarray | None]:
-        if arrays is None:
-            return [None] * batch
-        if len(arrays) != batch:
-            raise ValueError(f"{what} has {len(arrays)} entries for {batch} queries")
-        out: list[np.ndarray | None] = []
-        for a in arrays:
-            rows = None if a is None else np.asarray(a).ravel()
-            if rows is not None and rows.size:
-                if not np.issubdtype(rows.dtype, np.integer):
-                    raise ValueError(f"{what} rows must be integers, got {rows.dtype}")
-                if int(rows.min()) < 0 or int(rows.max()) >= self.n_items:
-                    raise ValueError(f"{what} holds item rows outside 0..{self.n_items - 1}")
-            out.append(rows)
-        return out
+        return per_query_rows(arrays, batch, what, self.n_items)
 
 
 def _cpu_session(model: bytes, threads: int) -> Any:
