@@ -55,7 +55,7 @@ class _History:
     """
 
     seqs: set[int] = field(default_factory=set)
-    events: list[tuple[int, int, FeedbackEvent]] = field(default_factory=list)  # seq, row, event
+    by_item: dict[int, list[tuple[int, FeedbackEvent]]] = field(default_factory=dict)  # seq, event
     dirty: set[int] = field(default_factory=set)  # item rows with events not yet folded in
     # The folded state, valid for `row` (None: cold, or training factors masked):
     built: bool = False
@@ -69,8 +69,8 @@ class _History:
 
     def item_events(self, item: int) -> list[FeedbackEvent]:
         """The events of one item in the order they happened (client time, then seq)."""
-        found = [(e.occurred_at, seq, e) for seq, row, e in self.events if row == item]
-        return [e for _, _, e in sorted(found, key=lambda f: (f[0], f[1]))]
+        found = sorted(self.by_item.get(item, ()), key=lambda f: (f[1].occurred_at, f[0]))
+        return [event for _, event in found]
 
 
 class OnlineUsers:
@@ -151,7 +151,7 @@ class OnlineUsers:
         if stored.seq in history.seqs:
             return False
         history.seqs.add(stored.seq)
-        history.events.append((stored.seq, row, event))
+        history.by_item.setdefault(row, []).append((stored.seq, event))
         history.dirty.add(row)
         return True
 
@@ -175,10 +175,11 @@ class OnlineUsers:
         returns whether any remain."""
         history = self._histories.get(user_id)
         if history is not None:
-            history.events = [e for e in history.events if e[0] > seq]
-            history.seqs = {e[0] for e in history.events}
+            kept = {i: [e for e in es if e[0] > seq] for i, es in history.by_item.items()}
+            history.by_item = {i: es for i, es in kept.items() if es}
+            history.seqs = {s for es in history.by_item.values() for s, _ in es}
             history.built = False  # rebuilt from what is left, without the training row
-            if history.events:
+            if history.by_item:
                 return True
         self._histories.pop(user_id, None)
         self._folded.pop(user_id, None)
@@ -204,7 +205,7 @@ class OnlineUsers:
             history.training = fold.training_touches(row)
             history.touches = dict(history.training)
             history.ratings = {}
-            history.dirty = {item for _, item, _ in history.events}
+            history.dirty = set(history.by_item)
             for item in history.dirty:
                 self._merge_item(history, item)
             history.system, history.rhs = fold.normal_equations(history.touches)
