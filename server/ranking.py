@@ -45,7 +45,8 @@ from typing import Any
 
 import numpy as np
 
-from bertrec.server.providers import CPU, make_session
+from bertrec.server.scan_sessions import scan_session
+from bertrec.server.shared_layout import LayoutCache, heap_or_shared
 
 PAD_ROW = -1  # row given where fewer than k items could be returned
 PAD_SCORE = float("-inf")  # score given with PAD_ROW
@@ -67,6 +68,8 @@ class Ranker:
             excluded items masked, instead of fetching k + len(exclude) and filtering.
         single_row_batches: batches smaller than this run one query at a time (a one-row
             product streams the matrix faster than a small multi-row one).
+        layout: where worker processes share the (d + 1, n_items) layout as one mapped file
+            (`shared_layout`); None builds it on the heap.
     Raises:
         ValueError: shapes that do not match, or bad settings.
     """
@@ -80,6 +83,7 @@ class Ranker:
         max_batch_rows: int = 64,
         exclude_fetch_limit: int = 1024,
         single_row_batches: int = 3,
+        layout: LayoutCache | None = None,
     ) -> None:
         factors, bias = np.asarray(item_factors), np.asarray(item_bias, dtype=np.float32)
         if factors.ndim != 2 or factors.shape[0] == 0 or factors.shape[1] == 0:
@@ -93,11 +97,10 @@ class Ranker:
         self.exclude_fetch_limit = exclude_fetch_limit
         self.single_row_batches = single_row_batches
         self.threads = threads or os.cpu_count() or 1
-        self._items = _augmented(factors, bias, GROUP_WIDTH)
+        self._items = augmented_layout(factors, bias, layout)
         self._groups = self._items.shape[1] // GROUP_WIDTH
-        self._session = make_session(build_topk_graph(), [CPU], intra_op_threads=self.threads)
-        masked = build_topk_graph(masked=True)
-        self._masked_session = make_session(masked, [CPU], intra_op_threads=self.threads)
+        self._session = scan_session(build_topk_graph(), self.threads)
+        self._masked_session = scan_session(build_topk_graph(masked=True), self.threads)
         # Set only on `scaled` twins: per-item factors on the dot product, padded to whole
         # groups, and the mask that sends the padding to -inf (no bias row is scanned there).
         self._scale: np.ndarray | None = None
@@ -127,9 +130,7 @@ class Ranker:
         twin._pad_mask = np.zeros(self._items.shape[1], dtype=np.float32)
         twin._pad_mask[self.n_items :] = PAD_SCORE
         graph = build_topk_graph(masked=True, scaled=True)
-        twin._session = twin._masked_session = make_session(
-            graph, [CPU], intra_op_threads=self.threads
-        )
+        twin._session = twin._masked_session = scan_session(graph, self.threads)
         return twin
 
     @property
@@ -306,16 +307,23 @@ def per_query_rows(
     return out
 
 
-def _augmented(factors: np.ndarray, bias: np.ndarray, group_width: int) -> np.ndarray:
+def augmented_layout(
+    factors: np.ndarray, bias: np.ndarray, layout: LayoutCache | None = None
+) -> np.ndarray:
     """float32 (d + 1, n_padded): the factors transposed with the bias as the last row, padded
-    to whole groups with zero factors and bias -inf (so padding always scores -inf)."""
+    to whole groups with zero factors and bias -inf (so padding always scores -inf); on the
+    heap, or with `layout` one file every worker maps."""
     n, d = factors.shape
-    padded = -(-n // group_width) * group_width
-    block = np.zeros((d + 1, padded), dtype=np.float32)
-    block[:-1, :n] = factors.T
-    block[-1, :n] = bias
-    block[-1, n:] = PAD_SCORE
-    return block
+    padded = -(-n // GROUP_WIDTH) * GROUP_WIDTH
+
+    def build(block: np.ndarray) -> None:
+        block[:-1, :n] = factors.T
+        block[:-1, n:] = 0.0
+        block[-1, :n] = bias
+        block[-1, n:] = PAD_SCORE
+
+    shape = (d + 1, padded)
+    return heap_or_shared(layout, "ranker", shape, np.float32, build, group_width=GROUP_WIDTH)
 
 
 def _count(rows: np.ndarray | None) -> int:

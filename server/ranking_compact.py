@@ -44,7 +44,6 @@ from typing import Any
 
 import numpy as np
 
-from bertrec.server.providers import CPU, onnxruntime
 from bertrec.server.ranking import (
     GROUP_WIDTH,
     OPSET,
@@ -53,6 +52,7 @@ from bertrec.server.ranking import (
     checked_queries,
     per_query_rows,
 )
+from bertrec.server.scan_sessions import scan_session
 
 QUERY_ZERO_POINT = 128  # the query codes are uint8 around 128 (u8 x s8 is MLAS's fast path)
 CODE_MAX = 127  # int8 codes stay in -127..127
@@ -373,16 +373,11 @@ class CompactRanker:
 
 
 def _cpu_session(model: bytes, threads: int) -> Any:
-    """`make_session`'s settings on the CPU, with idle intra-op threads sleeping instead of
-    spinning: a call runs two sessions in turn, and on 2 cores one session's spinning pool
-    slowed the other's run (batch 32: median 124 -> 48 ms per call on the loaded machine)."""
-    ort = onnxruntime()
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(model, options, providers=[CPU])
+    """A scan session on the process's shared arena (`scan_sessions`), with idle intra-op
+    threads sleeping instead of spinning: a call runs two sessions in turn, and on 2 cores one
+    session's spinning pool slowed the other's run (batch 32: median 124 -> 48 ms per call on
+    the loaded machine)."""
+    return scan_session(model, threads, spinning=False)
 
 
 def _count(rows: np.ndarray | None) -> int:
