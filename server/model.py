@@ -17,16 +17,25 @@ from pathlib import Path
 import numpy as np
 
 from bertrec.errors import ArtifactError
-from bertrec.repository.artifacts import TOKENIZER, FactorArrays
+from bertrec.repository.artifacts import (
+    ITEM_FACTORS,
+    ITEM_IDS,
+    ITEM_RANK_BIAS,
+    TOKENIZER,
+    USER_IDS,
+    FactorArrays,
+)
 from bertrec.repository.manifest import Manifest
 from bertrec.repository.opened import open_version
 from bertrec.server.config import ServerConfig
 from bertrec.server.encoder_runtime import EncoderRuntime
 from bertrec.server.errors import NotFound
 from bertrec.server.fold_in import RatingUser
+from bertrec.server.id_index import IdIndex, IdList
 from bertrec.server.providers import choose_providers
 from bertrec.server.ranking import Ranker
 from bertrec.server.ranking_compact import CompactRanker
+from bertrec.server.shared_layout import LayoutCache, layout_dir_from_env
 from bertrec.text import TextTokenizer
 
 log = logging.getLogger(__name__)
@@ -64,7 +73,12 @@ class RankResult:
 
 
 class Model:
-    """A loaded, verified model version and the computations over it."""
+    """A loaded, verified model version and the computations over it.
+
+    With `layout_dir` (a worker of `bertrec serve --workers N`), what the version derives
+    from its arrays (the Ranker's layout, the id indexes) is one mapped file per run shared
+    by every worker (`shared_layout`); without, it is built on the heap.
+    """
 
     def __init__(
         self,
@@ -75,6 +89,7 @@ class Model:
         encoder_file: str,
         ranker_threads: int = 0,
         ranker_precision: str = "fp32",
+        layout_dir: Path | None = None,
     ) -> None:
         self.version_dir = version_dir
         self.manifest = manifest
@@ -83,12 +98,22 @@ class Model:
         self.arrays = arrays = _plain_views(arrays)
         self.encoder = encoder
         self.encoder_file = encoder_file
-        self.item_ids: list[str] = [str(i) for i in arrays.item_ids.tolist()]
-        self._user_rows = _index([str(u) for u in arrays.user_ids.tolist()], "user", version_dir)
-        self._item_rows = _index(self.item_ids, "item", version_dir)
-        # The ranker's layout is the one heap copy of the item factors; cosines scan that same
-        # matrix with a per-item 1 / |item| instead of a normalised copy (`Ranker.scaled`).
-        exact = Ranker(arrays.item_factors, arrays.item_rank_bias, threads=ranker_threads)
+
+        def shared(*files: str) -> LayoutCache | None:
+            if layout_dir is None:
+                return None
+            return LayoutCache(layout_dir, tuple(manifest.files[f].sha256 for f in files))
+
+        self._users = IdIndex(arrays.user_ids, "user", version_dir, shared(USER_IDS))
+        self._items = IdIndex(arrays.item_ids, "item", version_dir, shared(ITEM_IDS))
+        self.item_ids: IdList = self._items.list
+        # The ranker's layout is the one copy of the item factors besides the mmap (on the heap,
+        # or shared by the workers); cosines scan that same matrix with a per-item 1 / |item|
+        # instead of a normalised copy (`Ranker.scaled`).
+        exact = Ranker(
+            arrays.item_factors, arrays.item_rank_bias, threads=ranker_threads,
+            layout=shared(ITEM_FACTORS, ITEM_RANK_BIAS),
+        )  # fmt: skip
         self._inverse_norms = _inverse_norms(arrays.item_factors)
         self.similarity = exact.scaled(self._inverse_norms)
         # int8: Recommend and text queries scan an int8 copy and re-score in fp32 whatever a
@@ -109,7 +134,7 @@ class Model:
 
     @property
     def n_users(self) -> int:
-        return len(self._user_rows)
+        return len(self._users)
 
     @property
     def n_items(self) -> int:
@@ -117,28 +142,30 @@ class Model:
 
     def user_row(self, user_id: str) -> int:
         """Row of an external user id. Raises NotFound."""
-        row = self._user_rows.get(user_id)
+        row = self._users.row(user_id)
         if row is None:
             raise NotFound(f"unknown user_id {user_id!r}")
         return row
 
     def training_row(self, user_id: str) -> int | None:
         """Row of a user of the training data, or None."""
-        return self._user_rows.get(user_id)
+        return self._users.row(user_id)
 
     def item_row(self, item_id: str) -> int | None:
         """Row of an item of the catalogue, or None."""
-        return self._item_rows.get(item_id)
+        return self._items.row(item_id)
 
     def item_rows(self, item_ids: list[str]) -> np.ndarray:
         """Rows (int64) of external item ids, same order. Raises NotFound naming the first."""
-        rows = np.empty(len(item_ids), dtype=np.int64)
-        for i, item_id in enumerate(item_ids):
-            row = self._item_rows.get(item_id)
-            if row is None:
-                raise NotFound(f"unknown item_id {item_id!r}")
-            rows[i] = row
+        rows = self._items.rows(item_ids)
+        missing = np.flatnonzero(rows < 0)
+        if len(missing):
+            raise NotFound(f"unknown item_id {item_ids[int(missing[0])]!r}")
         return rows
+
+    def item_ids_of(self, rows: np.ndarray) -> list[str]:
+        """External ids of item rows (int, in range), in one vectorised gather."""
+        return self.item_ids.of(rows)
 
     def rated_rows(self, user_row: int) -> np.ndarray:
         a = self.arrays
@@ -277,13 +304,6 @@ def _topk(ranker: Ranker | CompactRanker, queries: list[RankQuery]) -> list[Rank
     return results
 
 
-def _index(ids: list[str], kind: str, where: Path) -> dict[str, int]:
-    index = {v: i for i, v in enumerate(ids)}
-    if len(index) != len(ids):
-        raise ArtifactError(f"{where}: {kind} ids are not unique")
-    return index
-
-
 def load_model(config: ServerConfig) -> Model:
     """Resolve, verify and load the configured model version.
 
@@ -307,7 +327,7 @@ def load_model(config: ServerConfig) -> Model:
     )
     model = Model(
         version_dir, manifest, arrays, encoder, encoder_file, config.ranker_threads,
-        config.ranker_precision,
+        config.ranker_precision, layout_dir_from_env(),
     )  # fmt: skip
     log.info(
         "loaded %s version %d from %s: %d users, %d items, dim %d, encoder %s on %s (%.2f s)",

@@ -8,8 +8,9 @@ single channel is one connection and so one worker: the spread needs several con
 The parent binds no gRPC listener. It reserves the port (a bound, never listening socket with
 `SO_REUSEPORT`, so port 0 resolves once and every worker gets the same number), starts N
 `python -m bertrec.server.workers RUN_DIR SLOT` processes each running the whole `Server`
-(its own batchers and version watcher; the memory-mapped arrays are shared through the page
-cache), and serves the one metrics/probe endpoint:
+(its own batchers and version watcher; the memory-mapped arrays, and what each version
+derives from them, are shared through the page cache: `shared_layout`), and serves the one
+metrics/probe endpoint:
 - `/metrics` sums every worker's series: workers write them to files under
   `PROMETHEUS_MULTIPROC_DIR` (set in their environment before they import prometheus_client)
   and the parent reads them with `MultiProcessCollector`, plus its own
@@ -45,6 +46,7 @@ from prometheus_client.multiprocess import MultiProcessCollector, mark_process_d
 from bertrec.errors import BertrecError
 from bertrec.server.config import ConfigError, ServerConfig
 from bertrec.server.http_endpoints import HttpEndpoints
+from bertrec.server.shared_layout import LAYOUT_DIR_ENV
 from bertrec.server.tls import TlsFiles
 
 log = logging.getLogger(__name__)
@@ -85,6 +87,10 @@ class Supervisor:
         self._run_dir = Path(tempfile.mkdtemp(prefix="bertrec-workers-"))
         self._metrics_dir = self._run_dir / "metrics"
         self._metrics_dir.mkdir()
+        # Derived arrays (Ranker layout, id indexes) every worker maps instead of building its
+        # own heap copy (`shared_layout`); removed with the run folder when the parent exits.
+        self._layout_dir = self._run_dir / "layouts"
+        self._layout_dir.mkdir(mode=0o700)
         self._reservation = _reserve_port(config.host, config.grpc_port)
         self.port = int(self._reservation.getsockname()[1])
         self._slots = [_Slot(i) for i in range(config.workers)]
@@ -173,7 +179,8 @@ class Supervisor:
 
     def _spawn(self, slot: _Slot) -> None:
         _state_file(self._run_dir, slot.index).unlink(missing_ok=True)
-        env = dict(os.environ, **{MULTIPROC_ENV: str(self._metrics_dir)})
+        env = dict(os.environ, **{MULTIPROC_ENV: str(self._metrics_dir),
+                                  LAYOUT_DIR_ENV: str(self._layout_dir)})  # fmt: skip
         command = [self._python, "-m", "bertrec.server.workers", str(self._run_dir),
                    str(slot.index)]  # fmt: skip
         if logging.getLogger().getEffectiveLevel() <= logging.DEBUG:

@@ -95,6 +95,25 @@ def test_two_workers_share_the_port_and_the_parent_sums_their_metrics(two_worker
         assert response.status == 200
 
 
+def mapped_layout_files(pid: int) -> set[Path]:
+    """Files of the run's shared layout directory that process `pid` maps."""
+    lines = Path(f"/proc/{pid}/maps").read_text().splitlines()
+    return {Path(line.split(maxsplit=5)[5]) for line in lines
+            if line.count(" ") >= 5 and "/layouts/" in line}  # fmt: skip
+
+
+def test_two_workers_map_one_shared_layout_file_per_derived_array(two_workers) -> None:
+    """The Ranker's layout and the id indexes are built once per run and mapped by both."""
+    _, workers = two_workers
+    first, second = (mapped_layout_files(pid) for pid, _ in workers.values())
+    assert first == second
+    kinds = sorted(path.name.split("-")[0] for path in first)
+    assert kinds == ["item", "ranker", "user"], first
+    (folder,) = {path.parent for path in first}
+    assert folder.stat().st_mode & 0o777 == 0o700
+    assert folder.parent.name.startswith("bertrec-workers-")
+
+
 def test_a_killed_worker_is_restarted_and_counted_and_calls_keep_succeeding(
     two_workers, ref
 ) -> None:
@@ -120,6 +139,7 @@ def test_sigterm_to_the_parent_drains_every_worker(model_repo: Path, tmp_path: P
     flags = ("--workers", "2", "--ranker-max-queue-delay-us", "2000000", "--grace-period-s", "20")
     with serving(model_repo, tmp_path, *flags) as server:
         pids = [pid for pid, _ in workers_announced(server, 2).values()]
+        (layouts,) = {path.parent for path in mapped_layout_files(pids[0])}
         options = [("grpc.use_local_subchannel_pool", 1)]
         channels = [grpc.insecure_channel(server.target, options=options) for _ in range(8)]
         try:
@@ -140,6 +160,7 @@ def test_sigterm_to_the_parent_drains_every_worker(model_repo: Path, tmp_path: P
             for ch in channels:
                 ch.close()
         assert server.proc.wait(60) == 0
+    assert not layouts.exists()  # the parent removes the run's shared files when it exits
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
