@@ -19,6 +19,7 @@ from bertrec.bench.synthetic import MODEL, build_synthetic_repo
 from bertrec.server.config import ServerConfig
 from bertrec.server.model import Model, RankQuery, load_model
 from bertrec.server.ranking import PAD_ROW, PAD_SCORE, Ranker
+from bertrec.server.shared_layout import LAYOUT_DIR_ENV
 
 NUMPY_TRACE_DOMAIN = 389047  # numpy's tracemalloc domain for array buffers
 N_ITEMS, DIM = 20_000, 128  # a 10 MB matrix, large next to the version's Python objects
@@ -73,6 +74,34 @@ def test_similarity_reads_the_ranker_matrix_and_the_mmap(loaded: tuple[Model, in
     assert np.shares_memory(model.similarity._items, model.ranker._items)
     assert np.shares_memory(model.ranker.item_factors, model.arrays.item_factors)
     assert not model.arrays.item_factors.flags.owndata  # a view of the memory map
+
+
+def test_with_a_layout_directory_the_version_holds_no_heap_copy_and_ranks_the_same(
+    repo: Path, loaded: tuple[Model, int, int], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker of `--workers N` maps the run's layout file instead of building a heap copy."""
+    monkeypatch.setenv(LAYOUT_DIR_ENV, str(tmp_path))
+    config = ServerConfig(model_repo=repo, model=MODEL, ranker_threads=1, intra_op_threads=1)
+    model, held, _ = traced(lambda: load_model(config))
+    assert isinstance(model, Model)
+    matrix = model.arrays.item_factors.nbytes
+    assert held < 0.2 * matrix  # only vectors of n floats (norms, the twin's scale)
+    assert not model.ranker._items.flags.writeable
+    assert np.shares_memory(model.similarity._items, model.ranker._items)
+    assert sorted(p.name.split("-")[0] for p in tmp_path.glob("*.npy")) == [
+        "item",
+        "ranker",
+        "user",
+    ]
+    heap = loaded[0]
+    queries = [RankQuery(v, 10) for v in np.random.default_rng(5).standard_normal((3, DIM))]
+    for a, b in zip(model.rank(queries) + model.similar(queries),
+                    heap.rank(queries) + heap.similar(queries), strict=True):  # fmt: skip
+        np.testing.assert_array_equal(a.rows, b.rows)
+        np.testing.assert_array_equal(a.scores, b.scores)
+    rows = np.array([0, 5, N_ITEMS - 1])
+    assert model.item_ids_of(rows) == [heap.item_ids[int(r)] for r in rows]
+    assert model.item_rows(model.item_ids_of(rows)).tolist() == rows.tolist()
 
 
 def test_similar_gives_exact_cosines(loaded: tuple[Model, int, int]) -> None:
