@@ -33,6 +33,9 @@ REFLECTION_MODES = ("on", "off", "auth")
 LOG_FORMATS = ("text", "json")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+AUTO_WORKERS = 0  # `workers`: one per usable CPU, resolved when `bertrec serve` starts
+# Words a setting accepts besides its type's values (flags, BERTREC_* and TOML alike).
+_WORDS: dict[str, dict[str, Any]] = {"workers": {"auto": AUTO_WORKERS}}
 
 
 class ConfigError(BertrecError):
@@ -133,7 +136,9 @@ class ServerConfig:
     workers: int = _opt(
         1,
         "server processes sharing the gRPC port (so_reuseport) and the memory-mapped arrays, "
-        "with one metrics endpoint; 1: this process serves alone",
+        "with one metrics endpoint; 1: this process serves alone; 0 or auto: one per usable "
+        "CPU (the CPUs this process may run on, capped by its cgroup CPU quota, e.g. a "
+        "Kubernetes CPU limit)",
     )
     max_batch_users: int = _opt(1024, "most user ids in one RecommendBatch call")
     max_stream_users: int = _opt(100_000, "most user ids in one StreamRecommendations call")
@@ -275,7 +280,7 @@ _RULES: dict[str, Callable[[Any], str | None]] = {
     "inter_op_threads": _at_least(0),
     "ranker_threads": _at_least(0),
     "warmup_iterations": _at_least(0),
-    "workers": _at_least(1),
+    "workers": _at_least(0),
     "ranker_precision": lambda v: None if v in ("fp32", "int8") else "must be fp32 or int8",
     "max_batch_users": _at_least(1),
     "max_stream_users": _at_least(1),
@@ -310,6 +315,8 @@ def _coerce(name: str, value: Any, source: str) -> Any:
     try:
         if value is None:
             return None
+        if isinstance(value, str) and value.strip().lower() in _WORDS.get(name, {}):
+            return _WORDS[name][value.strip().lower()]
         if hint == int | None and isinstance(value, str) and not value.strip():
             return None  # e.g. BERTREC_VERSION="" from a templated manifest: the default (newest)
         if hint is bool:
