@@ -93,6 +93,9 @@ def _serve_and_query(
             "grpc_port": args.port,
             "metrics_port": args.metrics_port,
             "feedback_store": f"sqlite://{repo.parent.resolve() / 'feedback.db'}",
+            # The demo serves from this process (a few calls on a small catalogue): one worker,
+            # whatever the CPU count or BERTREC_WORKERS says.
+            "workers": 1,
         }
     )
     server = Server(config)

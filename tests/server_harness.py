@@ -100,7 +100,11 @@ def start_server(
 
     `python` and `cwd` let a test serve from another environment (an installed wheel) and from a
     folder outside the source tree, so nothing is imported from the checkout by accident.
+    One worker process unless `flags` name `--workers`: the server's default (one per usable
+    CPU) would start one per core of the test machine for every test's server.
     """
+    if not any(f == "--workers" or f.startswith("--workers=") for f in flags):
+        flags = ("--workers", "1", *flags)
     command = [python]
     if import_time:
         command += ["-X", "importtime"]
