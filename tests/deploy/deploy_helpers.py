@@ -8,10 +8,12 @@ conftest is imported as "conftest", so `from conftest import` is ambiguous in a 
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import shutil
 import subprocess
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -94,3 +96,46 @@ def kubelet_expand(text: str, defined: dict[str, str]) -> str:
         return defined.get(name, match.group(0))
 
     return _REFERENCE.sub(replace, text)
+
+
+_QUANTITY = re.compile(r"([0-9.]+)(m|k|M|G|T|Ki|Mi|Gi|Ti)?")
+_SUFFIX = {None: Fraction(1), "m": Fraction(1, 1000), "k": Fraction(10**3), "M": Fraction(10**6),
+           "G": Fraction(10**9), "T": Fraction(10**12), "Ki": Fraction(2**10),
+           "Mi": Fraction(2**20), "Gi": Fraction(2**30), "Ti": Fraction(2**40)}  # fmt: skip
+
+
+def quantity(text: str | int | float) -> Fraction:
+    """A Kubernetes resource quantity ("2", "500m", "1.5", "2Gi") as an exact number."""
+    match = _QUANTITY.fullmatch(str(text))
+    assert match, f"not a resource quantity: {text!r}"
+    return Fraction(match.group(1)) * _SUFFIX[match.group(2)]
+
+
+def resource_field(container: dict[str, Any], ref: dict[str, Any]) -> str:
+    """What kubelet puts in an env variable for a Downward API `resourceFieldRef` of this
+    container: the resource divided by the divisor, rounded up (0.5 CPU, divisor 1 -> "1").
+    The resource must be set: without a limit kubelet would give the node's allocatable."""
+    kind, _, name = ref["resource"].partition(".")
+    resources = container.get("resources", {}).get(kind, {})
+    assert name in resources, f"{container['name']} has no {ref['resource']} for {ref}"
+    return str(math.ceil(quantity(resources[name]) / quantity(ref.get("divisor", "1"))))
+
+
+def process_env(
+    docs: list[dict[str, Any]], secrets: dict[tuple[str, str], str] | None = None
+) -> dict[str, str]:
+    """The server container's env as its process sees it: entries in order, `$(VAR)` expanded
+    by kubelet's rules, Downward API resource fields resolved, Secret references from `secrets`
+    ((name, key) -> value; left out when None)."""
+    container = pod_spec(docs, "Deployment", "bertrec")["containers"][0]
+    defined: dict[str, str] = {}
+    for entry in server_env(docs):
+        source = entry.get("valueFrom", {})
+        if "value" in entry:
+            defined[entry["name"]] = kubelet_expand(entry["value"], defined)
+        elif "resourceFieldRef" in source:
+            defined[entry["name"]] = resource_field(container, source["resourceFieldRef"])
+        elif secrets is not None:
+            ref = source["secretKeyRef"]
+            defined[entry["name"]] = secrets[(ref["name"], ref["key"])]
+    return defined

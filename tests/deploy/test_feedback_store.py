@@ -28,6 +28,7 @@ from deploy_helpers import (
     kubelet_expand,
     load_docs,
     pod_spec,
+    process_env,
     server_env,
     tool,
 )
@@ -56,14 +57,7 @@ def docs_of(rendered: dict[str, Path], overlay: str) -> Docs:
 def store_url(docs: Docs, secrets: dict[tuple[str, str], str]) -> str:
     """BERTREC_FEEDBACK_STORE as the server process sees it: env in order, Secret references
     resolved from `secrets` ((name, key) -> value), $(VAR) expanded by kubelet's rules."""
-    defined: dict[str, str] = {}
-    for entry in server_env(docs):
-        if "value" in entry:
-            defined[entry["name"]] = kubelet_expand(entry["value"], defined)
-        else:
-            ref = entry["valueFrom"]["secretKeyRef"]
-            defined[entry["name"]] = secrets[(ref["name"], ref["key"])]
-    return defined["BERTREC_FEEDBACK_STORE"]
+    return process_env(docs, secrets)["BERTREC_FEEDBACK_STORE"]
 
 
 def mounted_volume(pod: dict[str, Any], container: dict[str, Any], path: str) -> dict[str, Any]:

@@ -5,6 +5,7 @@ checkov, and checked against what the server actually does (ports, health, drain
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -18,11 +19,15 @@ from deploy_helpers import (
     REDIS_OVERLAYS,
     find,
     load_docs,
+    process_env,
+    quantity,
     run_tool,
     server_env,
 )
 
-from bertrec.server.config import ServerConfig
+from bertrec.server.cli import size_processes
+from bertrec.server.config import ServerConfig, load_config
+from bertrec.server.environment import UsableCpus
 
 # Custom resources of the Prometheus Operator: kubernetes-validate ships only the core API's
 # schemas, so these are checked structurally below (test_service_monitor_*,
@@ -87,6 +92,54 @@ def test_the_image_entrypoint_is_used_and_ports_match_the_settings(
     keys = [e["name"] for e in server_env(docs)] + list(model)
     for key in [k for k in keys if k.startswith("BERTREC_")]:
         assert key.removeprefix("BERTREC_") in names, f"{key} is not a server setting"
+
+
+WORKERS_FROM_THE_LIMIT = {
+    "name": "BERTREC_WORKERS",
+    "valueFrom": {"resourceFieldRef": {"resource": "limits.cpu", "divisor": "1"}},
+}
+THREADS = ("BERTREC_RANKER_THREADS", "BERTREC_INTRA_OP_THREADS", "BERTREC_INTER_OP_THREADS")
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_workers_are_the_cpu_limit_and_their_threads_fit_in_it(
+    rendered: dict[str, Path], overlay: str, tmp_path: Path
+) -> None:
+    docs = load_docs(rendered[overlay])
+    assert WORKERS_FROM_THE_LIMIT in server_env(docs)
+    limit = quantity(container(docs)["resources"]["limits"]["cpu"])
+    settings = process_env(docs)  # kubelet's value: the limit rounded up
+    assert int(settings["BERTREC_WORKERS"]) == math.ceil(limit) >= 1
+    # What the server runs with in that pod: its cgroup quota is the limit, on a big node.
+    env = {k: settings[k] for k in ("BERTREC_WORKERS", *THREADS) if k in settings}
+    config = load_config({"model_repo": tmp_path, "model": "m"}, env=env)
+    cpus = UsableCpus(affinity=64, quota=float(limit))
+    sized = size_processes(config, cpus)
+    assert sized.workers == cpus.count == math.ceil(limit)  # the same as --workers auto there
+    for threads in (sized.ranker_threads, sized.intra_op_threads):
+        # 0 (ONNX Runtime's default, one per CPU) is left only to a single worker.
+        assert sized.workers * (threads or cpus.count) <= cpus.count, (overlay, sized)
+
+
+@pytest.mark.parametrize("overlay", REDIS_OVERLAYS)
+def test_where_the_hpa_scales_on_cpu_the_limit_is_the_request(
+    rendered: dict[str, Path], overlay: str
+) -> None:
+    # Utilisation is measured against the request; workers come from the limit. Equal, the HPA
+    # adds pods when the workers' CPUs are 70% busy, not when a pod bursts past its request.
+    docs = load_docs(rendered[overlay])
+    metrics = find(docs, "HorizontalPodAutoscaler")["spec"]["metrics"]
+    if any(m["type"] == "Resource" and m["resource"]["name"] == "cpu" for m in metrics):
+        resources = container(docs)["resources"]
+        assert quantity(resources["limits"]["cpu"]) == quantity(resources["requests"]["cpu"])
+
+
+def test_the_base_deployment_has_a_cpu_limit_equal_to_its_request() -> None:
+    # Without a limit, the Downward API would make one worker per CPU of the node.
+    docs = load_docs(DEPLOY / "k8s" / "base" / "deployment.yaml")
+    c = container(docs)
+    assert quantity(c["resources"]["limits"]["cpu"]) == quantity(c["resources"]["requests"]["cpu"])
+    assert WORKERS_FROM_THE_LIMIT in c["env"]
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)

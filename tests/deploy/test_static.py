@@ -17,6 +17,8 @@ import pytest
 import yaml
 from deploy_helpers import DEPLOY, ROOT, run_tool
 
+from bertrec.server.config import AUTO_WORKERS, load_config
+
 DOCKERFILES = sorted((DEPLOY / "docker").glob("Dockerfile.*[!e]"))  # not *.dockerignore
 SERVING = ("Dockerfile.cpu", "Dockerfile.gpu")
 
@@ -98,6 +100,25 @@ def test_serving_images_run_bertrec_serve_as_non_root_with_a_grpc_healthcheck(na
     # Only the serving extra: no torch/transformers (`train`) in a serving image.
     extras = re.findall(r'"\.\[([\w,]+)\]"', installs[0])
     assert extras == [name.removeprefix("Dockerfile.")], installs[0]
+
+
+def image_env(name: str) -> dict[str, str]:
+    """The final stage's ENV values of a Dockerfile (KEY=VALUE pairs, no quoting used)."""
+    instructions = parse_dockerfile(DEPLOY / "docker" / name)
+    stage = max(i for i, ins in enumerate(instructions) if ins.keyword == "FROM")
+    pairs = [w for ins in instructions[stage:] if ins.keyword == "ENV" for w in ins.args.split()]
+    return dict(pair.split("=", 1) for pair in pairs)
+
+
+@pytest.mark.parametrize("name", SERVING)
+def test_serving_images_size_their_workers_from_the_containers_cpus(
+    name: str, tmp_path: Path
+) -> None:
+    settings = {k: v for k, v in image_env(name).items() if k.startswith("BERTREC_")}
+    assert settings["BERTREC_WORKERS"] == "auto"
+    # Every setting the image sets is one the server accepts (the repository: a real folder).
+    config = load_config(env={**settings, "BERTREC_MODEL_REPO": str(tmp_path)})
+    assert config.workers == AUTO_WORKERS
 
 
 def extra_requirements(extra: str) -> set[str]:

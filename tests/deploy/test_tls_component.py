@@ -33,7 +33,7 @@ from typing import Any
 import grpc
 import pytest
 import yaml
-from deploy_helpers import DEPLOY, find, load_docs, pod_spec, tool
+from deploy_helpers import DEPLOY, find, load_docs, pod_spec, process_env, tool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from server_harness import MODEL, PORTS, ServerProcess, _pump, start_server
 from tls_material import (
@@ -114,7 +114,7 @@ class Deployed:
 def server_settings(docs: list[dict[str, Any]]) -> dict[str, str]:
     """The BERTREC_* values the server container gets (env and the model ConfigMap)."""
     c = pod_spec(docs, "Deployment", "bertrec")["containers"][0]
-    values = {e["name"]: e["value"] for e in c["env"] if "value" in e}
+    values = process_env(docs)  # BERTREC_WORKERS from the CPU limit, as kubelet resolves it
     for ref in c.get("envFrom", []):
         values |= find(docs, "ConfigMap", ref["configMapRef"]["name"])["data"]
     return {k: v for k, v in values.items() if k.startswith("BERTREC_")}
