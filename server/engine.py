@@ -169,14 +169,13 @@ class Recommender:
             ratings = self.model.predicted_ratings(
                 pending.vector, result.rows, user and user.row, user and user.rating
             )
-        ids = self.model.item_ids
         if pending.explain:
             return self._explained(pending, result, ratings)
+        ids = self.model.item_ids_of(result.rows)  # one gather, not a lookup per item
         items = [
-            RankedItem(ids[row], float(score), float(rating), rank)
-            for rank, (row, score, rating) in enumerate(
-                zip(result.rows.tolist(), result.scores.tolist(), ratings.tolist(), strict=True),
-                start=1,
+            RankedItem(item_id, score, rating, rank)
+            for rank, (item_id, score, rating) in enumerate(
+                zip(ids, result.scores.tolist(), ratings.tolist(), strict=True), start=1
             )
         ]
         return Recommendations(items, self.ref)
@@ -221,11 +220,11 @@ class Recommender:
             m.arrays, m.item_ids, pending.vector, user and user.row, result.rows,
             user and user.touches,
         )  # fmt: skip
-        rows, scores = result.rows.tolist(), result.scores.tolist()
+        ids, scores = m.item_ids_of(result.rows), result.scores.tolist()
         items: list[RankedItem] = [
-            ExplainedItem(m.item_ids[row], float(score), float(rating), rank, reason)
-            for rank, (row, score, rating, reason) in enumerate(
-                zip(rows, scores, ratings.tolist(), why, strict=True), start=1
+            ExplainedItem(item_id, score, rating, rank, reason)
+            for rank, (item_id, score, rating, reason) in enumerate(
+                zip(ids, scores, ratings.tolist(), why, strict=True), start=1
             )
         ]
         return Recommendations(items, self.ref)
@@ -288,11 +287,11 @@ class Recommender:
         row = int(self._item_rows([_nonempty(item_id, "item_id")], "item_id", indexed=False)[0])
         query = RankQuery(self.model.unit_item(row), k, exclude=np.array([row], np.int64))
         result = wait(self.similar.submit(query, call.deadline_s), call)
-        ids = self.model.item_ids
+        ids = self.model.item_ids_of(result.rows)
         items = [
-            SimilarItem(ids[r], float(s), rank)
-            for rank, (r, s) in enumerate(
-                zip(result.rows.tolist(), result.scores.tolist(), strict=True), start=1
+            SimilarItem(item_id, score, rank)
+            for rank, (item_id, score) in enumerate(
+                zip(ids, result.scores.tolist(), strict=True), start=1
             )
         ]
         return SimilarItems(items, self.ref)

@@ -15,6 +15,7 @@ from contextlib import closing
 from typing import Any
 
 import grpc
+import numpy as np
 
 from bertrec.explanation import ExplainedItem, Explanation
 from bertrec.results import ModelRef, Recommendations
@@ -77,7 +78,7 @@ class RecommenderServicer(pb_grpc.RecommenderServiceServicer):
             bulk = self._bulk(rec, request, context, c.max_batch_users, "max_batch_users")
             response = pb.RecommendBatchResponse(model=model_ref(rec.ref))
             for chunk in bulk.chunks():
-                add_user_results(response.results, chunk, rec.model.item_ids)
+                add_user_results(response.results, chunk, rec.model.item_ids_of)
         return response
 
     def StreamRecommendations(
@@ -86,11 +87,11 @@ class RecommenderServicer(pb_grpc.RecommenderServiceServicer):
         with self._leased(context, request.model) as lease:
             rec, c = lease.value, self._config
             bulk = self._bulk(rec, request, context, c.max_stream_users, "max_stream_users")
-            ref, ids = model_ref(rec.ref), rec.model.item_ids
+            ref, ids_of = model_ref(rec.ref), rec.model.item_ids_of
             with closing(bulk.chunks()) as chunks:  # a closed stream withdraws queued work
                 for chunk in chunks:
                     message = pb.StreamRecommendationsResponse(model=ref)
-                    add_user_results(message.results, chunk, ids)
+                    add_user_results(message.results, chunk, ids_of)
                     yield message
 
     def RecommendForText(
@@ -254,15 +255,23 @@ def ranked_items(result: Recommendations) -> list[pb.RankedItem]:
     ]
 
 
-def add_user_results(field: Any, chunk: Sequence[UserResult], item_ids: Sequence[str]) -> None:
+def add_user_results(
+    field: Any, chunk: Sequence[UserResult], item_ids_of: Callable[[np.ndarray], list[str]]
+) -> None:
     """Append bulk results to a repeated `UserRecommendations` field, straight from the ranked
-    arrays: built in place, since a message passed to a constructor is copied (twice as slow)."""
-    for one in chunk:
+    arrays: built in place, since a message passed to a constructor is copied (twice as slow),
+    with every id of the chunk gathered at once (`Model.item_ids_of`)."""
+    sizes = [len(one.rows) for one in chunk]
+    ids = item_ids_of(np.concatenate([one.rows for one in chunk])) if chunk else []
+    start = 0
+    for one, size in zip(chunk, sizes, strict=True):
         add = field.add(user_id=one.user_id, found=one.found).items.add
-        for rank, (row, score, rating) in enumerate(
-            zip(one.rows.tolist(), one.scores.tolist(), one.ratings.tolist(), strict=True), start=1
+        for rank, (item_id, score, rating) in enumerate(
+            zip(ids[start : start + size], one.scores.tolist(), one.ratings.tolist(), strict=True),
+            start=1,
         ):
-            add(item_id=item_ids[row], score=score, predicted_rating=rating, rank=rank)
+            add(item_id=item_id, score=score, predicted_rating=rating, rank=rank)
+        start += size
 
 
 def explanation_pb(e: Explanation | None) -> pb.Explanation | None:
