@@ -1,7 +1,7 @@
 """One loaded model version: verified files, memory-mapped arrays, id maps, ranker and encoder.
 
 `load_model` resolves `<repo>/<model>/<version>`, reads and verifies the manifest (sizes and
-SHA-256 of every file), memory-maps the factor arrays, builds the id -> row maps and creates
+SHA-256 of every file), memory-maps the factor arrays, indexes the ids (`id_index`) and creates
 the ranking and encoder runtimes. `Model` then offers the batch computations the batchers run
 (`rank`, `similar`, `encode`) and the small per-request ones (`predicted_ratings`).
 """
@@ -150,6 +150,10 @@ class Model:
     def training_row(self, user_id: str) -> int | None:
         """Row of a user of the training data, or None."""
         return self._users.row(user_id)
+
+    def training_rows(self, user_ids: list[str]) -> np.ndarray:
+        """Rows (int64) of many users of the training data at once, -1 for the others."""
+        return self._users.rows(user_ids)
 
     def item_row(self, item_id: str) -> int | None:
         """Row of an item of the catalogue, or None."""

@@ -26,7 +26,10 @@ the read bandwidth at batch 1. The catalogue is padded to whole groups with item
 Cosine similarity (`Ranker.scaled`) scans the same matrix: its first d rows are a C-contiguous
 view, which ONNX Runtime reads in place, and the graph multiplies each item's dot product by a
 per-item scale (1 / |item|) instead of scanning a second, normalised copy of the catalogue. A
-loaded version thus holds one heap copy of the item factors besides the memory-mapped file.
+loaded version thus holds one copy of the item factors besides the memory-mapped file: on the
+heap, or, in the workers of `bertrec serve --workers N`, one file of the run that every worker
+maps (`shared_layout`). The (rows, n_items) score buffers come from one arena per process
+(`scan_sessions`).
 
 ONNX Runtime splits the MatMul across its intra-op threads, and TopK splits the batch rows
 across them. (Cutting the catalogue into blocks with a TopK each, or slicing it into concurrent

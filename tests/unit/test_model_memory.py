@@ -102,6 +102,9 @@ def test_with_a_layout_directory_the_version_holds_no_heap_copy_and_ranks_the_sa
     rows = np.array([0, 5, N_ITEMS - 1])
     assert model.item_ids_of(rows) == [heap.item_ids[int(r)] for r in rows]
     assert model.item_rows(model.item_ids_of(rows)).tolist() == rows.tolist()
+    users = [str(u) for u in model.arrays.user_ids[:3]]
+    assert model.training_rows([*users, "nobody"]).tolist() == [0, 1, 2, -1]
+    assert [model.training_row(u) for u in users] == [0, 1, 2]
 
 
 def test_similar_gives_exact_cosines(loaded: tuple[Model, int, int]) -> None:
