@@ -339,8 +339,9 @@ def worker_main(run_dir: Path, index: int, debug: bool) -> int:
     configure_logs(config)
     server = Server(config)
     on_stop_signals(server.request_stop)
+    parent = os.getppid()
     threading.Thread(
-        target=_exit_with_parent, args=(os.getppid(), server.request_stop), daemon=True
+        target=_exit_with_parent, args=(parent, server.request_stop), daemon=True
     ).start()
     try:
         server.start()
@@ -354,6 +355,11 @@ def worker_main(run_dir: Path, index: int, debug: bool) -> int:
         return 2
     finally:
         server.stop()
+        if os.getppid() != parent:
+            # The supervisor was killed and cannot remove the run folder; its shared layouts
+            # are hundreds of MB at 1M items. Every orphan tries; the files vanish from the
+            # folder while mapped pages stay valid for any worker still draining.
+            shutil.rmtree(run_dir, ignore_errors=True)
     return 0
 
 

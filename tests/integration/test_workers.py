@@ -193,9 +193,11 @@ def gone(pid: int) -> bool:
 def test_workers_drain_and_exit_when_the_parent_is_killed(model_repo: Path, tmp_path: Path) -> None:
     with serving(model_repo, tmp_path, "--workers", "2") as server:
         pids = [pid for pid, _ in workers_announced(server, 2).values()]
+        (layouts,) = {path.parent for path in mapped_layout_files(pids[0])}
         server.proc.kill()
         server.proc.wait(10)
         deadline = time.monotonic() + 60
         while not all(gone(pid) for pid in pids):
             assert time.monotonic() < deadline, "orphaned workers kept running"
             time.sleep(0.2)
+        assert not layouts.parent.exists()  # the orphans removed the run folder
