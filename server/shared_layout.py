@@ -6,17 +6,20 @@ the id indexes). Built into a file instead, the copies are one set of page-cache
 every worker maps, and N workers cost about one.
 
 The supervisor creates a private directory for the run (mode 0700, under $TMPDIR: /dev/shm is
-64 MB in containers) and names it to its workers in LAYOUT_DIR_ENV; it removes the directory,
-with every version's files, when it exits (files of a version a worker swapped away from stay
-until then). Without the variable (one process, tests, benchmarks) arrays stay on the heap.
+64 MB in containers) and names it to its workers in LAYOUT_DIR_ENV; the directory, with every
+version's files, is removed when the run ends (files of a version the workers swapped away
+from stay until then). Without the variable (one process, tests, benchmarks) arrays stay on
+the heap.
 
 A file's name is a key: SHA-256 over the manifest's digests of the source arrays, the kind of
 layout, FORMAT_VERSION, the shape, dtype and the builder's parameters (e.g. GROUP_WIDTH). A
-builder writes a temporary file, fsyncs it, records the content's SHA-256 beside it, and
-links it into place (a link never replaces: of two racing builders one wins and the other maps
-the winner's file, identical by construction). A reader maps a file only if its header,
-shape, dtype and SHA-256 match, so a truncated or corrupted file is rebuilt and replaced,
-never used.
+builder writes a temporary file (its blocks reserved first), fsyncs it, records the content's
+SHA-256 beside it, and links it into place (a link never replaces: of two racing builders one
+wins and the other maps the winner's file, identical by construction). A reader maps a file
+only if its header, shape, dtype and SHA-256 match, so a truncated or corrupted file is
+rebuilt and replaced, never used. The supervisor, or the workers once a killed supervisor has
+left them, remove the folder. Where no file can be written (a full $TMPDIR), the array is
+built on the heap.
 """
 
 from __future__ import annotations
@@ -87,19 +90,17 @@ class LayoutCache:
             return found
         tmp = path.with_name(f".{path.stem}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
         try:
-            digest = _write(tmp, tuple(shape), dt, build)
-            _write_text_atomically(_digest_file(path), digest)
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                if _mapped_if_valid(path, tuple(shape), dt) is None:
-                    os.replace(tmp, path)  # a bad file: ours takes its place
-                    log.warning("replaced an invalid shared layout file %s", path)
+            _publish(tmp, path, tuple(shape), dt, build)
+        except OSError as exc:  # a full or vanished $TMPDIR costs memory, not the server
+            tmp.unlink(missing_ok=True)
+            log.warning("cannot share %s (%s): building it on the heap", path.name, exc)
+            return heap_or_shared(None, kind, shape, dt, build)
         finally:
             tmp.unlink(missing_ok=True)
         mapped = _mapped_if_valid(path, tuple(shape), dt)
-        if mapped is None:  # only if something outside the run damages the directory
-            raise OSError(f"shared layout file {path} is not valid right after it was written")
+        if mapped is None:  # only if something outside the run damages the folder meanwhile
+            log.warning("shared layout file %s changed after it was written: heap copy", path)
+            return heap_or_shared(None, kind, shape, dt, build)
         return mapped
 
 
@@ -119,9 +120,30 @@ def heap_or_shared(
     return out
 
 
+def _publish(
+    tmp: Path, path: Path, shape: tuple[int, ...], dtype: np.dtype, build: Callable
+) -> None:
+    """Build into `tmp`, record its digest, and link it to `path` unless a valid file is
+    there already (a racing builder's); an invalid one is replaced."""
+    digest = _write(tmp, shape, dtype, build)
+    _write_text_atomically(_digest_file(path), digest)
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        if _mapped_if_valid(path, shape, dtype) is None:
+            os.replace(tmp, path)
+            log.warning("replaced an invalid shared layout file %s", path)
+
+
 def _write(path: Path, shape: tuple[int, ...], dtype: np.dtype, build: Callable) -> str:
-    """Build into a new .npy file, flushed and fsynced; returns the file's SHA-256."""
+    """Build into a new .npy file, flushed and fsynced; returns the file's SHA-256.
+
+    The file's blocks are reserved before it is mapped: writing a page of a sparse mapping on
+    a full file system kills the process with SIGBUS, where `posix_fallocate` raises OSError.
+    """
     out = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+    with path.open("r+b") as f:
+        os.posix_fallocate(f.fileno(), 0, path.stat().st_size)
     try:
         build(out)
         out.flush()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import multiprocessing
+import os
 import time
 from pathlib import Path
 
@@ -109,6 +111,21 @@ def test_a_build_that_fails_leaves_no_file(tmp_path: Path) -> None:
         LayoutCache(tmp_path, SOURCES).array("t", (50,), np.float32, broken)
     assert [p for p in tmp_path.iterdir() if p.suffix == ".npy"] == []
     assert all(not p.name.endswith(".npy.tmp") for p in tmp_path.iterdir())
+
+
+def test_a_full_file_system_falls_back_to_the_heap(tmp_path: Path, monkeypatch) -> None:
+    """No space for the file: the array is built on the heap and no file is left behind."""
+
+    def no_space(fd: int, offset: int, length: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", no_space)
+    got = LayoutCache(tmp_path, SOURCES).array("t", (50, 40), np.float32, fill)
+    expected = np.empty((50, 40), np.float32)
+    fill(expected)
+    np.testing.assert_array_equal(got, expected)
+    assert got.flags.writeable  # a private heap array
+    assert layout_files(tmp_path) == []
 
 
 def slow_build(out: np.ndarray) -> None:
