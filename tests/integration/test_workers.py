@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,8 +21,9 @@ from pathlib import Path
 import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from server_harness import ServerProcess, serving
+from server_harness import MODEL, ServerProcess, serving
 
+from bertrec.bench.versions import publish_variant
 from bertrec.v1 import recommender_pb2 as pb
 from bertrec.v1 import recommender_pb2_grpc as pb_grpc
 
@@ -112,6 +114,31 @@ def test_two_workers_map_one_shared_layout_file_per_derived_array(two_workers) -
     (folder,) = {path.parent for path in first}
     assert folder.stat().st_mode & 0o777 == 0o700
     assert folder.parent.name.startswith("bertrec-workers-")
+
+
+def test_a_new_version_is_shared_by_the_workers_too(model_repo: Path, tmp_path: Path) -> None:
+    """A version swap builds the new version's layout once; both workers map it (the old
+    version's file stays until the run ends)."""
+    repo = tmp_path / "repo"
+    shutil.copytree(model_repo / MODEL / "1", repo / MODEL / "1")
+    with serving(repo, tmp_path / "logs", "--workers", "2", "--poll-interval-s", "0.2") as server:
+        pids = [pid for pid, _ in workers_announced(server, 2).values()]
+        (first,) = {p for p in mapped_layout_files(pids[0]) if p.name.startswith("ranker-")}
+        publish_variant(repo, MODEL, 1, seed=2, version=2)
+        deadline = time.monotonic() + 60
+        while True:
+            rankers = [{p for p in mapped_layout_files(pid) if p.name.startswith("ranker-")}
+                       for pid in pids]  # fmt: skip
+            if all(r and first not in r for r in rankers):
+                break
+            assert time.monotonic() < deadline, f"workers still map the old layout: {rankers}"
+            time.sleep(0.2)
+        assert rankers[0] == rankers[1] and len(rankers[0]) == 1
+        assert len(list(first.parent.glob("ranker-*.npy"))) == 2
+        with grpc.insecure_channel(server.target) as channel:
+            stub = pb_grpc.RecommenderServiceStub(channel)
+            info = stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=30)
+            assert info.model.version == 2
 
 
 def test_a_killed_worker_is_restarted_and_counted_and_calls_keep_succeeding(
