@@ -17,8 +17,8 @@ each part adds (RssAnon and Pss, MB): the id indexes, the Ranker's layout and se
 cosine twin, the int8 copy, each warm-up (ONNX Runtime's buffers). The encoder is not
 included (a few MB for the synthetic version).
 
-`--ranker-speed` compares the Ranker's q/s with the scan sessions as they were and as they
-are (`ranker_speed`); `--id-lookups` the cost of an id lookup against the dict it replaced.
+`--ranker-speed` compares the rankers' q/s as they were and as they are (`ranker_speed`);
+`--id-lookups` the cost of an id lookup against the dict it replaced.
 
 `--server-env` passes variables to the servers only (e.g. a PYTHONPATH that imports another
 checkout, to measure the code before a change with this harness). Results are merged into
@@ -128,52 +128,67 @@ def breakdown(repo: Path, precision: str) -> dict[str, dict[str, float]]:
 
 
 def ranker_speed(n_items: int, dim: int, rounds: int) -> dict[str, Any]:
-    """Ranker q/s (k=100, 2 threads) with the scan sessions as they were (each its own ONNX
-    Runtime arena) and as they are (one process arena), on the heap and from a mapped layout
-    file, in interleaved rounds: the best round and the median of per-round ratios."""
+    """q/s (k=100, 2 threads) in interleaved rounds, the best round and the median of
+    per-round ratios to the first variant of each group: the Ranker with the scan sessions as
+    they were (each its own ONNX Runtime arena) and as they are (one process arena), on the
+    heap and from a mapped layout file; the CompactRanker with its codes packed (one process)
+    and read in place from the run's file (workers)."""
     from bertrec.server import ranking
     from bertrec.server.providers import CPU, make_session
+    from bertrec.server.ranking_compact import CompactRanker
     from bertrec.server.shared_layout import LayoutCache
 
     rng = np.random.default_rng(0)
-    factors = rng.standard_normal((n_items, dim)).astype(np.float32)
-    bias = rng.standard_normal(n_items).astype(np.float32)
+    factors = (rng.standard_normal((n_items, dim)) / np.sqrt(dim)).astype(np.float32)
+    bias = (rng.standard_normal(n_items) * 0.1).astype(np.float32)
     shared = ranking.scan_session
 
     def own(graph: bytes, threads: int, spinning: bool = True) -> Any:
         return make_session(graph, [CPU], intra_op_threads=threads)  # the sessions as they were
 
     ranking.scan_session = own
-    variants = {"own arenas, heap": ranking.Ranker(factors, bias, threads=2)}
+    fp32 = {"own arenas, heap": ranking.Ranker(factors, bias, threads=2)}
     ranking.scan_session = shared
-    variants["one arena, heap"] = ranking.Ranker(factors, bias, threads=2)
+    fp32["one arena, heap"] = ranking.Ranker(factors, bias, threads=2)
     with tempfile.TemporaryDirectory(prefix="bertrec-layout-") as tmp:
         layout = LayoutCache(Path(tmp), ("synthetic",))
-        variants["one arena, mapped file"] = ranking.Ranker(factors, bias, threads=2,
-                                                            layout=layout)  # fmt: skip
-        seen: dict[str, dict[int, list[float]]] = {name: {} for name in variants}
-        for batch in (1, 32, 64):
-            queries = rng.standard_normal((batch, dim)).astype(np.float32)
-            repeats = max(1, 64 // batch)
-            for ranker in variants.values():
-                ranker.topk(queries, 100)
-            for _ in range(rounds):
-                for name, ranker in variants.items():
-                    start = time.perf_counter()
-                    for _ in range(repeats):
-                        ranker.topk(queries, 100)
-                    rate = repeats * batch / (time.perf_counter() - start)
-                    seen[name].setdefault(batch, []).append(rate)
-    base = seen["own arenas, heap"]
-    return {
-        "n_items": n_items, "dim": dim, "k": 100, "threads": 2, "rounds": rounds,
-        "best_q_per_s": {n: {b: round(max(v)) for b, v in per.items()} for n, per in seen.items()},
-        "median_ratio_to_own_arenas": {
-            n: {b: round(float(np.median(np.divide(v, base[b]))), 3) for b, v in per.items()}
-            for n, per in seen.items() if n != "own arenas, heap"
-        },
-        "loadavg_end": list(os.getloadavg()),
-    }  # fmt: skip
+        fp32["one arena, mapped file"] = ranking.Ranker(factors, bias, threads=2, layout=layout)
+        int8 = {"int8 packed": CompactRanker(factors, bias, threads=2),
+                "int8 codes read in place from the file": CompactRanker(
+                    factors, bias, threads=2, layout=layout)}  # fmt: skip
+        groups = [_interleaved(fp32, dim, rounds), _interleaved(int8, dim, rounds)]
+    out: dict[str, Any] = {"n_items": n_items, "dim": dim, "k": 100, "threads": 2,
+                           "rounds": rounds, "best_q_per_s": {}, "median_ratio": {}}  # fmt: skip
+    for seen in groups:
+        base_name, *others = seen
+        out["best_q_per_s"].update(
+            {n: {b: round(max(v)) for b, v in per.items()} for n, per in seen.items()}
+        )
+        for name in others:
+            ratios = {b: round(float(np.median(np.divide(v, seen[base_name][b]))), 3)
+                      for b, v in seen[name].items()}  # fmt: skip
+            out["median_ratio"][f"{name} / {base_name}"] = ratios
+    out["loadavg_end"] = list(os.getloadavg())
+    return out
+
+
+def _interleaved(variants: dict[str, Any], dim: int, rounds: int) -> dict[str, dict]:
+    """name -> batch -> q/s of each round, the variants timed in turn at batches 1, 32, 64."""
+    rng = np.random.default_rng(1)
+    seen: dict[str, dict[int, list[float]]] = {name: {} for name in variants}
+    for batch in (1, 32, 64):
+        queries = rng.standard_normal((batch, dim)).astype(np.float32)
+        repeats = max(1, 64 // batch)
+        for ranker in variants.values():
+            ranker.topk(queries, 100)
+        for _ in range(rounds):
+            for name, ranker in variants.items():
+                start = time.perf_counter()
+                for _ in range(repeats):
+                    ranker.topk(queries, 100)
+                rate = repeats * batch / (time.perf_counter() - start)
+                seen[name].setdefault(batch, []).append(rate)
+    return seen
 
 
 def id_lookups(n_ids: int, asked: int = 1000, rounds: int = 5) -> dict[str, Any]:

@@ -127,6 +127,8 @@ class Model:
                 exclude_fetch_limit=exact.exclude_fetch_limit,
                 single_row_batches=exact.single_row_batches,
             )  # fmt: skip
+            # Not `layout=`: codes read in place from the run's file save ~70 MB per worker at
+            # 1M x 64 but scan batches of 32-64 5-9% slower (bench/results/worker_memory.json).
 
     @property
     def dim(self) -> int:

@@ -24,6 +24,10 @@ MatMulInteger on uint8 query codes, exact in int32, several times faster than Ma
 batch 32. Memory is the price: ONNX Runtime keeps each code initializer besides its packed
 copy, so at 1M x 64 the two sessions grow the heap by ~320 MB (MatMulInteger alone, with
 `small_batch_rows=0`: ~175 MB), against ~250 MB for the float32 matrix `Ranker` holds.
+Measured again on a loaded server (`bench.worker_memory`): the CompactRanker adds ~283 MB
+per process at 1M x 64. With `layout` the MatMulInteger session reads the codes in place from
+a file every worker maps, unpacked: ~70 MB less per worker at 1M, but batches of 32-64 scan
+5-9% slower, so the server does not use it (yet).
 
 One scale for the catalogue (not one per row) keeps the int32 code product monotone in the
 score, so the top-k runs on MatMulInteger's output directly, with no per-item multiply pass
@@ -44,6 +48,7 @@ from typing import Any
 
 import numpy as np
 
+from bertrec.server.providers import onnxruntime
 from bertrec.server.ranking import (
     GROUP_WIDTH,
     OPSET,
@@ -53,6 +58,7 @@ from bertrec.server.ranking import (
     per_query_rows,
 )
 from bertrec.server.scan_sessions import scan_session
+from bertrec.server.shared_layout import LayoutCache
 
 QUERY_ZERO_POINT = 128  # the query codes are uint8 around 128 (u8 x s8 is MLAS's fast path)
 CODE_MAX = 127  # int8 codes stay in -127..127
@@ -104,6 +110,9 @@ class CompactRanker:
         small_batch_rows: scans of up to this many queries use the float-query kernel
             (MatMulNBits), larger ones MatMulInteger; 0 builds no MatMulNBits session, which
             halves the memory held (module docstring) and slows batch 1.
+        layout: where worker processes share the MatMulInteger codes as one mapped file
+            (`shared_layout`), read in place by the scan session instead of packed into
+            each process's heap; None keeps the packed private copy.
     Raises:
         ValueError: shapes that do not match, or bad settings.
     """
@@ -120,6 +129,7 @@ class CompactRanker:
         exclude_fetch_limit: int = 1024,
         single_row_batches: int = 3,
         small_batch_rows: int = 2,
+        layout: LayoutCache | None = None,
     ) -> None:
         factors, bias = np.asarray(item_factors), np.asarray(item_bias, dtype=np.float32)
         if factors.ndim != 2 or factors.shape[0] == 0 or factors.shape[1] == 0:
@@ -138,8 +148,17 @@ class CompactRanker:
         self.stats = CompactStats()
         codes, self.book = quantise(factors, bias, outlier_fraction)
         self._groups = self.book.width // GROUP_WIDTH
-        # ONNX Runtime packs the codes into its own layout; no second copy is kept here.
-        self._scan_session = _cpu_session(build_int8_topk_graph(codes), self.threads)
+        # ONNX Runtime packs the codes into its own layout; no second copy is kept here. With
+        # a shared layout it reads the run's mapped file instead (kept alive with the session).
+        self._shared_codes: dict[str, Any] = {}
+        if layout is not None:
+            params = {"outlier_fraction": outlier_fraction, "group_width": GROUP_WIDTH}
+            mapped = layout.array("int8-codes", codes.shape, np.int8, _copy_of(codes), **params)
+            if not mapped.flags.writeable:  # a mapped file, not a heap fallback
+                self._shared_codes["items"] = onnxruntime().OrtValue.ortvalue_from_numpy(mapped)
+        graph = build_int8_topk_graph(codes)
+        self._scan_session = scan_session(graph, self.threads, False, self._shared_codes)
+        del graph
         self._small_session: Any = None  # the float-query kernel's own packed copy
         if small_batch_rows > 0:
             small = build_nbits_topk_graph(codes[:-1], self.book.scale, bias)
@@ -378,6 +397,13 @@ def _cpu_session(model: bytes, threads: int) -> Any:
     session's spinning pool slowed the other's run (batch 32: median 124 -> 48 ms per call on
     the loaded machine)."""
     return scan_session(model, threads, spinning=False)
+
+
+def _copy_of(source: np.ndarray) -> Any:
+    def build(out: np.ndarray) -> None:
+        out[...] = source
+
+    return build
 
 
 def _count(rows: np.ndarray | None) -> int:

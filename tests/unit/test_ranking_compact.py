@@ -276,6 +276,30 @@ def test_memory_mapped_factors(tmp_path: object) -> None:
     np.testing.assert_array_equal(rows, reference(items, bias, queries(2, 8, seed=25), 10)[0])
 
 
+def test_shared_codes_file_read_in_place_ranks_as_the_packed_copy(tmp_path: object) -> None:
+    """Workers' CompactRankers scan one mapped file of codes (no packed private copy), exactly."""
+    from pathlib import Path
+
+    from bertrec.server.shared_layout import LayoutCache
+
+    layout = LayoutCache(Path(str(tmp_path)), ("c" * 64,))
+    items, bias = gaussian(5000, 16, seed=31)
+    first = CompactRanker(items, bias, threads=1, layout=layout)
+    second = CompactRanker(items, bias, threads=1, layout=layout)
+    heap = CompactRanker(items, bias, threads=1)
+    (codes,) = Path(str(tmp_path)).glob("int8-codes-*.npy")
+    assert np.load(codes).shape == (17, 5024)
+    assert set(second._shared_codes) == {"items"} and heap._shared_codes == {}
+    exclude = [np.array([1, 2, 3])] + [None] * 31
+    for batch in (1, 32):  # MatMulNBits (private), MatMulInteger (the shared codes)
+        q = queries(batch, 16, seed=32)
+        want_rows, want_scores = reference(items, bias, q, 15, exclude[:batch])
+        for ranker in (first, second, heap):
+            rows, scores = ranker.topk(q, 15, exclude=exclude[:batch])
+            np.testing.assert_array_equal(rows, want_rows)
+            np.testing.assert_array_equal(scores, want_scores)
+
+
 @pytest.mark.parametrize(
     "call",
     [
