@@ -134,7 +134,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         argv = [
             sys.executable, "-m", "bertrec", "serve", "--model-repo", str(repo),
             "--model", MODEL, "--host", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "0",
-            "--providers", "CPUExecutionProvider", "--ranker-max-batch-size", str(args.batch),
+            "--providers", "CPUExecutionProvider", "--workers", "1",
+            "--ranker-max-batch-size", str(args.batch),
             "--ranker-max-queue-size", str(4 * args.batch), "--max-stream-users",
             str(args.stream_users),
         ]  # fmt: skip

@@ -163,7 +163,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         repo = build_repo(root, args.users, args.items, args.dim, args.rated)
         argv = [sys.executable, "-m", "bertrec", "serve", "--model-repo", str(repo),
                 "--model", MODEL, "--host", "127.0.0.1", "--grpc-port", "0",
-                "--metrics-port", "0", "--providers", "CPUExecutionProvider"]  # fmt: skip
+                "--metrics-port", "0", "--providers", "CPUExecutionProvider",
+                "--workers", "1"]  # fmt: skip
         server = Spawned("server", argv, root)
         try:
             server.wait_ready()

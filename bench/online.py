@@ -251,6 +251,7 @@ def serve_argv(repo: Path, store_url: str | None) -> list[str]:
         sys.executable, "-m", "bertrec", "serve", "--model-repo", str(repo), "--model",
         "bertrec", "--model-control", "none", "--host", "127.0.0.1", "--grpc-port", "0",
         "--metrics-port", "0", "--providers", "CPUExecutionProvider", "--max-item-ids", "5000",
+        "--workers", "1",
     ]  # fmt: skip
     return argv + (["--feedback-store", store_url] if store_url else [])
 

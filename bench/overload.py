@@ -208,7 +208,7 @@ def build_repo(root: Path, bert: str, n_items: int, n_users: int, dim: int) -> P
 def start_server(repo: Path, model: str, log_dir: Path) -> Spawned:
     argv = [sys.executable, "-m", "bertrec", "serve", "--model-repo", str(repo),
             "--model", model, "--host", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "0",
-            "--providers", "CPUExecutionProvider"]  # fmt: skip
+            "--providers", "CPUExecutionProvider", "--workers", "1"]  # fmt: skip
     server = Spawned("server", argv, log_dir)
     server.wait_ready()
     return server

@@ -96,7 +96,7 @@ def measure(repo: Path, calls: int, request_bytes: int, serve_flags: Sequence[st
     command = [
         sys.executable, "-m", "bertrec", "serve", "--model-repo", str(repo), "--model", "memory",
         "--host", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "0",
-        *HOLD_FLAGS, *serve_flags,
+        "--workers", "1", *HOLD_FLAGS, *serve_flags,
     ]  # fmt: skip
     from bertrec.bench.spawned import Spawned
 

@@ -146,7 +146,7 @@ def _serve(repo: Path, *flags: str) -> list[str]:
     return [
         sys.executable, "-m", "bertrec", "serve", "--model-repo", str(repo), "--model", MODEL,
         "--host", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "0",
-        "--providers", "CPUExecutionProvider", "--poll-interval-s", "0", *flags,
+        "--providers", "CPUExecutionProvider", "--poll-interval-s", "0", "--workers", "1", *flags,
     ]  # fmt: skip
 
 

@@ -272,7 +272,7 @@ def _serve(repo: Path, *flags: str) -> list[str]:
     return [
         sys.executable, "-m", "bertrec", "serve", "--model-repo", str(repo), "--model", MODEL,
         "--host", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "0",
-        "--providers", "CPUExecutionProvider", *flags,
+        "--providers", "CPUExecutionProvider", "--workers", "1", *flags,  # rows may override
     ]  # fmt: skip
 
 

@@ -217,7 +217,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             sys.executable, "-m", "bertrec", "serve", "--model-repo", str(repo),
             "--model", MODEL, "--version-policy", "specific 1", "--model-control", "explicit",
             "--host", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "0",
-            "--providers", "CPUExecutionProvider",
+            "--providers", "CPUExecutionProvider", "--workers", "1",
         ]  # fmt: skip
         server = Spawned("swap-server", argv, root)
         try:

@@ -134,7 +134,7 @@ class ServerConfig:
     )
     warmup_iterations: int = _opt(3, "warm-up batches per model part before SERVING")
     workers: int = _opt(
-        1,
+        AUTO_WORKERS,
         "server processes sharing the gRPC port (so_reuseport) and the memory-mapped arrays, "
         "with one metrics endpoint; 1: this process serves alone; 0 or auto: one per usable "
         "CPU (the CPUs this process may run on, capped by its cgroup CPU quota, e.g. a "

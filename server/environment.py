@@ -33,6 +33,7 @@ OTHER_TOOLS_VARIABLES = frozenset(
         "BERTREC_MODELS",  # deploy/compose: host folder mounted as the repository
         "BERTREC_MODEL_NAME",  # deploy/compose: becomes BERTREC_MODEL in the container
         "BERTREC_TRAIN_FEEDBACK",  # default of `bertrec train --feedback` (no password in argv)
+        "BERTREC_LAYOUT_DIR",  # server/workers.py: the run's shared layout folder, per worker
     }
 )
 

@@ -179,6 +179,7 @@ class Supervisor:
 
     def _spawn(self, slot: _Slot) -> None:
         _state_file(self._run_dir, slot.index).unlink(missing_ok=True)
+        _error_file(self._run_dir, slot.index).unlink(missing_ok=True)
         env = dict(os.environ, **{MULTIPROC_ENV: str(self._metrics_dir),
                                   LAYOUT_DIR_ENV: str(self._layout_dir)})  # fmt: skip
         command = [self._python, "-m", "bertrec.server.workers", str(self._run_dir),
@@ -219,8 +220,10 @@ class Supervisor:
                 assert slot.proc is not None
                 code = slot.proc.poll()
                 if code is not None:
+                    error = _error_file(self._run_dir, slot.index)
+                    why = f": {error.read_text()}" if error.is_file() else ""
                     self.stop()
-                    raise WorkerError(f"worker {slot.index} exited with {code} before serving")
+                    raise WorkerError(f"worker {slot.index} exited with {code} before serving{why}")
             time.sleep(POLL_S)
 
     def _ready_pids(self) -> dict[int, bool]:
@@ -337,7 +340,10 @@ def worker_main(run_dir: Path, index: int, debug: bool) -> int:
     logging.basicConfig(level=logging.DEBUG if debug else logging.INFO)
     config: ServerConfig = pickle.loads((run_dir / "config.pickle").read_bytes())
     configure_logs(config)
-    server = Server(config)
+    try:
+        server = Server(config)  # reads the TLS and auth files: their errors are the user's
+    except BertrecError as exc:
+        return _failed(run_dir, index, exc)
     on_stop_signals(server.request_stop)
     parent = os.getppid()
     threading.Thread(
@@ -351,8 +357,7 @@ def worker_main(run_dir: Path, index: int, debug: bool) -> int:
         log.info("worker %d (pid %d) serving on port %d", index, os.getpid(), server.port)
         server.wait()
     except BertrecError as exc:
-        print(f"bertrec serve: worker {index}: error: {exc}", file=sys.stderr)
-        return 2
+        return _failed(run_dir, index, exc)
     finally:
         server.stop()
         if os.getppid() != parent:
@@ -361,6 +366,18 @@ def worker_main(run_dir: Path, index: int, debug: bool) -> int:
             # folder while mapped pages stay valid for any worker still draining.
             shutil.rmtree(run_dir, ignore_errors=True)
     return 0
+
+
+def _error_file(run_dir: Path, index: int) -> Path:
+    return run_dir / f"error-{index}"
+
+
+def _failed(run_dir: Path, index: int, exc: BertrecError) -> int:
+    """Report a worker's start error, in its log and to the parent, whose own error (the last
+    line `bertrec serve` prints) then says what a single process would have said."""
+    print(f"bertrec serve: worker {index}: error: {exc}", file=sys.stderr)
+    _error_file(run_dir, index).write_text(str(exc))
+    return 2
 
 
 if __name__ == "__main__":

@@ -129,6 +129,10 @@ def required(tmp_path: Path) -> dict[str, str]:
     return {"model_repo": str(tmp_path), "model": "m"}
 
 
+def test_the_default_is_auto(tmp_path: Path) -> None:
+    assert load_config(required(tmp_path), env={}).workers == AUTO_WORKERS == 0
+
+
 @pytest.mark.parametrize("word", ["auto", "AUTO", " auto ", "0"])
 def test_auto_or_0_from_flags_env_and_toml(tmp_path: Path, word: str) -> None:
     toml = tmp_path / "serve.toml"
