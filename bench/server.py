@@ -74,6 +74,23 @@ class Cell:
     calls: int
     errors: int
     server_cpu_us_per_call: float  # user + system CPU of the server process, per answered call
+    # Context switches of all the server's threads per answered call: how often a call hops
+    # between threads or waits for the GIL (a bare sync echo needs about 7-10).
+    server_switches_per_call: float = 0.0
+
+
+def context_switches(pid: int) -> int:
+    """Voluntary + involuntary context switches so far of every thread of a process tree."""
+    total = 0
+    for p in [pid, *_children(pid)]:
+        for status in Path(f"/proc/{p}/task").glob("*/status"):
+            try:
+                text = status.read_text()
+            except OSError:  # a thread that ended meanwhile
+                continue
+            lines = text.splitlines()
+            total += sum(int(line.split()[1]) for line in lines if "ctxt_switches:" in line)
+    return total
 
 
 def process_cpu_s(pid: int) -> float:
@@ -242,7 +259,7 @@ def measure(
     shares = [concurrency // procs + (p < concurrency % procs) for p in range(procs)]
     results = []
     for seconds in (min(0.3, duration_s), duration_s):
-        cpu_start = process_cpu_s(pid)
+        cpu_start, switches_start = process_cpu_s(pid), context_switches(pid)
         if pool is None:
             results = [_load(target, method, payloads, concurrency, seconds, channels)]
         else:
@@ -250,6 +267,7 @@ def measure(
                     for c in shares]  # fmt: skip
             results = [job.result() for job in jobs]
     cpu_s = process_cpu_s(pid) - cpu_start
+    switches = context_switches(pid) - switches_start
     elapsed = max(r[0] for r in results)
     latencies = [t for r in results for t in r[1]]
     errors = sum(r[2] for r in results)
@@ -257,7 +275,7 @@ def measure(
     return Cell(
         name, concurrency, len(latencies) / elapsed, float(np.percentile(lat, 50)),
         float(np.percentile(lat, 99)), len(latencies), errors,
-        cpu_s / max(len(latencies), 1) * 1e6,
+        cpu_s / max(len(latencies), 1) * 1e6, switches / max(len(latencies), 1),
     )  # fmt: skip
 
 
@@ -341,9 +359,27 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 server.stop()
     cells = _best(measured)
     table = markdown_table(
-        ["server", "concurrency", "q/s", "p50 ms", "p99 ms", "server CPU us/call", "errors"],
         [
-            [c.server, c.concurrency, c.qps, c.p50_ms, c.p99_ms, c.server_cpu_us_per_call, c.errors]
+            "server",
+            "concurrency",
+            "q/s",
+            "p50 ms",
+            "p99 ms",
+            "server CPU us/call",
+            "switches/call",
+            "errors",
+        ],
+        [
+            [
+                c.server,
+                c.concurrency,
+                c.qps,
+                c.p50_ms,
+                c.p99_ms,
+                c.server_cpu_us_per_call,
+                c.server_switches_per_call,
+                c.errors,
+            ]
             for c in cells
         ],
     )
@@ -405,12 +441,21 @@ def _best(measured: list[Cell]) -> list[Cell]:
 def _summary(measured: list[Cell], concurrency: int) -> dict[str, Any]:
     """Ratios at `concurrency` from the best round and from the median round of each cell."""
     runs: dict[str, list[float]] = {}
+    cpu: dict[str, list[float]] = {}
     for c in measured:
         if c.concurrency == concurrency:
             runs.setdefault(c.server, []).append(c.qps)
+            cpu.setdefault(c.server, []).append(c.server_cpu_us_per_call)
     out: dict[str, Any] = {"concurrency": concurrency}
     for stat, pick in (("best", max), ("median", statistics.median)):
         at = {name: float(pick(qps)) for name, qps in runs.items()}
+        if {"echo-sync", "recommend-sync-batched"} <= cpu.keys():
+            # Issue 14's "less Python per call": Recommend's server CPU per call over a bare
+            # sync echo's (the best round being the least CPU per call).
+            least = min if stat == "best" else statistics.median
+            out.setdefault(stat, {})["recommend_cpu_per_call_vs_echo_sync"] = float(
+                least(cpu["recommend-sync-batched"]) / least(cpu["echo-sync"])
+            )
         one = at.get(worker_row(1))
         for name, qps in at.items():
             n = name.split("-")[1]
