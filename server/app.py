@@ -115,17 +115,21 @@ class Server:
         self.health_port = 0
         self._health_server: grpc.Server | None = None
         self._grpc: grpc.Server | None = None
+        self._listening = False
         self._http: HttpEndpoints | None = None
         self._stream_pool: ThreadPoolExecutor | None = None
         self._stop_requested = threading.Event()
         self._stop_lock = threading.Lock()
         self._stopped = False
 
-    def start(self) -> None:
+    def start(self, listen: bool = True) -> None:
         """Check that a version to serve exists, bind both ports and start serving.
 
         Health is NOT_SERVING until `load` finishes. A repository without a complete version
-        the policy selects fails before any port is bound, so nothing is announced.
+        the policy selects fails before any port is bound, so nothing is announced. With
+        `listen=False` the gRPC (and health) ports are bound only by `listen()`: a restarted
+        worker (`workers.py`) loads first, so the kernel never hands it a new connection whose
+        calls it would refuse while its siblings could answer them.
 
         Raises:
             ArtifactError: no complete version of the model matches the version policy.
@@ -152,14 +156,26 @@ class Server:
                 server,
             )
         self._grpc = server
+        self._http.start()
+        if listen:
+            self.listen()
+
+    def listen(self) -> None:
+        """Bind the gRPC port (and the health-only port) and start answering calls.
+
+        Raises:
+            ConfigError: a port cannot be bound.
+        """
+        c, server = self.config, self._grpc
+        assert server is not None, "start() first"
         creds = self._credentials.credentials if self._credentials is not None else None
         self.port = _bind(server, c.grpc_address, creds)
         if c.health_port is not None:
-            self._health_server = _health_only_server(health)
+            self._health_server = _health_only_server(self.lifecycle.health)
             self.health_port = _bind(self._health_server, f"{c.host}:{c.health_port}", None)
             self._health_server.start()
-        self._http.start()
         server.start()
+        self._listening = True
         _warn_if_exposed(c)
         log.info(
             "gRPC%s on %s:%d, metrics%s on %s:%d, auth %s, reflection %s",
@@ -210,7 +226,7 @@ class Server:
         log.info("shutting down (grace period %.1f s)", grace)
         self.lifecycle.shutting_down()
         self.watcher.stop(grace)
-        if self._grpc is not None:
+        if self._grpc is not None and self._listening:
             drain_grpc(self._grpc, lambda: unary_activity(self.metrics.registry), grace)
         self.slot.shutdown(grace)  # in-flight calls are over: every version closes now
         self.feedback.close()

@@ -55,6 +55,7 @@ MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 POLL_S = 0.1
 YOUNG_S = 10.0  # a worker that dies younger than this is restarted after a growing back-off
 MAX_BACKOFF_S = 30.0
+LISTEN_AFTER_LOAD = "--listen-after-load"  # a restarted worker's flag (`worker_main`)
 STOP_MARGIN_S = 10.0  # past the grace period, before a worker that has not exited is killed
 
 
@@ -177,7 +178,7 @@ class Supervisor:
         shutil.rmtree(self._run_dir, ignore_errors=True)
         log.info("all %d workers stopped", len(self._slots))
 
-    def _spawn(self, slot: _Slot) -> None:
+    def _spawn(self, slot: _Slot, restart: bool = False) -> None:
         _state_file(self._run_dir, slot.index).unlink(missing_ok=True)
         _error_file(self._run_dir, slot.index).unlink(missing_ok=True)
         env = dict(os.environ, **{MULTIPROC_ENV: str(self._metrics_dir),
@@ -186,6 +187,8 @@ class Supervisor:
                    str(slot.index)]  # fmt: skip
         if logging.getLogger().getEffectiveLevel() <= logging.DEBUG:
             command.append("--debug")
+        if restart:  # its siblings serve meanwhile: take no connection before it can answer
+            command.append(LISTEN_AFTER_LOAD)
         # stdout is the parent's to announce ports on; a worker's output goes to the log.
         slot.proc = subprocess.Popen(command, env=env, stdout=sys.stderr)
         slot.started_at = time.monotonic()
@@ -209,7 +212,7 @@ class Supervisor:
             slot.proc = None
         if now >= slot.restart_at:
             self._restarts.inc()
-            self._spawn(slot)
+            self._spawn(slot, restart=True)
 
     def _wait_all(self, state: str) -> None:
         while True:
@@ -331,8 +334,14 @@ def _exit_with_parent(parent: int, request_stop: Callable[[], None]) -> None:
     request_stop()
 
 
-def worker_main(run_dir: Path, index: int, debug: bool) -> int:
-    """One worker: the full server on the shared port, reporting its state to the parent."""
+def worker_main(run_dir: Path, index: int, debug: bool, listen_after_load: bool = False) -> int:
+    """One worker: the full server on the shared port, reporting its state to the parent.
+
+    A first worker listens before it loads, as a single server does (health NOT_SERVING while
+    it loads); a restarted one (`listen_after_load`) listens only once it serves: with
+    SO_REUSEPORT the kernel would otherwise hand it new connections, about one in N, whose
+    calls it refused with FAILED_PRECONDITION while it loaded.
+    """
     from bertrec.server.app import Server
     from bertrec.server.cli import configure_logs
     from bertrec.server.drain import on_stop_signals
@@ -350,9 +359,11 @@ def worker_main(run_dir: Path, index: int, debug: bool) -> int:
         target=_exit_with_parent, args=(parent, server.request_stop), daemon=True
     ).start()
     try:
-        server.start()
+        server.start(listen=not listen_after_load)
         _write_state(run_dir, index, "started", server.metrics_port)
         server.load()
+        if listen_after_load:
+            server.listen()
         _write_state(run_dir, index, "ready", server.metrics_port)
         log.info("worker %d (pid %d) serving on port %d", index, os.getpid(), server.port)
         server.wait()
@@ -381,4 +392,8 @@ def _failed(run_dir: Path, index: int, exc: BertrecError) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(worker_main(Path(sys.argv[1]), int(sys.argv[2]), "--debug" in sys.argv[3:]))
+    flags = sys.argv[3:]
+    sys.exit(
+        worker_main(Path(sys.argv[1]), int(sys.argv[2]), "--debug" in flags,
+                    LISTEN_AFTER_LOAD in flags)
+    )  # fmt: skip

@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -160,6 +161,54 @@ def test_a_killed_worker_is_restarted_and_counted_and_calls_keep_succeeding(
     assert recommend_ok(url) > 0  # the new worker serves
     # The dead worker's counts stay in the sum: counters never go back.
     assert recommend_ok(server.metrics_url) == total + 16 + 32
+
+
+def test_a_restarted_worker_takes_no_connection_before_it_serves(
+    model_repo: Path, tmp_path: Path, ref
+) -> None:
+    """While a replacement loads (a long warm-up here), calls on new connections all succeed:
+    it listens only once it serves, so the kernel hands its connections to the live sibling.
+    Listening first (as a first worker does), about half of them got FAILED_PRECONDITION."""
+    flags = ("--workers", "2", "--warmup-iterations", "400")
+    with serving(model_repo, tmp_path, *flags) as server:
+        workers = workers_announced(server, 2)
+        replaced: dict[int, tuple[int, str]] = {}
+        watcher = threading.Thread(target=lambda: replaced.update(workers_announced(server, 1)))
+        watcher.start()
+        os.kill(workers[1][0], signal.SIGKILL)
+        while _running(workers[1][0]):
+            time.sleep(0.01)
+        codes: list[grpc.StatusCode] = []
+        expected = [i for i, _ in ref.recommend(USERS[0], 3)]
+        deadline = time.monotonic() + 120
+        while watcher.is_alive() and time.monotonic() < deadline:
+            options = [("grpc.use_local_subchannel_pool", 1)]
+            with grpc.insecure_channel(server.target, options=options) as channel:
+                stub = pb_grpc.RecommenderServiceStub(channel)
+                try:
+                    reply = stub.Recommend(pb.RecommendRequest(user_id=USERS[0], k=3), timeout=30)
+                    assert [i.item_id for i in reply.items] == expected
+                    codes.append(grpc.StatusCode.OK)
+                except grpc.RpcError as err:
+                    codes.append(err.code())
+        watcher.join(5)
+        assert replaced and next(iter(replaced)) == 1, "the worker was never replaced"
+        assert len(codes) >= 20, f"too few calls while the replacement loaded: {len(codes)}"
+        # The first connections may still meet the dead worker's closing socket (reset, and
+        # retried by clients); after that every call is answered, none refused.
+        failed = [(n, c) for n, c in enumerate(codes) if c != grpc.StatusCode.OK]
+        assert all(n < 3 and c == grpc.StatusCode.UNAVAILABLE for n, c in failed), failed[:5]
+        call_on_fresh_connections(server.target, ref, channels=16, per_channel=1)
+        assert recommend_ok(replaced[1][1]) > 0  # and then it serves
+
+
+def _running(pid: int) -> bool:
+    """The process exists and is not a zombie (whose sockets are closed already)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    return "\nState:\tZ" not in status
 
 
 def test_sigterm_to_the_parent_drains_every_worker(model_repo: Path, tmp_path: Path) -> None:
