@@ -1,4 +1,7 @@
-"""Two bertrec servers sharing one Redis store see each other's feedback and forgets.
+"""Two bertrec servers sharing one store see each other's feedback and forgets.
+
+The store is Redis (replicas), or one SQLite file, which is what the worker processes of one
+`bertrec serve --workers N` share: two processes on one file, each with its own writer.
 
 Replica A records feedback (or forgets a user); replica B, which never received the call,
 must answer exactly as A does once its follower has read the store. B is polled until it
@@ -65,18 +68,24 @@ class Replica:
         self.stub.ForgetUser(pb.ForgetUserRequest(user_id=user), timeout=TIMEOUT_S)
 
 
-@pytest.fixture(scope="module")
-def redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+@pytest.fixture(scope="module", params=["sqlite", "redis"])
+def store(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[str, RedisServer | None]]:
+    """The shared store's URL, and its Redis server where it is one."""
+    if request.param == "sqlite":
+        yield f"sqlite://{tmp_path_factory.mktemp('sqlite') / 'feedback.db'}", None
+        return
     need_redis_server()
     with redis_server(tmp_path_factory.mktemp("redis")) as server:
-        yield server
+        yield server.url, server
 
 
 @pytest.fixture(scope="module")
 def replicas(
-    model_repo: Path, tmp_path_factory: pytest.TempPathFactory, redis: RedisServer
+    model_repo: Path, tmp_path_factory: pytest.TempPathFactory, store: tuple[str, object]
 ) -> Iterator[tuple[Replica, Replica]]:
-    flags = ("--feedback-store", redis.url, "--feedback-poll-interval-s", "0.05")
+    flags = ("--feedback-store", store[0], "--feedback-poll-interval-s", "0.05")
     logs = tmp_path_factory.mktemp("replica-logs")
     servers = [start_server(model_repo, logs, *flags) for _ in range(2)]
     try:
@@ -154,13 +163,14 @@ def test_forget_on_a_makes_the_user_unknown_on_b(
     wait_reflected(b, lambda: b.recommend(KNOWN) == answer, "feedback after the forget", acked)
 
 
+@pytest.mark.parametrize("store", ["redis"], indirect=True)
 def test_both_replicas_ride_out_a_redis_restart(
-    replicas: tuple[Replica, Replica], redis: RedisServer, ref: Reference
+    replicas: tuple[Replica, Replica], store: tuple[str, RedisServer], ref: Reference
 ) -> None:
     """Redis killed under both servers: feedback calls answer UNAVAILABLE (retryable, nothing
     stored), reads keep serving; once Redis is back from its AOF, the same events are stored on
     retry and B's follower, which failed meanwhile, catches up."""
-    a, b = replicas
+    (a, b), redis = replicas, store[1]
     user = "replica-outage-user-52c9e1f07ab34d18"
     first = event(user, ref.item_ids[10], pb.FEEDBACK_KIND_RATING, 5.0)
     a.record(first)
