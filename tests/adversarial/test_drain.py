@@ -24,7 +24,7 @@ from bertrec.v1 import recommender_pb2_grpc as pb_grpc
 CALLS = 200
 TEXT = "a fast paced thriller with a detective chasing an art thief across Europe " * 5
 FLAGS = (
-    "--encoder-max-batch-size", "4",  # many small batches: the burst takes a while to encode
+    "--encoder-max-batch-size", "1",  # one text per batch: the burst takes a while to encode
     "--grace-period-s", "30",
     "--max-text-bytes", "1000",
 )  # fmt: skip
