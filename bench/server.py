@@ -17,7 +17,8 @@ Everything runs on loopback, on this machine, in one bounded run (about two minu
      with batching, loaded over `--worker-channels` connections (so_reuseport spreads
      connections, not calls: one channel reaches one worker); CPU and memory are the whole
      process tree's (RSS and PSS after loading in "memory_after_load").
-3. A closed-loop load generator (grpc.aio, pre-serialised requests; `--client-procs` processes)
+3. A closed-loop load generator (grpc.aio, pre-serialised requests; `--client-procs` processes;
+   `--load-generator go`: grpc-go for the Recommend rows, `bench/go_load.py`)
    at each concurrency, for every server in turn within each round (noise hits all alike).
    Requests: random known users, k=10, rated items excluded.
 
@@ -51,6 +52,7 @@ from typing import Any
 
 import numpy as np
 
+from bertrec.bench.go_load import build_go_loadgen, run_go_load
 from bertrec.bench.spawned import Spawned
 from bertrec.bench.synthetic import MODEL, build_synthetic_repo
 
@@ -249,6 +251,23 @@ def _load(
     return asyncio.run(run_load(target, method, payloads, concurrency, duration_s, channels))
 
 
+def measure_go(
+    binary: Path, name: str, target: str, concurrency: int, duration_s: float, pid: int,
+    channels: int, users: int,
+) -> Cell:  # fmt: skip
+    """`measure` with the Go load generator (Recommend only): a short run, then the counted one."""
+    run_go_load(binary, target, concurrency, min(0.3, duration_s), channels, users)
+    cpu_start, switches_start = process_cpu_s(pid), context_switches(pid)
+    run = run_go_load(binary, target, concurrency, duration_s, channels, users)
+    cpu_s = process_cpu_s(pid) - cpu_start
+    switches = context_switches(pid) - switches_start
+    calls = max(run.calls, 1)
+    return Cell(
+        name, concurrency, run.calls / run.elapsed_s, run.p50_ms, run.p99_ms, run.calls,
+        run.errors, cpu_s / calls * 1e6, switches / calls,
+    )  # fmt: skip
+
+
 def measure(
     name: str, target: str, method: str, payloads: Sequence[bytes], concurrency: int,
     duration_s: float, pid: int, pool: ProcessPoolExecutor | None, pool_size: int = 1,
@@ -350,10 +369,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         start = time.monotonic()
         repo = build_synthetic_repo(root, args.items, args.users, args.dim)
         build_s = time.monotonic() - start
+        go = build_go_loadgen(root / "go") if args.load_generator == "go" else None
         servers = start_servers(repo, root, args)
         try:
             memory = {name: tree_memory_mb(s.proc.pid) for name, s in servers.items()}
-            measured = _measure_all(servers, args, concurrencies)
+            measured = _measure_all(servers, args, concurrencies, go)
         finally:
             for server in servers.values():
                 server.stop()
@@ -399,8 +419,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _measure_all(
-    servers: dict[str, Spawned], args: argparse.Namespace, concurrencies: list[int]
-) -> list[Cell]:
+    servers: dict[str, Spawned], args: argparse.Namespace, concurrencies: list[int],
+    go_binary: Path | None = None,
+) -> list[Cell]:  # fmt: skip
     """Every cell of every round (servers in turn within a round)."""
     pool = None
     if args.client_procs > 1:
@@ -413,12 +434,18 @@ def _measure_all(
             for concurrency in concurrencies:
                 for name, server in servers.items():
                     is_echo = name.startswith("echo")
-                    cell = measure(
-                        name, server.target, ECHO_METHOD if is_echo else RECOMMEND_METHOD,
-                        echo if is_echo else recommend, concurrency, args.duration_s,
-                        server.proc.pid, pool, args.client_procs,
-                        args.worker_channels if "worker" in name else 1,
-                    )  # fmt: skip
+                    channels = args.worker_channels if "worker" in name else 1
+                    if go_binary is not None and not is_echo:
+                        cell = measure_go(
+                            go_binary, name, server.target, concurrency, args.duration_s,
+                            server.proc.pid, channels, args.users,
+                        )  # fmt: skip
+                    else:
+                        cell = measure(
+                            name, server.target, ECHO_METHOD if is_echo else RECOMMEND_METHOD,
+                            echo if is_echo else recommend, concurrency, args.duration_s,
+                            server.proc.pid, pool, args.client_procs, channels,
+                        )  # fmt: skip
                     print(f"round {round_ + 1}: {cell}", file=sys.stderr, flush=True)
                     measured.append(cell)
     finally:
@@ -500,6 +527,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--worker-channels", type=int, default=8, help="connections to the --workers servers"
     )
     parser.add_argument("--only", default="", help="these servers only (comma-separated names)")
+    parser.add_argument(
+        "--load-generator", choices=("python", "go"), default="python",
+        help="Recommend rows' closed-loop generator: grpc.aio in Python, or grpc-go "
+        "(clients/go/cmd/bertrec-loadgen: a fraction of the CPU per call); echo rows use Python",
+    )  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="10k items, 1 round of 1 s")
     parser.add_argument("--role", default="bench", help=argparse.SUPPRESS)
     parser.add_argument("--repo", type=Path, help=argparse.SUPPRESS)

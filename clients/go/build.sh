@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Regenerate the stubs from proto/ and build the example client into OUT_DIR.
 #
-#   clients/go/build.sh OUT_DIR      ->  OUT_DIR/bertrec-example
+#   clients/go/build.sh OUT_DIR      ->  OUT_DIR/bertrec-example, OUT_DIR/bertrec-loadgen
 #
 # Builds in GOPATH mode against Debian's Go sources in /usr/share/gocode, so it works offline
 # and fetches nothing. Everything it writes goes under OUT_DIR, except Go's build cache
@@ -35,14 +35,16 @@ command -v go >/dev/null 2>&1 || missing go golang-go
 # The GOPATH tree is rebuilt from scratch each time: it holds only generated code and a copy
 # of cmd/, both derived from files in this repository.
 gopath="$out/gopath"
-pkg=bertrec.dev/clients/go/cmd/bertrec-example
+cmds=(bertrec-example bertrec-loadgen)
 rm -rf "$gopath"
 bash "$here/gen.sh" "$gopath/src"
-mkdir -p "$gopath/src/$pkg"
-cp "$here/cmd/bertrec-example/"*.go "$gopath/src/$pkg/"
-# The retry policy every bertrec client shares, embedded by main.go (go:embed reads only files
-# inside the package folder, and no symlinks).
-cp "$here/../service_config.json" "$gopath/src/$pkg/service_config.json"
+for cmd in "${cmds[@]}"; do
+  mkdir -p "$gopath/src/bertrec.dev/clients/go/cmd/$cmd"
+  cp "$here/cmd/$cmd/"*.go "$gopath/src/bertrec.dev/clients/go/cmd/$cmd/"
+done
+# The retry policy every bertrec client shares, embedded by the example's main.go (go:embed
+# reads only files inside the package folder, and no symlinks).
+cp "$here/../service_config.json" "$gopath/src/bertrec.dev/clients/go/cmd/bertrec-example/"
 
 # GOPATH mode: our tree (generated stubs + example) first, then Debian's sources, which also
 # provide the health stub google.golang.org/grpc/health/grpc_health_v1 (see gen.sh).
@@ -58,5 +60,7 @@ if [[ -z "${GOCACHE:-}${XDG_CACHE_HOME:-}${HOME:-}" ]]; then
   export GOCACHE="$out/gocache"
 fi
 
-go build -o "$out/bertrec-example" "$pkg"
-echo "built $out/bertrec-example" >&2
+for cmd in "${cmds[@]}"; do
+  go build -o "$out/$cmd" "bertrec.dev/clients/go/cmd/$cmd"
+  echo "built $out/$cmd" >&2
+done
