@@ -15,7 +15,9 @@ metrics/probe endpoint:
   `PROMETHEUS_MULTIPROC_DIR` (set in their environment before they import prometheus_client)
   and the parent reads them with `MultiProcessCollector`, plus its own
   `bertrec_worker_restarts_total` and `bertrec_workers_ready`;
-- `/readyz` is 200 only while every worker reports SERVING.
+- `/readyz` is 200 once every worker has reported SERVING, and then while at least one does: a
+  restarted worker binds the port only once it serves, so meanwhile every new connection goes
+  to a sibling that answers (on fewer cores; `bertrec_workers_ready` says how many).
 A worker tells the parent its state through a small JSON file in the run folder (pid, its own
 metrics port, started/ready). A worker that dies is restarted (at once, then with a back-off if
 it keeps dying young) and counted; SIGTERM/SIGINT/SIGHUP to the parent are forwarded to every
@@ -110,6 +112,7 @@ class Supervisor:
         self.metrics_port = 0
         self._stop_requested = threading.Event()
         self._stopping = False
+        self._all_served = False  # set once every first worker has served (`ready`)
 
     def start(self) -> None:
         """Serve the metrics port, start every worker, return once all have bound the port.
@@ -135,13 +138,17 @@ class Supervisor:
             WorkerError: a worker exited before it served.
         """
         self._wait_all("ready")
+        self._all_served = True
         self._announce_new_workers()
 
     def ready(self) -> bool:
-        """True while every worker is SERVING and no drain has begun (`/readyz`)."""
+        """`/readyz`: no drain has begun, and every worker is SERVING, or, once all have been,
+        at least one is (a replacement listens only when it serves, so it refuses nothing)."""
         if self._stopping:
             return False
         ready = self._ready_pids()
+        if self._all_served:
+            return any(ready.values())
         return len(ready) == len(self._slots) and all(ready.values())
 
     def request_stop(self) -> None:

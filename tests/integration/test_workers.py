@@ -168,7 +168,8 @@ def test_a_restarted_worker_takes_no_connection_before_it_serves(
 ) -> None:
     """While a replacement loads (a long warm-up here), calls on new connections all succeed:
     it listens only once it serves, so the kernel hands its connections to the live sibling.
-    Listening first (as a first worker does), about half of them got FAILED_PRECONDITION."""
+    Listening first (as a first worker does), about half of them got FAILED_PRECONDITION. The
+    pod stays ready meanwhile (`/readyz` 200: it answers every call, on one worker)."""
     flags = ("--workers", "2", "--warmup-iterations", "400")
     with serving(model_repo, tmp_path, *flags) as server:
         workers = workers_announced(server, 2)
@@ -179,6 +180,7 @@ def test_a_restarted_worker_takes_no_connection_before_it_serves(
         while _running(workers[1][0]):
             time.sleep(0.01)
         codes: list[grpc.StatusCode] = []
+        readyz: list[int] = []
         expected = [i for i, _ in ref.recommend(USERS[0], 3)]
         deadline = time.monotonic() + 120
         while watcher.is_alive() and time.monotonic() < deadline:
@@ -191,6 +193,7 @@ def test_a_restarted_worker_takes_no_connection_before_it_serves(
                     codes.append(grpc.StatusCode.OK)
                 except grpc.RpcError as err:
                     codes.append(err.code())
+            readyz.append(http_status(server.metrics_url.replace("/metrics", "/readyz")))
         watcher.join(5)
         assert replaced and next(iter(replaced)) == 1, "the worker was never replaced"
         assert len(codes) >= 20, f"too few calls while the replacement loaded: {len(codes)}"
@@ -198,8 +201,17 @@ def test_a_restarted_worker_takes_no_connection_before_it_serves(
         # retried by clients); after that every call is answered, none refused.
         failed = [(n, c) for n, c in enumerate(codes) if c != grpc.StatusCode.OK]
         assert all(n < 3 and c == grpc.StatusCode.UNAVAILABLE for n, c in failed), failed[:5]
+        assert set(readyz) == {200}, readyz
         call_on_fresh_connections(server.target, ref, channels=16, per_channel=1)
         assert recommend_ok(replaced[1][1]) > 0  # and then it serves
+
+
+def http_status(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as err:
+        return err.code
 
 
 def _running(pid: int) -> bool:
