@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import tomllib
@@ -113,9 +114,15 @@ def test_installed_wheel_serves_verifies_and_answers_the_light_client(
     )  # fmt: skip
     assert verify.strip(), "verify printed nothing"
 
-    server = start_server(model_repo, tmp_path / "logs", python=str(serve_python), cwd=outside)
+    # Two workers, as `--workers auto` starts on a multi-core machine: the supervisor spawns
+    # `python -m bertrec.server.workers` from the installed package, and each worker serves all
+    # of what a single process does.
+    server = start_server(
+        model_repo, tmp_path / "logs", "--workers", "2", python=str(serve_python), cwd=outside
+    )
     try:
         server.wait_serving()
+        server.wait_for_line(re.compile(r"worker 1 pid \d+ serving"), 60)
         torch_loaded = _run(
             serve_python, "-c", "import importlib.util as u; print(u.find_spec('torch') is None)",
             cwd=outside,
