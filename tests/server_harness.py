@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -36,6 +37,26 @@ SHARED_FLAGS = (
     "--ranker-max-queue-delay-us", "2000",
     "--grpc-max-workers", "32",
 )  # fmt: skip
+
+
+def metric_value(url: str, name: str, **labels: str) -> float:
+    """The value of one sample (`name` with exactly `labels`) scraped from a /metrics URL;
+    0.0 when absent (a counter never incremented has no sample yet)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(url, timeout=5) as response:
+        text = response.read().decode()
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == name and s.labels == labels:
+                return float(s.value)
+    return 0.0
+
+
+def handled_ok(url: str, method: str, service: str = "bertrec.v1.RecommenderService") -> float:
+    """Unary calls of `method` the server at this /metrics URL answered OK."""
+    labels = {"grpc_type": "unary", "grpc_service": service, "grpc_method": method}
+    return metric_value(url, "grpc_server_handled_total", **labels, grpc_code="OK")
 
 
 @dataclass

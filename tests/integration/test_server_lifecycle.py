@@ -6,28 +6,16 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from prometheus_client.parser import text_string_to_metric_families
-from server_harness import MODEL, start_server
+from server_harness import MODEL, metric_value, start_server
 
 from bertrec.v1 import recommender_pb2 as pb
 from bertrec.v1 import recommender_pb2_grpc as pb_grpc
 
 STATUS = health_pb2.HealthCheckResponse.ServingStatus.Name
-
-
-def gauge(url: str, name: str, **labels: str) -> float:
-    with urllib.request.urlopen(url, timeout=5) as response:
-        text = response.read().decode()
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.name == name and s.labels == labels:
-                return s.value
-    return 0.0
 
 
 def test_not_serving_until_ready_then_graceful_sigterm_with_calls_in_flight(
@@ -58,7 +46,7 @@ def test_not_serving_until_ready_then_graceful_sigterm_with_calls_in_flight(
                      for u in users]  # fmt: skip
             depth = {"model": MODEL, "batcher": "ranker"}
             deadline = time.monotonic() + 5
-            while gauge(server.metrics_url, "bertrec_queue_depth", **depth) < len(users):
+            while metric_value(server.metrics_url, "bertrec_queue_depth", **depth) < len(users):
                 assert time.monotonic() < deadline, "calls never queued"
                 time.sleep(0.01)
             server.proc.send_signal(signal.SIGTERM)

@@ -21,35 +21,18 @@ from pathlib import Path
 
 import grpc
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
-from server_harness import MODEL, ServerProcess, serving
+from server_harness import MODEL, ServerProcess, handled_ok, metric_value, serving
 
 from bertrec.bench.versions import publish_variant
 from bertrec.v1 import recommender_pb2 as pb
 from bertrec.v1 import recommender_pb2_grpc as pb_grpc
 
 WORKER = re.compile(r"worker (\d+) pid (\d+) serving, its own metrics on (\S+):(\d+)")
-RECOMMEND_OK = {
-    "grpc_type": "unary",
-    "grpc_service": "bertrec.v1.RecommenderService",
-    "grpc_method": "Recommend",
-    "grpc_code": "OK",
-}
 USERS = [f"u{i:04d}" for i in range(8)]
 
 
-def sample(url: str, name: str, **labels: str) -> float:
-    with urllib.request.urlopen(url, timeout=5) as response:
-        text = response.read().decode()
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.name == name and s.labels == labels:
-                return s.value
-    return 0.0
-
-
 def recommend_ok(url: str) -> float:
-    return sample(url, "grpc_server_handled_total", **RECOMMEND_OK)
+    return handled_ok(url, "Recommend")
 
 
 def workers_announced(server: ServerProcess, count: int) -> dict[int, tuple[int, str]]:
@@ -92,7 +75,7 @@ def test_two_workers_share_the_port_and_the_parent_sums_their_metrics(two_worker
     assert all(n > 0 for n in served.values()), served  # both processes took calls
     assert sum(served.values()) == 96
     assert recommend_ok(server.metrics_url) == sum(before.values()) + 96
-    assert sample(server.metrics_url, "bertrec_workers_ready") == 2
+    assert metric_value(server.metrics_url, "bertrec_workers_ready") == 2
     readyz = server.metrics_url.replace("/metrics", "/readyz")
     with urllib.request.urlopen(readyz, timeout=5) as response:
         assert response.status == 200
@@ -147,7 +130,7 @@ def test_a_killed_worker_is_restarted_and_counted_and_calls_keep_succeeding(
 ) -> None:
     server, workers = two_workers
     total = recommend_ok(server.metrics_url)
-    assert sample(server.metrics_url, "bertrec_worker_restarts_total") == 0
+    assert metric_value(server.metrics_url, "bertrec_worker_restarts_total") == 0
     victim, _ = workers[1]
     os.kill(victim, signal.SIGKILL)
 
@@ -156,7 +139,7 @@ def test_a_killed_worker_is_restarted_and_counted_and_calls_keep_succeeding(
     assert slot == 1 and pid != victim
     workers[1] = (pid, url)
 
-    assert sample(server.metrics_url, "bertrec_worker_restarts_total") == 1
+    assert metric_value(server.metrics_url, "bertrec_worker_restarts_total") == 1
     call_on_fresh_connections(server.target, ref, channels=16, per_channel=2)
     assert recommend_ok(url) > 0  # the new worker serves
     # The dead worker's counts stay in the sum: counters never go back.
@@ -239,7 +222,7 @@ def test_sigterm_to_the_parent_drains_every_worker(model_repo: Path, tmp_path: P
             ]
             # The parent sums the workers' in-flight gauges (livesum): all 16 calls are inside.
             deadline = time.monotonic() + 30
-            while sample(server.metrics_url, "bertrec_in_flight_requests") < 16:
+            while metric_value(server.metrics_url, "bertrec_in_flight_requests") < 16:
                 assert time.monotonic() < deadline, "calls never reached the workers"
                 time.sleep(0.05)
             server.proc.send_signal(signal.SIGTERM)
