@@ -52,7 +52,7 @@ from bertrec.bench.common import (
     time_in_turns,
     write_json,
 )
-from bertrec.bench.server import process_cpu_s, recommend_payloads
+from bertrec.bench.server import closed_loop, process_cpu_s, recommend_payloads
 from bertrec.bench.spawned import Spawned
 from bertrec.bench.synthetic import MODEL, build_synthetic_repo
 
@@ -198,29 +198,10 @@ async def run_load(
     else:
         channel = grpc.aio.insecure_channel(target.address)
     metadata = (("authorization", f"Bearer {target.token}"),) if target.token else None
-    latencies: list[float] = []
-    errors = 0
     async with channel:
         call = channel.unary_unary(RECOMMEND_METHOD)
         await channel.channel_ready()
-        stop = time.perf_counter() + duration_s
-
-        async def caller(offset: int) -> None:
-            nonlocal errors
-            i = offset
-            while time.perf_counter() < stop:
-                start = time.perf_counter()
-                try:
-                    await call(payloads[i % len(payloads)], timeout=30, metadata=metadata)
-                    latencies.append(time.perf_counter() - start)
-                except grpc.RpcError:
-                    errors += 1
-                i += concurrency
-
-        begin = time.perf_counter()
-        await asyncio.gather(*(caller(c) for c in range(concurrency)))
-        elapsed = time.perf_counter() - begin
-    return elapsed, latencies, errors
+        return await closed_loop([call], payloads, concurrency, duration_s, metadata)
 
 
 def measure(

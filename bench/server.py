@@ -217,21 +217,34 @@ async def run_load(
     """
     import grpc
 
-    latencies: list[float] = []
-    errors = 0
     options = [("grpc.use_local_subchannel_pool", 1)] if channels > 1 else []
     opened = [grpc.aio.insecure_channel(target, options=options) for _ in range(channels)]
     calls = [channel.unary_unary(method) for channel in opened]
     await asyncio.gather(*(channel.channel_ready() for channel in opened))
+    result = await closed_loop(calls, payloads, concurrency, duration_s)
+    await asyncio.gather(*(channel.close() for channel in opened))
+    return result
+
+
+async def closed_loop(
+    calls: Sequence[Any], payloads: Sequence[bytes], concurrency: int, duration_s: float,
+    metadata: tuple[tuple[str, str], ...] | None = None,
+) -> tuple[float, list[float], int]:  # fmt: skip
+    """`concurrency` callers, caller c on `calls[c % len(calls)]`, each sending its next
+    request on each answer for `duration_s`; (elapsed seconds, latencies, error count)."""
+    import grpc
+
+    latencies: list[float] = []
+    errors = 0
     stop = time.perf_counter() + duration_s
 
     async def caller(offset: int) -> None:
         nonlocal errors
-        i, call = offset, calls[offset % channels]
+        i, call = offset, calls[offset % len(calls)]
         while time.perf_counter() < stop:
             start = time.perf_counter()
             try:
-                await call(payloads[i % len(payloads)], timeout=30)
+                await call(payloads[i % len(payloads)], timeout=30, metadata=metadata)
                 latencies.append(time.perf_counter() - start)
             except grpc.RpcError:
                 errors += 1
@@ -239,9 +252,7 @@ async def run_load(
 
     begin = time.perf_counter()
     await asyncio.gather(*(caller(c) for c in range(concurrency)))
-    elapsed = time.perf_counter() - begin
-    await asyncio.gather(*(channel.close() for channel in opened))
-    return elapsed, latencies, errors
+    return time.perf_counter() - begin, latencies, errors
 
 
 def _load(
