@@ -27,7 +27,10 @@ default). Pinned, the bare echo server got faster (3.9k q/s on one core) and Rec
 (it needs both cores), so the README's table is unpinned.
 
 Per cell: q/s, p50/p99 latency (ms), errors, and the server process's CPU time per answered
-call (user + system, from /proc), which shared machines disturb far less than throughput.
+call (user + system, from /proc), which shared machines disturb far less than throughput, with
+its context switches per call and its split by thread role (gRPC handlers, the ranking
+batcher, grpc's completion-queue poller, the C core's event engine: `bertrec serve` names its
+threads, `server/thread_names.py`).
 The JSON keeps every round ("rounds"), the best round per cell ("best", also printed as a
 markdown table) and the headline ratios at the highest concurrency from the best and from the
 median rounds ("summary"), with the machine, the load average and the settings.
@@ -40,13 +43,14 @@ import asyncio
 import json
 import multiprocessing as mp
 import os
+import re
 import statistics
 import sys
 import tempfile
 import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -79,20 +83,42 @@ class Cell:
     # Context switches of all the server's threads per answered call: how often a call hops
     # between threads or waits for the GIL (a bare sync echo needs about 7-10).
     server_switches_per_call: float = 0.0
+    # Server CPU per call by thread role (`thread_counters`): which part of the server spends it.
+    server_cpu_us_per_call_by_thread: dict[str, float] = field(default_factory=dict)
 
 
-def context_switches(pid: int) -> int:
-    """Voluntary + involuntary context switches so far of every thread of a process tree."""
-    total = 0
+def thread_counters(pid: int) -> dict[str, tuple[float, int]]:
+    """CPU seconds and context switches (voluntary + involuntary) so far of every live thread
+    of a process tree, summed per thread role: the OS thread name without its pool number
+    ("grpc_12" -> "grpc"), which `bertrec serve` sets from the Python name (`thread_names`)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    roles: dict[str, tuple[float, int]] = {}
     for p in [pid, *_children(pid)]:
-        for status in Path(f"/proc/{p}/task").glob("*/status"):
+        for task in Path(f"/proc/{p}/task").glob("*"):
             try:
-                text = status.read_text()
+                stat, status = (task / "stat").read_text(), (task / "status").read_text()
             except OSError:  # a thread that ended meanwhile
                 continue
-            lines = text.splitlines()
-            total += sum(int(line.split()[1]) for line in lines if "ctxt_switches:" in line)
-    return total
+            name, fields = stat[stat.index("(") + 1 : stat.rindex(")")], stat.rsplit(")", 1)[1]
+            cpu_s = (int(fields.split()[11]) + int(fields.split()[12])) / ticks
+            lines = status.splitlines()
+            switches = sum(int(line.split()[1]) for line in lines if "ctxt_switches:" in line)
+            role = re.sub(r"[_-]?\d+$", "", name) or name
+            before = roles.get(role, (0.0, 0))
+            roles[role] = (before[0] + cpu_s, before[1] + switches)
+    return roles
+
+
+def per_call_by_role(
+    start: dict[str, tuple[float, int]], end: dict[str, tuple[float, int]], calls: int
+) -> tuple[dict[str, float], float]:
+    """Server CPU us per call of each thread role (the busy ones, largest first) and context
+    switches per call of all threads, between two `thread_counters` snapshots."""
+    calls = max(calls, 1)
+    cpu = {role: (end[role][0] - start.get(role, (0.0, 0))[0]) / calls * 1e6 for role in end}
+    switches = sum(end[role][1] - start.get(role, (0.0, 0))[1] for role in end) / calls
+    busy = sorted(((us, role) for role, us in cpu.items() if us >= 1.0), reverse=True)
+    return {role: round(us, 1) for us, role in busy}, switches
 
 
 def process_cpu_s(pid: int) -> float:
@@ -134,7 +160,9 @@ def serve_echo_sync(workers: int) -> None:
         "bench.Echo", {"Echo": grpc.unary_unary_rpc_method_handler(lambda req, ctx: req)}
     )
     server = grpc.server(
-        ThreadPoolExecutor(workers), handlers=[handler], options=[("grpc.so_reuseport", 0)]
+        ThreadPoolExecutor(workers, thread_name_prefix="grpc"),  # named as `bertrec serve`'s
+        handlers=[handler],
+        options=[("grpc.so_reuseport", 0)],
     )
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
@@ -268,14 +296,13 @@ def measure_go(
 ) -> Cell:  # fmt: skip
     """`measure` with the Go load generator (Recommend only): a short run, then the counted one."""
     run_go_load(binary, target, concurrency, min(0.3, duration_s), channels, users)
-    cpu_start, switches_start = process_cpu_s(pid), context_switches(pid)
+    cpu_start, threads_start = process_cpu_s(pid), thread_counters(pid)
     run = run_go_load(binary, target, concurrency, duration_s, channels, users)
     cpu_s = process_cpu_s(pid) - cpu_start
-    switches = context_switches(pid) - switches_start
-    calls = max(run.calls, 1)
+    by_thread, switches = per_call_by_role(threads_start, thread_counters(pid), run.calls)
     return Cell(
         name, concurrency, run.calls / run.elapsed_s, run.p50_ms, run.p99_ms, run.calls,
-        run.errors, cpu_s / calls * 1e6, switches / calls,
+        run.errors, cpu_s / max(run.calls, 1) * 1e6, switches, by_thread,
     )  # fmt: skip
 
 
@@ -289,7 +316,7 @@ def measure(
     shares = [concurrency // procs + (p < concurrency % procs) for p in range(procs)]
     results = []
     for seconds in (min(0.3, duration_s), duration_s):
-        cpu_start, switches_start = process_cpu_s(pid), context_switches(pid)
+        cpu_start, threads_start = process_cpu_s(pid), thread_counters(pid)
         if pool is None:
             results = [_load(target, method, payloads, concurrency, seconds, channels)]
         else:
@@ -297,15 +324,16 @@ def measure(
                     for c in shares]  # fmt: skip
             results = [job.result() for job in jobs]
     cpu_s = process_cpu_s(pid) - cpu_start
-    switches = context_switches(pid) - switches_start
+    threads_end = thread_counters(pid)
     elapsed = max(r[0] for r in results)
     latencies = [t for r in results for t in r[1]]
+    by_thread, switches = per_call_by_role(threads_start, threads_end, len(latencies))
     errors = sum(r[2] for r in results)
     lat = np.sort(np.asarray(latencies)) * 1e3 if latencies else np.array([np.nan])
     return Cell(
         name, concurrency, len(latencies) / elapsed, float(np.percentile(lat, 50)),
         float(np.percentile(lat, 99)), len(latencies), errors,
-        cpu_s / max(len(latencies), 1) * 1e6, switches / max(len(latencies), 1),
+        cpu_s / max(len(latencies), 1) * 1e6, switches, by_thread,
     )  # fmt: skip
 
 
@@ -480,11 +508,22 @@ def _summary(measured: list[Cell], concurrency: int) -> dict[str, Any]:
     """Ratios at `concurrency` from the best round and from the median round of each cell."""
     runs: dict[str, list[float]] = {}
     cpu: dict[str, list[float]] = {}
+    leanest: dict[str, Cell] = {}
     for c in measured:
         if c.concurrency == concurrency:
             runs.setdefault(c.server, []).append(c.qps)
             cpu.setdefault(c.server, []).append(c.server_cpu_us_per_call)
-    out: dict[str, Any] = {"concurrency": concurrency}
+            if c.server_cpu_us_per_call < getattr(
+                leanest.get(c.server), "server_cpu_us_per_call", 1e18
+            ):
+                leanest[c.server] = c
+    out: dict[str, Any] = {
+        "concurrency": concurrency,
+        # Where each server's CPU per call goes, by thread role, in its leanest round.
+        "cpu_us_per_call_by_thread": {
+            name: c.server_cpu_us_per_call_by_thread for name, c in leanest.items()
+        },
+    }
     for stat, pick in (("best", max), ("median", statistics.median)):
         at = {name: float(pick(qps)) for name, qps in runs.items()}
         if {"echo-sync", "recommend-sync-batched"} <= cpu.keys():
@@ -547,6 +586,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--role", default="bench", help=argparse.SUPPRESS)
     parser.add_argument("--repo", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.role != "bench":  # a server role: its threads named as `bertrec serve`'s are
+        from bertrec.server import thread_names
+
+        thread_names.install()
     if args.role == "echo-sync":
         serve_echo_sync(workers=max(16, 2 * (os.cpu_count() or 1)))
         return 0

@@ -58,6 +58,7 @@ from bertrec.errors import ArtifactError
 from bertrec.feedback.store import open_store
 from bertrec.oip.v2 import grpc_service_pb2_grpc as oip_grpc
 from bertrec.repository.versions import resolve_version
+from bertrec.server import thread_names
 from bertrec.server.admission import Admission, AdmissionLimits, handler_pools
 from bertrec.server.auth import Authorizer, CredentialsFile
 from bertrec.server.config import ConfigError, ServerConfig
@@ -90,6 +91,7 @@ class Server:
     """
 
     def __init__(self, config: ServerConfig) -> None:
+        thread_names.install()  # before any thread starts: `top -H` then shows each one's role
         self.config = config
         self.metrics = ServerMetrics()
         self.feedback = Feedback(
