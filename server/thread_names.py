@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import logging
 import re
 import sys
 import threading
@@ -29,6 +30,9 @@ _RENAMED_TARGETS = {"_serve": "grpc-serve"}  # grpc._server's completion-queue l
 
 _installed = False
 _libc: Any = None
+_broken = False  # naming failed once (no usable libc): threads run unnamed, never die of it
+
+log = logging.getLogger(__name__)
 
 
 def os_thread_name(python_name: str) -> str:
@@ -41,29 +45,39 @@ def os_thread_name(python_name: str) -> str:
 
 
 def name_current_thread() -> None:
-    """Set the calling thread's OS name from its Python name (Linux; elsewhere a no-op)."""
-    global _libc
-    if not sys.platform.startswith("linux"):
+    """Set the calling thread's OS name from its Python name (Linux; elsewhere a no-op).
+
+    Never raises: without a usable libc (a musl image, a sandbox) threads stay unnamed, which
+    costs only the per-thread numbers, never the thread.
+    """
+    global _libc, _broken
+    if _broken or not sys.platform.startswith("linux"):
         return
-    if _libc is None:
-        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    name = os_thread_name(threading.current_thread().name).encode()
-    _libc.prctl(PR_SET_NAME, ctypes.c_char_p(name), 0, 0, 0)
+    try:
+        if _libc is None:
+            _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        name = os_thread_name(threading.current_thread().name).encode()
+        _libc.prctl(PR_SET_NAME, ctypes.c_char_p(name), 0, 0, 0)
+    except (OSError, AttributeError) as exc:
+        _broken = True
+        log.warning("cannot name threads at the OS level (%s); they stay unnamed", exc)
 
 
 def install() -> None:
     """Name every thread started from now on (idempotent; the main thread is left alone).
 
     `threading.setprofile` runs a hook in each new thread before its target: the hook names
-    the thread and removes itself, so running threads carry no profiling cost.
+    the thread and hands the thread to the hook that was installed before (a profiler's), or
+    to none, so running threads carry no cost of ours.
     """
     global _installed
     if _installed:
         return
     _installed = True
-    threading.setprofile(_name_then_unhook)
+    previous = threading.getprofile()
 
+    def name_then_unhook(frame: FrameType, event: str, arg: Any) -> None:
+        sys.setprofile(previous)
+        name_current_thread()
 
-def _name_then_unhook(frame: FrameType, event: str, arg: Any) -> None:
-    sys.setprofile(None)
-    name_current_thread()
+    threading.setprofile(name_then_unhook)
