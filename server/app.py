@@ -173,7 +173,7 @@ class Server:
         creds = self._credentials.credentials if self._credentials is not None else None
         self.port = _bind(server, c.grpc_address, creds)
         if c.health_port is not None:
-            self._health_server = _health_only_server(self.lifecycle.health)
+            self._health_server = _health_only_server(self.lifecycle.health, c.workers > 1)
             self.health_port = _bind(self._health_server, f"{c.host}:{c.health_port}", None)
             self._health_server.start()
         server.start()
@@ -313,9 +313,16 @@ def _loopback(host: str) -> bool:
         return host == "localhost"
 
 
-def _health_only_server(health: Any) -> grpc.Server:
-    """A plaintext server with grpc.health.v1 alone: probes that cannot speak TLS use it."""
-    server = grpc.server(ThreadPoolExecutor(max_workers=4, thread_name_prefix="health"))
+def _health_only_server(health: Any, shared: bool) -> grpc.Server:
+    """A plaintext server with grpc.health.v1 alone: probes that cannot speak TLS use it.
+
+    `shared`: every worker of `--workers N` listens on the port; alone, a second server must
+    fail to bind it rather than answer the probes meant for this one (as for the gRPC port).
+    """
+    server = grpc.server(
+        ThreadPoolExecutor(max_workers=4, thread_name_prefix="health"),
+        options=[("grpc.so_reuseport", 1 if shared else 0)],
+    )
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     return server
 

@@ -15,13 +15,17 @@ metrics/probe endpoint:
   `PROMETHEUS_MULTIPROC_DIR` (set in their environment before they import prometheus_client)
   and the parent reads them with `MultiProcessCollector`, plus its own
   `bertrec_worker_restarts_total` and `bertrec_workers_ready`;
-- `/readyz` is 200 once every worker has reported SERVING, and then while at least one does: a
-  restarted worker binds the port only once it serves, so meanwhile every new connection goes
-  to a sibling that answers (on fewer cores; `bertrec_workers_ready` says how many).
+- `/readyz` is 200 once every worker has reported SERVING, and then while at least one does.
+  A worker binds the port only once it serves, first start or restart: the kernel hands each
+  new connection to any listener, so a worker listening while it loads would take about one in
+  N connections (and probes) and refuse their calls. Meanwhile every new connection goes to a
+  sibling that answers (on fewer cores; `bertrec_workers_ready` says how many), and before the
+  first worker serves, connections are refused (UNAVAILABLE, which clients retry).
 A worker tells the parent its state through a small JSON file in the run folder (pid, its own
 metrics port, started/ready). A worker that dies is restarted (at once, then with a back-off if
-it keeps dying young) and counted; SIGTERM/SIGINT/SIGHUP to the parent are forwarded to every
-worker, which drains as a single server does, and the parent exits 0 once they have.
+it keeps dying before it has served for `YOUNG_S`) and counted; SIGTERM/SIGINT/SIGHUP to the
+parent are forwarded to every worker, which drains as a single server does, and the parent
+exits 0 once they have (also when the signal comes while the workers still load).
 """
 
 from __future__ import annotations
@@ -55,9 +59,8 @@ log = logging.getLogger(__name__)
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 POLL_S = 0.1
-YOUNG_S = 10.0  # a worker that dies younger than this is restarted after a growing back-off
+YOUNG_S = 10.0  # a worker that dies before serving this long is restarted after a back-off
 MAX_BACKOFF_S = 30.0
-LISTEN_AFTER_LOAD = "--listen-after-load"  # a restarted worker's flag (`worker_main`)
 STOP_MARGIN_S = 10.0  # past the grace period, before a worker that has not exited is killed
 
 
@@ -72,6 +75,7 @@ class _Slot:
     index: int
     proc: subprocess.Popen[bytes] | None = None
     started_at: float = 0.0
+    served_at: float = 0.0  # when the running worker first reported SERVING (0: not yet)
     young_deaths: int = 0
     restart_at: float = 0.0
     announced_pid: int = 0
@@ -87,6 +91,9 @@ class Supervisor:
     def __init__(self, config: ServerConfig, python: str = sys.executable) -> None:
         self.config = config
         self._python = python
+        # The port first: a port in use fails before anything is created on disk.
+        self._reservation = _reserve_port(config.host, config.grpc_port)
+        self.port = int(self._reservation.getsockname()[1])
         self._run_dir = Path(tempfile.mkdtemp(prefix="bertrec-workers-"))
         self._metrics_dir = self._run_dir / "metrics"
         self._metrics_dir.mkdir()
@@ -94,8 +101,6 @@ class Supervisor:
         # own heap copy (`shared_layout`); removed with the run folder when the parent exits.
         self._layout_dir = self._run_dir / "layouts"
         self._layout_dir.mkdir(mode=0o700)
-        self._reservation = _reserve_port(config.host, config.grpc_port)
-        self.port = int(self._reservation.getsockname()[1])
         self._slots = [_Slot(i) for i in range(config.workers)]
         self.registry = CollectorRegistry()
         MultiProcessCollector(self.registry, path=str(self._metrics_dir))
@@ -115,7 +120,8 @@ class Supervisor:
         self._all_served = False  # set once every first worker has served (`ready`)
 
     def start(self) -> None:
-        """Serve the metrics port, start every worker, return once all have bound the port.
+        """Serve the metrics port, start every worker, return once all have read their config
+        (they bind the gRPC port only when they serve, `load`).
 
         Raises:
             WorkerError: a worker exited first (e.g. no version to serve, a bad TLS file).
@@ -138,7 +144,7 @@ class Supervisor:
             WorkerError: a worker exited before it served.
         """
         self._wait_all("ready")
-        self._all_served = True
+        self._all_served = self._all_served or not self._stop_requested.is_set()
         self._announce_new_workers()
 
     def ready(self) -> bool:
@@ -154,6 +160,9 @@ class Supervisor:
     def request_stop(self) -> None:
         """Ask `wait` to drain every worker. Safe to call from a signal handler."""
         self._stop_requested.set()
+
+    def stop_requested(self) -> bool:
+        return self._stop_requested.is_set()
 
     def wait(self) -> None:
         """Restart workers that exit, until `request_stop`; then drain them all."""
@@ -185,20 +194,20 @@ class Supervisor:
         shutil.rmtree(self._run_dir, ignore_errors=True)
         log.info("all %d workers stopped", len(self._slots))
 
-    def _spawn(self, slot: _Slot, restart: bool = False) -> None:
+    def _spawn(self, slot: _Slot) -> None:
         _state_file(self._run_dir, slot.index).unlink(missing_ok=True)
         _error_file(self._run_dir, slot.index).unlink(missing_ok=True)
         env = dict(os.environ, **{MULTIPROC_ENV: str(self._metrics_dir),
                                   LAYOUT_DIR_ENV: str(self._layout_dir)})  # fmt: skip
+        # The worker checks from its first line that this process is still its parent: one
+        # orphaned while it imported must not go on to serve on its own.
         command = [self._python, "-m", "bertrec.server.workers", str(self._run_dir),
-                   str(slot.index)]  # fmt: skip
+                   str(slot.index), str(os.getpid())]  # fmt: skip
         if logging.getLogger().getEffectiveLevel() <= logging.DEBUG:
             command.append("--debug")
-        if restart:  # its siblings serve meanwhile: take no connection before it can answer
-            command.append(LISTEN_AFTER_LOAD)
         # stdout is the parent's to announce ports on; a worker's output goes to the log.
         slot.proc = subprocess.Popen(command, env=env, stdout=sys.stderr)
-        slot.started_at = time.monotonic()
+        slot.started_at, slot.served_at = time.monotonic(), 0.0
 
     def _watch(self, slot: _Slot) -> None:
         """Restart the slot's worker if it exited, after its back-off."""
@@ -207,11 +216,16 @@ class Supervisor:
         if proc is not None:
             code = proc.poll()
             if code is None:
-                if now - slot.started_at > YOUNG_S:
+                if not slot.served_at and self._ready_pids().get(slot.index):
+                    slot.served_at = now
+                if slot.served_at and now - slot.served_at > YOUNG_S:
                     slot.young_deaths = 0
                 return
             mark_process_dead(proc.pid, str(self._metrics_dir))  # its live gauges go
-            slot.young_deaths += 1 if now - slot.started_at < YOUNG_S else 0
+            # Young: it never served, or served less than YOUNG_S (a load that takes longer
+            # than YOUNG_S and then dies, e.g. killed for memory, is young however old).
+            young = not slot.served_at or now - slot.served_at < YOUNG_S
+            slot.young_deaths += 1 if young else 0
             backoff = min(MAX_BACKOFF_S, 2.0 ** (slot.young_deaths - 1)) if slot.young_deaths else 0
             slot.restart_at = now + backoff
             log.error("worker %d (pid %d) exited with %d; restarting in %.0f s",
@@ -219,10 +233,12 @@ class Supervisor:
             slot.proc = None
         if now >= slot.restart_at:
             self._restarts.inc()
-            self._spawn(slot, restart=True)
+            self._spawn(slot)
 
     def _wait_all(self, state: str) -> None:
-        while True:
+        """Until every worker has reached `state`, or a stop was asked (Ctrl-C while loading:
+        `wait` then drains what has started, and `bertrec serve` exits 0)."""
+        while not self._stop_requested.is_set():
             states = {s.index: _read_state(self._run_dir, s) for s in self._slots}
             if all(st is not None and _reached(st, state) for st in states.values()):
                 return
@@ -262,7 +278,8 @@ def serve_workers(config: ServerConfig) -> int:
         print(f"bertrec serve: grpc {config.host}:{supervisor.port} metrics {config.host}:"
               f"{supervisor.metrics_port} ({config.workers} workers)", flush=True)  # fmt: skip
         supervisor.load()
-        print(f"bertrec serve: ready on port {supervisor.port}", flush=True)
+        if not supervisor.stop_requested():
+            print(f"bertrec serve: ready on port {supervisor.port}", flush=True)
         supervisor.wait()
     finally:
         supervisor.stop()
@@ -271,11 +288,22 @@ def serve_workers(config: ServerConfig) -> int:
 
 def _reserve_port(host: str, port: int) -> socket.socket:
     """Bind (never listen) host:port with SO_REUSEPORT: resolves port 0 once for all workers,
-    and keeps a process without SO_REUSEPORT off the port between worker restarts."""
+    and keeps a process without SO_REUSEPORT off the port between worker restarts.
+
+    A fixed port that a socket already holds is refused, as a single server refuses it: the
+    kernel would let another SO_REUSEPORT server of the same user (a second supervisor, a stale
+    deployment) join the port and split the connections between two servers. The probe binds
+    with SO_REUSEADDR alone, as grpc's listeners do, so connections of an earlier run left in
+    TIME_WAIT do not count as holding the port.
+    """
     family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
     sock = socket.socket(family, kind, proto)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
+        if port:
+            with socket.socket(family, kind, proto) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                probe.bind(address)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind(address)
     except OSError as exc:
         sock.close()
@@ -341,14 +369,16 @@ def _exit_with_parent(parent: int, request_stop: Callable[[], None]) -> None:
     request_stop()
 
 
-def worker_main(run_dir: Path, index: int, debug: bool, listen_after_load: bool = False) -> int:
+def worker_main(run_dir: Path, index: int, parent: int, debug: bool = False) -> int:
     """One worker: the full server on the shared port, reporting its state to the parent.
 
-    A first worker listens before it loads, as a single server does (health NOT_SERVING while
-    it loads); a restarted one (`listen_after_load`) listens only once it serves: with
-    SO_REUSEPORT the kernel would otherwise hand it new connections, about one in N, whose
-    calls it refused with FAILED_PRECONDITION while it loaded.
+    It binds the port only once it serves (see the module's docstring), and drains as soon as
+    `parent` (the supervisor's pid, from its command line) is no longer its parent: also when
+    the supervisor died while this process was still starting.
     """
+    if os.getppid() != parent:  # orphaned before it even started: serve nobody
+        shutil.rmtree(run_dir, ignore_errors=True)
+        return 1
     from bertrec.server.app import Server
     from bertrec.server.cli import configure_logs
     from bertrec.server.drain import on_stop_signals
@@ -361,16 +391,15 @@ def worker_main(run_dir: Path, index: int, debug: bool, listen_after_load: bool 
     except BertrecError as exc:
         return _failed(run_dir, index, exc)
     on_stop_signals(server.request_stop)
-    parent = os.getppid()
     threading.Thread(
-        target=_exit_with_parent, args=(parent, server.request_stop), daemon=True
-    ).start()
+        target=_exit_with_parent, args=(parent, server.request_stop), name="parent-watch",
+        daemon=True,
+    ).start()  # fmt: skip
     try:
-        server.start(listen=not listen_after_load)
+        server.start(listen=False)
         _write_state(run_dir, index, "started", server.metrics_port)
         server.load()
-        if listen_after_load:
-            server.listen()
+        server.listen()
         _write_state(run_dir, index, "ready", server.metrics_port)
         log.info("worker %d (pid %d) serving on port %d", index, os.getpid(), server.port)
         server.wait()
@@ -399,8 +428,10 @@ def _failed(run_dir: Path, index: int, exc: BertrecError) -> int:
 
 
 if __name__ == "__main__":
-    flags = sys.argv[3:]
+    # Ctrl-C reaches the whole process group; the supervisor forwards the stop as SIGTERM,
+    # which a worker drains on, so a worker still starting must not die of the SIGINT itself.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     sys.exit(
-        worker_main(Path(sys.argv[1]), int(sys.argv[2]), "--debug" in flags,
-                    LISTEN_AFTER_LOAD in flags)
+        worker_main(Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]),
+                    "--debug" in sys.argv[4:])
     )  # fmt: skip

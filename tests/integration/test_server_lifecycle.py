@@ -97,3 +97,24 @@ def test_missing_version_exits_2_naming_what_exists(model_repo: Path) -> None:
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("bertrec serve: error: ")
     assert "has no version 9 (has 1)" in last
+
+
+def test_a_second_server_cannot_take_the_health_port(model_repo: Path, tmp_path: Path) -> None:
+    """The health-only port refuses a second single-worker server, as the gRPC port does:
+    sharing it (grpc's default SO_REUSEPORT) would answer probes for either server."""
+    from tls_material import free_port
+
+    health_port = str(free_port())
+    first = start_server(model_repo, tmp_path / "first", "--health-port", health_port)
+    try:
+        first.wait_serving()
+        done = run_cli(
+            "--model-repo", str(model_repo), "--model", MODEL, "--workers", "1",
+            "--host", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "0",
+            "--health-port", health_port,
+        )  # fmt: skip
+        assert done.returncode == 2, done.stderr[-2000:]
+        last = done.stderr.strip().splitlines()[-1]
+        assert last.startswith("bertrec serve: error: ") and health_port in last, last
+    finally:
+        first.terminate()

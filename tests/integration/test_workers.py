@@ -21,7 +21,8 @@ from pathlib import Path
 
 import grpc
 import pytest
-from server_harness import MODEL, ServerProcess, handled_ok, metric_value, serving
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from server_harness import MODEL, ServerProcess, handled_ok, metric_value, serving, start_server
 
 from bertrec.bench.versions import publish_variant
 from bertrec.v1 import recommender_pb2 as pb
@@ -272,3 +273,105 @@ def test_workers_drain_and_exit_when_the_parent_is_killed(model_repo: Path, tmp_
             assert time.monotonic() < deadline, "orphaned workers kept running"
             time.sleep(0.2)
         assert not layouts.parent.exists()  # the orphans removed the run folder
+
+
+def test_no_worker_takes_a_connection_before_it_serves_on_first_start(
+    model_repo: Path, tmp_path: Path, ref
+) -> None:
+    """From the moment the port is announced until both workers serve, a call or a probe on a
+    new connection is refused (UNAVAILABLE, which clients retry) or answered, never refused by
+    a worker still loading (FAILED_PRECONDITION, NOT_SERVING), which the kernel would otherwise
+    hand about one in two connections: a probe could mark the pod ready on one loaded worker."""
+    flags = ("--workers", "2", "--warmup-iterations", "400")
+    server = start_server(model_repo, tmp_path, *flags)
+    try:
+        announced: dict[int, tuple[int, str]] = {}
+        watcher = threading.Thread(target=lambda: announced.update(workers_announced(server, 2)))
+        watcher.start()
+        seen: list[str] = []
+        expected = [i for i, _ in ref.recommend(USERS[0], 3)]
+        deadline = time.monotonic() + 120
+        while watcher.is_alive() and time.monotonic() < deadline:
+            options = [("grpc.use_local_subchannel_pool", 1)]
+            with grpc.insecure_channel(server.target, options=options) as channel:
+                try:
+                    health = health_pb2_grpc.HealthStub(channel).Check(
+                        health_pb2.HealthCheckRequest(), timeout=5
+                    )
+                    seen.append(health_pb2.HealthCheckResponse.ServingStatus.Name(health.status))
+                    reply = pb_grpc.RecommenderServiceStub(channel).Recommend(
+                        pb.RecommendRequest(user_id=USERS[0], k=3), timeout=30
+                    )
+                    assert [i.item_id for i in reply.items] == expected
+                    seen.append("OK")
+                except grpc.RpcError as err:
+                    seen.append(err.code().name)
+        watcher.join(5)
+        assert sorted(announced) == [0, 1], "the workers never both served"
+        assert "UNAVAILABLE" in seen, seen[:10]  # the loads were slow enough to be watched
+        assert set(seen) <= {"UNAVAILABLE", "SERVING", "OK"}, sorted(set(seen))
+    finally:
+        assert server.terminate() == 0
+
+
+def test_a_second_supervisor_cannot_join_the_port(
+    two_workers, model_repo: Path, tmp_path: Path
+) -> None:
+    """Another `--workers N` server on a port in use fails at once (exit 2, one line) and
+    leaves no run folder: SO_REUSEPORT alone would let it take half the connections."""
+    server, _ = two_workers
+    done = subprocess.run(
+        [sys.executable, "-m", "bertrec", "serve", "--model-repo", str(model_repo),
+         "--model", MODEL, "--workers", "2", "--host", "127.0.0.1",
+         "--grpc-port", str(server.port), "--metrics-port", "0"],
+        capture_output=True, text=True, timeout=60, env={**os.environ, "TMPDIR": str(tmp_path)},
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr[-2000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("bertrec serve: error: cannot bind gRPC") and "in use" in last, last
+    assert not list(tmp_path.glob("bertrec-workers-*"))
+
+
+def test_a_worker_orphaned_while_starting_serves_nobody(tmp_path: Path) -> None:
+    """A worker whose supervisor died before it started (it is not the parent named on its
+    command line) exits at once and removes the run folder instead of serving on its own."""
+    run_dir = tmp_path / "bertrec-workers-x"
+    (run_dir / "layouts").mkdir(parents=True)
+    not_my_parent = os.getpid() + 1_000_000
+    done = subprocess.run(
+        [sys.executable, "-m", "bertrec.server.workers", str(run_dir), "0", str(not_my_parent)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert not run_dir.exists()
+
+
+def test_ctrl_c_while_the_workers_load_exits_0(model_repo: Path, tmp_path: Path) -> None:
+    """SIGINT to the whole process group (a terminal's Ctrl-C) while the workers still load:
+    the parent drains what started and exits 0, no worker dies of the signal."""
+    command = [
+        sys.executable, "-m", "bertrec", "serve", "--model-repo", str(model_repo),
+        "--model", MODEL, "--workers", "2", "--warmup-iterations", "400",
+        "--host", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "0",
+    ]  # fmt: skip
+    stderr_path = tmp_path / "stderr.log"
+    with stderr_path.open("w") as stderr:
+        proc = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=stderr, text=True, start_new_session=True,
+            env={**os.environ, "TMPDIR": str(tmp_path)},
+        )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.startswith("bertrec serve: grpc "), line
+        time.sleep(0.5)  # the workers are importing or loading
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(60) == 0, stderr_path.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    log = stderr_path.read_text()
+    assert "Traceback" not in log and "before serving" not in log, log[-3000:]
+    assert "ready on port" not in (proc.stdout.read() if proc.stdout else "")
+    assert not list(tmp_path.glob("bertrec-workers-*"))
