@@ -85,6 +85,9 @@ class Cell:
     server_switches_per_call: float = 0.0
     # Server CPU per call by thread role (`thread_counters`): which part of the server spends it.
     server_cpu_us_per_call_by_thread: dict[str, float] = field(default_factory=dict)
+    # `--workers N` rows: calls each worker answered (the kernel spreads connections, not
+    # calls, by a hash: a round may load the workers unevenly, or leave one idle).
+    calls_per_worker: list[int] = field(default_factory=list)
 
 
 def thread_counters(pid: int) -> dict[str, tuple[float, int]]:
@@ -292,24 +295,33 @@ def _load(
 
 def measure_go(
     binary: Path, name: str, target: str, concurrency: int, duration_s: float, pid: int,
-    channels: int, users: int,
+    channels: int, users: int, worker_urls: Sequence[str] = (),
 ) -> Cell:  # fmt: skip
     """`measure` with the Go load generator (Recommend only): a short run, then the counted one."""
     run_go_load(binary, target, concurrency, min(0.3, duration_s), channels, users)
     cpu_start, threads_start = process_cpu_s(pid), thread_counters(pid)
+    split_start = worker_calls(worker_urls)
     run = run_go_load(binary, target, concurrency, duration_s, channels, users)
     cpu_s = process_cpu_s(pid) - cpu_start
     by_thread, switches = per_call_by_role(threads_start, thread_counters(pid), run.calls)
+    split = [end - start for start, end in zip(split_start, worker_calls(worker_urls), strict=True)]
     return Cell(
         name, concurrency, run.calls / run.elapsed_s, run.p50_ms, run.p99_ms, run.calls,
-        run.errors, cpu_s / max(run.calls, 1) * 1e6, switches, by_thread,
+        run.errors, cpu_s / max(run.calls, 1) * 1e6, switches, by_thread, split,
     )  # fmt: skip
+
+
+def worker_calls(urls: Sequence[str]) -> list[int]:
+    """Recommend calls each worker has answered so far (its own /metrics)."""
+    from bertrec.bench.overload import server_counters
+
+    return [int(server_counters(url)["handled"]) for url in urls]
 
 
 def measure(
     name: str, target: str, method: str, payloads: Sequence[bytes], concurrency: int,
     duration_s: float, pid: int, pool: ProcessPoolExecutor | None, pool_size: int = 1,
-    channels: int = 1,
+    channels: int = 1, worker_urls: Sequence[str] = (),
 ) -> Cell:  # fmt: skip
     """Warm up briefly, then load the server `pid` from `pool`'s processes (or this one)."""
     procs = 1 if pool is None else min(pool_size, concurrency)
@@ -317,6 +329,7 @@ def measure(
     results = []
     for seconds in (min(0.3, duration_s), duration_s):
         cpu_start, threads_start = process_cpu_s(pid), thread_counters(pid)
+        split_start = worker_calls(worker_urls)
         if pool is None:
             results = [_load(target, method, payloads, concurrency, seconds, channels)]
         else:
@@ -328,12 +341,13 @@ def measure(
     elapsed = max(r[0] for r in results)
     latencies = [t for r in results for t in r[1]]
     by_thread, switches = per_call_by_role(threads_start, threads_end, len(latencies))
+    split = [end - start for start, end in zip(split_start, worker_calls(worker_urls), strict=True)]
     errors = sum(r[2] for r in results)
     lat = np.sort(np.asarray(latencies)) * 1e3 if latencies else np.array([np.nan])
     return Cell(
         name, concurrency, len(latencies) / elapsed, float(np.percentile(lat, 50)),
         float(np.percentile(lat, 99)), len(latencies), errors,
-        cpu_s / max(len(latencies), 1) * 1e6, switches, by_thread,
+        cpu_s / max(len(latencies), 1) * 1e6, switches, by_thread, split,
     )  # fmt: skip
 
 
@@ -426,6 +440,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "p99 ms",
             "server CPU us/call",
             "switches/call",
+            "calls per worker",
             "errors",
         ],
         [
@@ -437,6 +452,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 c.p99_ms,
                 c.server_cpu_us_per_call,
                 c.server_switches_per_call,
+                " / ".join(str(n) for n in c.calls_per_worker),
                 c.errors,
             ]
             for c in cells
@@ -474,16 +490,17 @@ def _measure_all(
                 for name, server in servers.items():
                     is_echo = name.startswith("echo")
                     channels = args.worker_channels if "worker" in name else 1
+                    urls = [url for _, url in sorted(server.worker_metrics_urls.items())]
                     if go_binary is not None and not is_echo:
                         cell = measure_go(
                             go_binary, name, server.target, concurrency, args.duration_s,
-                            server.proc.pid, channels, args.users,
+                            server.proc.pid, channels, args.users, urls,
                         )  # fmt: skip
                     else:
                         cell = measure(
                             name, server.target, ECHO_METHOD if is_echo else RECOMMEND_METHOD,
                             echo if is_echo else recommend, concurrency, args.duration_s,
-                            server.proc.pid, pool, args.client_procs, channels,
+                            server.proc.pid, pool, args.client_procs, channels, urls,
                         )  # fmt: skip
                     print(f"round {round_ + 1}: {cell}", file=sys.stderr, flush=True)
                     measured.append(cell)

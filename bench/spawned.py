@@ -20,6 +20,7 @@ class Spawned:
 
     PORT = re.compile(r"(?:^port (\d+)|grpc \S+:(\d+) )")
     METRICS_PORT = re.compile(r" metrics \S+:(\d+)")
+    WORKER = re.compile(r"worker (\d+) pid \d+ serving, its own metrics on (\S+):(\d+)")
 
     def __init__(
         self, name: str, argv: list[str], log_dir: Path, cpus: set[int] | None = None
@@ -31,6 +32,8 @@ class Spawned:
         if cpus:  # before the server starts its threads: they inherit the affinity
             os.sched_setaffinity(self.proc.pid, cpus)
         self.metrics_port: int | None = None
+        # `bertrec serve --workers N`: each worker's own /metrics, by slot (`wait_ready`).
+        self.worker_metrics_urls: dict[int, str] = {}
         self.port = self._read_port()
 
     def _read_port(self) -> int:
@@ -47,7 +50,11 @@ class Spawned:
         """Block until a `bertrec serve` process prints its ready line (or exits)."""
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
-            if "ready" in line:
+            worker = self.WORKER.search(line)
+            if worker:
+                host, port = worker.group(2), worker.group(3)
+                self.worker_metrics_urls[int(worker.group(1))] = f"http://{host}:{port}/metrics"
+            if "ready on" in line:
                 return
         raise RuntimeError(f"{self.name} exited: {self.log.read_text()[-2000:]}")
 
