@@ -16,7 +16,8 @@ Everything runs on loopback, on this machine, in one bounded run (about two minu
    - recommend-1-worker, recommend-2-workers, ... (`--workers 1,2`): `bertrec serve --workers N`
      with batching, loaded over `--worker-channels` connections (so_reuseport spreads
      connections, not calls: one channel reaches one worker); CPU and memory are the whole
-     process tree's (RSS and PSS after loading in "memory_after_load").
+     process tree's (RSS and PSS after loading in "memory_after_load"); with `--unpinned`,
+     twins of the N > 1 rows with `--pin-workers off`.
 3. A closed-loop load generator (grpc.aio, pre-serialised requests; `--client-procs` processes;
    `--load-generator go`: grpc-go for the Recommend rows, `bench/go_load.py`)
    at each concurrency, for every server in turn within each round (noise hits all alike).
@@ -383,6 +384,13 @@ def start_servers(repo: Path, log_dir: Path, args: argparse.Namespace) -> dict[s
             worker_row(n): _serve(repo, *batched, "--workers", str(n))
             for n in (int(w) for w in args.workers.split(","))
         },
+        **{
+            f"{worker_row(n)}-unpinned": _serve(
+                repo, *batched, "--workers", str(n), "--pin-workers", "off"
+            )
+            for n in (int(w) for w in args.workers.split(","))
+            if args.unpinned and n > 1
+        },
     }
     if args.only:
         argvs = {name: argv for name, argv in argvs.items() if name in args.only.split(",")}
@@ -555,6 +563,8 @@ def _summary(measured: list[Cell], concurrency: int) -> dict[str, Any]:
             n = name.split("-")[1]
             if one and name.startswith("recommend-") and name.endswith("-workers"):
                 out.setdefault(stat, {})[f"workers_{n}_vs_1"] = qps / one
+            if one and name.startswith("recommend-") and name.endswith("-workers-unpinned"):
+                out.setdefault(stat, {})[f"workers_{n}_unpinned_vs_1"] = qps / one
         if not at.keys() >= SERVER_STYLES:  # a run of some servers only (--only)
             continue
         out[stat] = {
@@ -590,6 +600,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--client-cpus", default="", help="pin the load generator(s) to these cores, e.g. 1"
     )
     parser.add_argument("--workers", default="1,2", help="rows for bertrec serve --workers N")
+    parser.add_argument(
+        "--unpinned", action="store_true",
+        help="also rows of N > 1 workers with --pin-workers off (the scheduler places them)",
+    )  # fmt: skip
     parser.add_argument(
         "--worker-channels", type=int, default=8, help="connections to the --workers servers"
     )

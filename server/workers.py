@@ -30,6 +30,7 @@ exits 0 once they have (also when the signal comes while the workers still load)
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -51,6 +52,7 @@ from prometheus_client.multiprocess import MultiProcessCollector, mark_process_d
 
 from bertrec.errors import BertrecError
 from bertrec.server.config import ConfigError, ServerConfig
+from bertrec.server.environment import usable_cpus, worker_cpus
 from bertrec.server.http_endpoints import HttpEndpoints
 from bertrec.server.shared_layout import LAYOUT_DIR_ENV
 from bertrec.server.tls import TlsFiles
@@ -73,6 +75,7 @@ class _Slot:
     """One worker position: the process now filling it and its restart history."""
 
     index: int
+    cpu: int | None = None  # the CPU its worker runs on (`pin_workers`), None: anywhere
     proc: subprocess.Popen[bytes] | None = None
     started_at: float = 0.0
     served_at: float = 0.0  # when the running worker first reported SERVING (0: not yet)
@@ -101,7 +104,11 @@ class Supervisor:
         # own heap copy (`shared_layout`); removed with the run folder when the parent exits.
         self._layout_dir = self._run_dir / "layouts"
         self._layout_dir.mkdir(mode=0o700)
-        self._slots = [_Slot(i) for i in range(config.workers)]
+        affinity = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+        cpus = worker_cpus(config.workers, config.pin_workers, usable_cpus(), affinity)
+        self._slots = [_Slot(i, None if cpus is None else cpus[i]) for i in range(config.workers)]
+        if cpus is not None:
+            log.info("each worker runs on a CPU of its own: %s", ", ".join(map(str, cpus)))
         self.registry = CollectorRegistry()
         MultiProcessCollector(self.registry, path=str(self._metrics_dir))
         self._restarts = Counter(
@@ -205,8 +212,13 @@ class Supervisor:
                    str(slot.index), str(os.getpid())]  # fmt: skip
         if logging.getLogger().getEffectiveLevel() <= logging.DEBUG:
             command.append("--debug")
+        if slot.cpu is not None:
+            command.append(f"--cpu={slot.cpu}")
         # stdout is the parent's to announce ports on; a worker's output goes to the log.
         slot.proc = subprocess.Popen(command, env=env, stdout=sys.stderr)
+        if slot.cpu is not None:  # at once, so the threads it starts inherit it (see --cpu)
+            with contextlib.suppress(OSError):  # it exited already: `_watch` will see
+                os.sched_setaffinity(slot.proc.pid, {slot.cpu})
         slot.started_at, slot.served_at = time.monotonic(), 0.0
 
     def _watch(self, slot: _Slot) -> None:
@@ -369,16 +381,21 @@ def _exit_with_parent(parent: int, request_stop: Callable[[], None]) -> None:
     request_stop()
 
 
-def worker_main(run_dir: Path, index: int, parent: int, debug: bool = False) -> int:
+def worker_main(
+    run_dir: Path, index: int, parent: int, debug: bool = False, cpu: int | None = None
+) -> int:
     """One worker: the full server on the shared port, reporting its state to the parent.
 
     It binds the port only once it serves (see the module's docstring), and drains as soon as
     `parent` (the supervisor's pid, from its command line) is no longer its parent: also when
-    the supervisor died while this process was still starting.
+    the supervisor died while this process was still starting. With `cpu` it runs on that CPU
+    alone, set before it starts any thread (every thread inherits it).
     """
     if os.getppid() != parent:  # orphaned before it even started: serve nobody
         shutil.rmtree(run_dir, ignore_errors=True)
         return 1
+    if cpu is not None:
+        _pin_every_thread(cpu)
     from bertrec.server.app import Server
     from bertrec.server.cli import configure_logs
     from bertrec.server.drain import on_stop_signals
@@ -415,6 +432,18 @@ def worker_main(run_dir: Path, index: int, parent: int, debug: bool = False) -> 
     return 0
 
 
+def _pin_every_thread(cpu: int) -> None:
+    """Run every thread of this process on `cpu`, and so every thread started from now on.
+
+    The parent pins the process right after starting it, but threads may exist by then:
+    numpy's OpenBLAS starts its pool when this module imports numpy, and a thread keeps the
+    CPUs of the thread that created it.
+    """
+    for task in Path("/proc/self/task").iterdir():
+        with contextlib.suppress(OSError):  # a thread that ended meanwhile
+            os.sched_setaffinity(int(task.name), {cpu})
+
+
 def _error_file(run_dir: Path, index: int) -> Path:
     return run_dir / f"error-{index}"
 
@@ -431,7 +460,9 @@ if __name__ == "__main__":
     # Ctrl-C reaches the whole process group; the supervisor forwards the stop as SIGTERM,
     # which a worker drains on, so a worker still starting must not die of the SIGINT itself.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    flags = sys.argv[4:]
+    pinned = [int(f.removeprefix("--cpu=")) for f in flags if f.startswith("--cpu=")]
     sys.exit(
-        worker_main(Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]),
-                    "--debug" in sys.argv[4:])
+        worker_main(Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), "--debug" in flags,
+                    pinned[0] if pinned else None)
     )  # fmt: skip

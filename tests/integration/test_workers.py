@@ -25,6 +25,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from server_harness import MODEL, ServerProcess, handled_ok, metric_value, serving, start_server
 
 from bertrec.bench.versions import publish_variant
+from bertrec.server.environment import usable_cpus, worker_cpus
 from bertrec.v1 import recommender_pb2 as pb
 from bertrec.v1 import recommender_pb2_grpc as pb_grpc
 
@@ -375,3 +376,32 @@ def test_ctrl_c_while_the_workers_load_exits_0(model_repo: Path, tmp_path: Path)
     assert "Traceback" not in log and "before serving" not in log, log[-3000:]
     assert "ready on port" not in (proc.stdout.read() if proc.stdout else "")
     assert not list(tmp_path.glob("bertrec-workers-*"))
+
+
+def thread_cpus(pid: int) -> set[frozenset[int]]:
+    """The distinct CPU sets of every thread of `pid`."""
+    return {frozenset(os.sched_getaffinity(int(task.name)))
+            for task in Path(f"/proc/{pid}/task").iterdir()}  # fmt: skip
+
+
+def test_each_worker_runs_on_a_cpu_of_its_own_where_the_cpus_are_ours(two_workers) -> None:
+    """`pin_workers` auto: on a machine (or exclusive cpuset) of its own each worker and all
+    its threads run on one CPU, a different one each; under a CPU quota on shared CPUs none is
+    pinned. The test computes which applies here the way the server does."""
+    _, workers = two_workers
+    affinity = sorted(os.sched_getaffinity(0))
+    plan = worker_cpus(2, "auto", usable_cpus(), affinity)
+    found = {slot: thread_cpus(pid) for slot, (pid, _) in workers.items()}
+    if plan is None:
+        assert all(sets == {frozenset(affinity)} for sets in found.values()), found
+    else:
+        assert found == {slot: {frozenset({plan[slot]})} for slot in range(2)}, found
+
+
+def test_pin_workers_off_leaves_the_workers_to_the_scheduler(
+    model_repo: Path, tmp_path: Path
+) -> None:
+    with serving(model_repo, tmp_path, "--workers", "2", "--pin-workers", "off") as server:
+        workers = workers_announced(server, 2)
+        everywhere = {frozenset(os.sched_getaffinity(0))}
+        assert all(thread_cpus(pid) == everywhere for pid, _ in workers.values())

@@ -12,7 +12,7 @@ import pytest
 
 from bertrec.server.cli import size_processes
 from bertrec.server.config import AUTO_WORKERS, ConfigError, ServerConfig, load_config
-from bertrec.server.environment import UsableCpus, cgroup_cpu_quota, usable_cpus
+from bertrec.server.environment import UsableCpus, cgroup_cpu_quota, usable_cpus, worker_cpus
 
 # A cgroup v2 host (no namespace): the process sits in a pod's container cgroup.
 V2_MOUNT = "35 24 0:30 / {mount} rw,nosuid,nodev,noexec,relatime shared:9 - cgroup2 cgroup2 rw\n"
@@ -200,3 +200,30 @@ def test_the_resolved_numbers_are_logged(tmp_path: Path, caplog: pytest.LogCaptu
         "workers 3 (auto); usable CPUs 3 (affinity 16, cgroup CPU quota 2.5); per worker: "
         "ranker_threads 1, intra_op_threads 1 (0: ONNX Runtime's default)"
     )
+
+
+@pytest.mark.parametrize(
+    ("workers", "pin", "quota", "affinity", "expected"),
+    [
+        (2, "auto", None, [0, 1], [0, 1]),  # a machine of its own: one CPU each
+        (2, "auto", 2.0, [4, 5], [4, 5]),  # an exclusive cpuset with its quota (static policy)
+        (2, "auto", 2.0, list(range(64)), None),  # a CPU limit on a shared node: never pin
+        (3, "auto", None, [0, 1], None),  # more workers than CPUs: the scheduler places them
+        (3, "on", None, [0, 1], [0, 1, 0]),  # asked for: round robin
+        (2, "on", 2.0, list(range(64)), [0, 1]),
+        (2, "off", None, [0, 1], None),
+        (1, "on", None, [0, 1], None),  # one process: nothing to pin apart
+    ],
+)
+def test_worker_cpus(
+    workers: int, pin: str, quota: float | None, affinity: list[int], expected: list[int] | None
+) -> None:
+    cpus = UsableCpus(len(affinity), quota)
+    assert worker_cpus(workers, pin, cpus, affinity) == expected
+
+
+def test_pin_workers_takes_only_auto_on_off(tmp_path: Path) -> None:
+    assert load_config(required(tmp_path), env={}).pin_workers == "auto"
+    assert load_config({**required(tmp_path), "pin_workers": "on"}, env={}).pin_workers == "on"
+    with pytest.raises(ConfigError, match="must be auto, on or off"):
+        load_config(required(tmp_path), env={"BERTREC_PIN_WORKERS": "yes"})
