@@ -142,10 +142,10 @@ class ServerConfig:
     )
     pin_workers: str = _opt(
         "auto",
-        "with workers >= 2, run each worker on a CPU of its own: auto (when this process's CPUs "
-        "are its own: no cgroup quota below its CPU affinity, and no more workers than CPUs), "
-        "on (round robin over the affinity), off. One interpreter's threads passing the GIL "
-        "between cores cost about twice the CPU per call of the same threads on one core",
+        "with workers >= 2, run each worker on CPUs of its own: auto (one worker per CPU, when "
+        "this process's CPUs are its own: no cgroup quota below its CPU affinity), on (a block "
+        "of CPUs each, or one each round robin), off. One interpreter's threads passing the "
+        "GIL between cores cost about twice the CPU per call of the same threads on one core",
     )
     max_batch_users: int = _opt(1024, "most user ids in one RecommendBatch call")
     max_stream_users: int = _opt(100_000, "most user ids in one StreamRecommendations call")

@@ -108,22 +108,26 @@ class UsableCpus:
         return max(1, min(self.affinity, math.ceil(self.quota)))
 
 
-def worker_cpus(workers: int, pin: str, cpus: UsableCpus, affinity: list[int]) -> list[int] | None:
-    """The CPU each of `workers` worker processes runs on, or None to let the scheduler place
+def worker_cpus(
+    workers: int, pin: str, cpus: UsableCpus, affinity: list[int]
+) -> list[set[int]] | None:
+    """The CPUs each of `workers` worker processes runs on, or None to let the scheduler place
     them (`pin_workers`).
 
     Why pin: one Python process's threads hand the GIL to each other several times per call;
     on one core a hand-off is a plain switch, across cores it is a cross-CPU wake-up and a
     wait (`bench.server`, 10k x 64: one worker on one core answered 1,917 q/s at 517 us of CPU
-    per call, the same worker free on two cores 1,015 q/s at 1,143 us). "auto" pins only where
-    the CPUs are this process's own: no cgroup quota below the affinity (a Kubernetes CPU limit
-    without an exclusive cpuset leaves every node CPU in the affinity, shared with other pods:
-    pinning there would pile every pod onto the same first cores), and no more workers than
-    CPUs.
+    per call, the same worker free on two cores 1,015 q/s at 1,143 us). "auto" pins where that
+    was measured: one worker per CPU (`--workers auto`), on CPUs that are this process's own,
+    with no cgroup quota below the affinity (a Kubernetes CPU limit without an exclusive cpuset
+    leaves every node CPU in the affinity, shared with other pods: pinning there would pile
+    every pod onto the same first cores). "on" pins anyway: with fewer workers than CPUs each
+    gets its share as a block of CPUs (as its ONNX Runtime threads do, `size_processes`), with
+    more, one CPU each, round robin.
 
     Args:
         workers: worker processes (>= 1).
-        pin: "auto", "on" (round robin over `affinity`) or "off".
+        pin: "auto", "on" or "off".
         cpus: this process's usable CPUs (`usable_cpus`).
         affinity: the CPU ids this process may run on, e.g. sorted(os.sched_getaffinity(0)).
     """
@@ -131,9 +135,12 @@ def worker_cpus(workers: int, pin: str, cpus: UsableCpus, affinity: list[int]) -
         return None
     if pin == "auto":
         shared = cpus.quota is not None and math.ceil(cpus.quota) < len(affinity)
-        if shared or workers > len(affinity):
+        if shared or workers != len(affinity):
             return None
-    return [affinity[i % len(affinity)] for i in range(workers)]
+    share = max(1, len(affinity) // workers)
+    if share == 1:
+        return [{affinity[i % len(affinity)]} for i in range(workers)]
+    return [set(affinity[i * share : (i + 1) * share]) for i in range(workers)]
 
 
 def usable_cpus(proc_self: Path = Path("/proc/self")) -> UsableCpus:

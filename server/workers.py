@@ -75,7 +75,7 @@ class _Slot:
     """One worker position: the process now filling it and its restart history."""
 
     index: int
-    cpu: int | None = None  # the CPU its worker runs on (`pin_workers`), None: anywhere
+    cpus: set[int] | None = None  # the CPUs its worker runs on (`pin_workers`), None: any
     proc: subprocess.Popen[bytes] | None = None
     started_at: float = 0.0
     served_at: float = 0.0  # when the running worker first reported SERVING (0: not yet)
@@ -108,7 +108,7 @@ class Supervisor:
         cpus = worker_cpus(config.workers, config.pin_workers, usable_cpus(), affinity)
         self._slots = [_Slot(i, None if cpus is None else cpus[i]) for i in range(config.workers)]
         if cpus is not None:
-            log.info("each worker runs on a CPU of its own: %s", ", ".join(map(str, cpus)))
+            log.info("workers pinned to CPUs %s", " | ".join(_cpu_list(c) for c in cpus))
         self.registry = CollectorRegistry()
         MultiProcessCollector(self.registry, path=str(self._metrics_dir))
         self._restarts = Counter(
@@ -212,13 +212,13 @@ class Supervisor:
                    str(slot.index), str(os.getpid())]  # fmt: skip
         if logging.getLogger().getEffectiveLevel() <= logging.DEBUG:
             command.append("--debug")
-        if slot.cpu is not None:
-            command.append(f"--cpu={slot.cpu}")
+        if slot.cpus is not None:
+            command.append(f"--cpus={_cpu_list(slot.cpus)}")
         # stdout is the parent's to announce ports on; a worker's output goes to the log.
         slot.proc = subprocess.Popen(command, env=env, stdout=sys.stderr)
-        if slot.cpu is not None:  # at once, so the threads it starts inherit it (see --cpu)
+        if slot.cpus is not None:  # at once, so the threads it starts inherit it (see --cpus)
             with contextlib.suppress(OSError):  # it exited already: `_watch` will see
-                os.sched_setaffinity(slot.proc.pid, {slot.cpu})
+                os.sched_setaffinity(slot.proc.pid, slot.cpus)
         slot.started_at, slot.served_at = time.monotonic(), 0.0
 
     def _watch(self, slot: _Slot) -> None:
@@ -382,20 +382,20 @@ def _exit_with_parent(parent: int, request_stop: Callable[[], None]) -> None:
 
 
 def worker_main(
-    run_dir: Path, index: int, parent: int, debug: bool = False, cpu: int | None = None
+    run_dir: Path, index: int, parent: int, debug: bool = False, cpus: set[int] | None = None
 ) -> int:
     """One worker: the full server on the shared port, reporting its state to the parent.
 
     It binds the port only once it serves (see the module's docstring), and drains as soon as
     `parent` (the supervisor's pid, from its command line) is no longer its parent: also when
-    the supervisor died while this process was still starting. With `cpu` it runs on that CPU
-    alone, set before it starts any thread (every thread inherits it).
+    the supervisor died while this process was still starting. With `cpus` it runs on those
+    CPUs alone, set before it starts any thread (every thread inherits it).
     """
     if os.getppid() != parent:  # orphaned before it even started: serve nobody
         shutil.rmtree(run_dir, ignore_errors=True)
         return 1
-    if cpu is not None:
-        _pin_every_thread(cpu)
+    if cpus is not None:
+        _pin_every_thread(cpus)
     from bertrec.server.app import Server
     from bertrec.server.cli import configure_logs
     from bertrec.server.drain import on_stop_signals
@@ -432,8 +432,8 @@ def worker_main(
     return 0
 
 
-def _pin_every_thread(cpu: int) -> None:
-    """Run every thread of this process on `cpu`, and so every thread started from now on.
+def _pin_every_thread(cpus: set[int]) -> None:
+    """Run every thread of this process on `cpus`, and so every thread started from now on.
 
     The parent pins the process right after starting it, but threads may exist by then:
     numpy's OpenBLAS starts its pool when this module imports numpy, and a thread keeps the
@@ -441,7 +441,11 @@ def _pin_every_thread(cpu: int) -> None:
     """
     for task in Path("/proc/self/task").iterdir():
         with contextlib.suppress(OSError):  # a thread that ended meanwhile
-            os.sched_setaffinity(int(task.name), {cpu})
+            os.sched_setaffinity(int(task.name), cpus)
+
+
+def _cpu_list(cpus: set[int]) -> str:
+    return ",".join(str(c) for c in sorted(cpus))
 
 
 def _error_file(run_dir: Path, index: int) -> Path:
@@ -461,8 +465,8 @@ if __name__ == "__main__":
     # which a worker drains on, so a worker still starting must not die of the SIGINT itself.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     flags = sys.argv[4:]
-    pinned = [int(f.removeprefix("--cpu=")) for f in flags if f.startswith("--cpu=")]
+    pinned = [f.removeprefix("--cpus=") for f in flags if f.startswith("--cpus=")]
     sys.exit(
         worker_main(Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), "--debug" in flags,
-                    pinned[0] if pinned else None)
+                    {int(c) for c in pinned[0].split(",")} if pinned else None)
     )  # fmt: skip

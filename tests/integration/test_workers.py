@@ -395,7 +395,7 @@ def test_each_worker_runs_on_a_cpu_of_its_own_where_the_cpus_are_ours(two_worker
     if plan is None:
         assert all(sets == {frozenset(affinity)} for sets in found.values()), found
     else:
-        assert found == {slot: {frozenset({plan[slot]})} for slot in range(2)}, found
+        assert found == {slot: {frozenset(plan[slot])} for slot in range(2)}, found
 
 
 def test_pin_workers_off_leaves_the_workers_to_the_scheduler(

@@ -205,18 +205,24 @@ def test_the_resolved_numbers_are_logged(tmp_path: Path, caplog: pytest.LogCaptu
 @pytest.mark.parametrize(
     ("workers", "pin", "quota", "affinity", "expected"),
     [
-        (2, "auto", None, [0, 1], [0, 1]),  # a machine of its own: one CPU each
-        (2, "auto", 2.0, [4, 5], [4, 5]),  # an exclusive cpuset with its quota (static policy)
+        (2, "auto", None, [0, 1], [{0}, {1}]),  # a machine of its own: one CPU each
+        (2, "auto", 2.0, [4, 5], [{4}, {5}]),  # an exclusive cpuset with its quota (static)
         (2, "auto", 2.0, list(range(64)), None),  # a CPU limit on a shared node: never pin
         (3, "auto", None, [0, 1], None),  # more workers than CPUs: the scheduler places them
-        (3, "on", None, [0, 1], [0, 1, 0]),  # asked for: round robin
-        (2, "on", 2.0, list(range(64)), [0, 1]),
+        (2, "auto", None, [0, 1, 2, 3], None),  # fewer: not measured, not pinned
+        (3, "on", None, [0, 1], [{0}, {1}, {0}]),  # asked for: round robin
+        (2, "on", None, [0, 1, 2, 3, 4], [{0, 1}, {2, 3}]),  # a block each, its share
+        (2, "on", 2.0, list(range(64)), [set(range(32)), set(range(32, 64))]),
         (2, "off", None, [0, 1], None),
         (1, "on", None, [0, 1], None),  # one process: nothing to pin apart
     ],
 )
 def test_worker_cpus(
-    workers: int, pin: str, quota: float | None, affinity: list[int], expected: list[int] | None
+    workers: int,
+    pin: str,
+    quota: float | None,
+    affinity: list[int],
+    expected: list[set[int]] | None,
 ) -> None:
     cpus = UsableCpus(len(affinity), quota)
     assert worker_cpus(workers, pin, cpus, affinity) == expected
