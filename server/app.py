@@ -207,6 +207,10 @@ class Server:
         """Ask `wait` to shut down gracefully. Safe to call from a signal handler."""
         self._stop_requested.set()
 
+    def stop_requested(self) -> bool:
+        """Whether `request_stop` was called (a signal, or a worker's lost supervisor)."""
+        return self._stop_requested.is_set()
+
     def wait(self) -> None:
         """Block until `request_stop`, then shut down gracefully."""
         # A timeout keeps the main thread waking up, so signal handlers run promptly.

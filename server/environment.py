@@ -137,10 +137,11 @@ def worker_cpus(
         shared = cpus.quota is not None and math.ceil(cpus.quota) < len(affinity)
         if shared or workers != len(affinity):
             return None
-    share = max(1, len(affinity) // workers)
-    if share == 1:
+    if workers >= len(affinity):
         return [{affinity[i % len(affinity)]} for i in range(workers)]
-    return [set(affinity[i * share : (i + 1) * share]) for i in range(workers)]
+    share, extra = divmod(len(affinity), workers)  # the first `extra` blocks get one more
+    starts = [i * share + min(i, extra) for i in range(workers + 1)]
+    return [set(affinity[starts[i] : starts[i + 1]]) for i in range(workers)]
 
 
 def usable_cpus(proc_self: Path = Path("/proc/self")) -> UsableCpus:

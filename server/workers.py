@@ -97,6 +97,15 @@ class Supervisor:
         # The port first: a port in use fails before anything is created on disk.
         self._reservation = _reserve_port(config.host, config.grpc_port)
         self.port = int(self._reservation.getsockname()[1])
+        self._health_reservation: socket.socket | None = None
+        if config.health_port:  # every worker joins it too: refused if anything holds it
+            try:
+                self._health_reservation = _reserve_port(
+                    config.host, config.health_port, "the health port"
+                )
+            except ConfigError:
+                self._reservation.close()
+                raise
         self._run_dir = Path(tempfile.mkdtemp(prefix="bertrec-workers-"))
         self._metrics_dir = self._run_dir / "metrics"
         self._metrics_dir.mkdir()
@@ -198,6 +207,8 @@ class Supervisor:
         if self._http is not None:
             self._http.stop()
         self._reservation.close()
+        if self._health_reservation is not None:
+            self._health_reservation.close()
         shutil.rmtree(self._run_dir, ignore_errors=True)
         log.info("all %d workers stopped", len(self._slots))
 
@@ -217,8 +228,13 @@ class Supervisor:
         # stdout is the parent's to announce ports on; a worker's output goes to the log.
         slot.proc = subprocess.Popen(command, env=env, stdout=sys.stderr)
         if slot.cpus is not None:  # at once, so the threads it starts inherit it (see --cpus)
-            with contextlib.suppress(OSError):  # it exited already: `_watch` will see
+            try:
                 os.sched_setaffinity(slot.proc.pid, slot.cpus)
+            except ProcessLookupError:  # it exited already: `_watch` will see
+                pass
+            except OSError as exc:  # e.g. the CPU went offline: it runs unpinned
+                log.warning("worker %d: cannot pin to CPUs %s: %s", slot.index,
+                            _cpu_list(slot.cpus), exc)  # fmt: skip
         slot.started_at, slot.served_at = time.monotonic(), 0.0
 
     def _watch(self, slot: _Slot) -> None:
@@ -298,7 +314,7 @@ def serve_workers(config: ServerConfig) -> int:
     return 0
 
 
-def _reserve_port(host: str, port: int) -> socket.socket:
+def _reserve_port(host: str, port: int, what: str = "gRPC") -> socket.socket:
     """Bind (never listen) host:port with SO_REUSEPORT: resolves port 0 once for all workers,
     and keeps a process without SO_REUSEPORT off the port between worker restarts.
 
@@ -315,11 +331,15 @@ def _reserve_port(host: str, port: int) -> socket.socket:
             with socket.socket(family, kind, proto) as probe:
                 probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 probe.bind(address)
+        # SO_REUSEADDR for the bind only (TIME_WAIT of a server without SO_REUSEPORT would
+        # refuse it otherwise); off afterwards, so a later SO_REUSEADDR-only bind conflicts.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind(address)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 0)
     except OSError as exc:
         sock.close()
-        raise ConfigError(f"cannot bind gRPC to {host}:{port}: {exc}") from exc
+        raise ConfigError(f"cannot bind {what} to {host}:{port}: {exc}") from exc
     return sock
 
 
@@ -365,12 +385,22 @@ def _reached(state: _State, wanted: str) -> bool:
     return state.state == wanted or (wanted == "started" and state.state == "ready")
 
 
-def _write_state(run_dir: Path, index: int, state: str, metrics_port: int) -> None:
-    """Replace the slot's state file atomically (the parent never reads half a file)."""
+def _write_state(run_dir: Path, index: int, state: str, metrics_port: int) -> bool:
+    """Replace the slot's state file atomically (the parent never reads half a file).
+
+    False if the run folder is gone: the supervisor was killed and an orphaned sibling
+    removed it, so nobody reads the state and this worker must stop.
+    """
     path = _state_file(run_dir, index)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"pid": os.getpid(), "state": state, "metrics_port": metrics_port}))
-    tmp.replace(path)
+    try:
+        tmp.write_text(json.dumps({"pid": os.getpid(), "state": state,
+                                   "metrics_port": metrics_port}))  # fmt: skip
+        tmp.replace(path)
+    except FileNotFoundError:
+        log.error("worker %d: the run folder %s is gone: stopping", index, run_dir)
+        return False
+    return True
 
 
 def _exit_with_parent(parent: int, request_stop: Callable[[], None]) -> None:
@@ -416,10 +446,14 @@ def worker_main(
         server.start(listen=False)
         _write_state(run_dir, index, "started", server.metrics_port)
         server.load()
-        server.listen()
-        _write_state(run_dir, index, "ready", server.metrics_port)
-        log.info("worker %d (pid %d) serving on port %d", index, os.getpid(), server.port)
-        server.wait()
+        # A stop that came while it loaded (a signal, the supervisor gone): never bind the
+        # port, where a new server on it would find this one in its SO_REUSEPORT group.
+        if not server.stop_requested():
+            server.listen()
+            if _write_state(run_dir, index, "ready", server.metrics_port):
+                log.info("worker %d (pid %d) serving on port %d", index, os.getpid(),
+                         server.port)  # fmt: skip
+                server.wait()
     except BertrecError as exc:
         return _failed(run_dir, index, exc)
     finally:

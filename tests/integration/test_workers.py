@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -405,3 +406,61 @@ def test_pin_workers_off_leaves_the_workers_to_the_scheduler(
         workers = workers_announced(server, 2)
         everywhere = {frozenset(os.sched_getaffinity(0))}
         assert all(thread_cpus(pid) == everywhere for pid, _ in workers.values())
+
+
+def test_a_health_port_in_use_is_refused_before_any_worker_starts(
+    model_repo: Path, tmp_path: Path
+) -> None:
+    """Every worker joins the health-only port with SO_REUSEPORT, so the supervisor reserves
+    it first: a port another server holds would otherwise answer half the probes for it."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = str(holder.getsockname()[1])
+        done = subprocess.run(
+            [sys.executable, "-m", "bertrec", "serve", "--model-repo", str(model_repo),
+             "--model", MODEL, "--workers", "2", "--host", "127.0.0.1", "--grpc-port", "0",
+             "--metrics-port", "0", "--health-port", port],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    assert done.returncode == 2, done.stderr[-2000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("bertrec serve: error: cannot bind the health port") and port in last
+
+
+def test_workers_told_to_stop_while_loading_never_bind_the_port(
+    model_repo: Path, tmp_path: Path
+) -> None:
+    """The supervisor killed -9 while its workers load: they notice, finish loading, and exit
+    without ever listening (a new server on the port would otherwise find them in its
+    SO_REUSEPORT group), and the run folder goes."""
+    from tls_material import free_port
+
+    port = free_port()
+    command = [
+        sys.executable, "-m", "bertrec", "serve", "--model-repo", str(model_repo),
+        "--model", MODEL, "--workers", "2", "--warmup-iterations", "400",
+        "--host", "127.0.0.1", "--grpc-port", str(port), "--metrics-port", "0",
+    ]  # fmt: skip
+    proc = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        env={**os.environ, "TMPDIR": str(tmp_path)},
+    )  # fmt: skip
+    assert proc.stdout is not None
+    assert proc.stdout.readline().startswith("bertrec serve: grpc ")
+    workers = [
+        int(p) for p in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+    ]
+    assert len(workers) == 2
+    proc.kill()
+    proc.wait()
+    listened = []
+    deadline = time.monotonic() + 120
+    while any(_running(pid) for pid in workers) and time.monotonic() < deadline:
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                listened.append(time.monotonic())
+        time.sleep(0.05)
+    assert not any(_running(pid) for pid in workers), "the orphaned workers did not exit"
+    assert listened == [], "an orphaned worker bound the port"
+    assert not list(tmp_path.glob("bertrec-workers-*"))

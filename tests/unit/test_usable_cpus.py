@@ -211,7 +211,7 @@ def test_the_resolved_numbers_are_logged(tmp_path: Path, caplog: pytest.LogCaptu
         (3, "auto", None, [0, 1], None),  # more workers than CPUs: the scheduler places them
         (2, "auto", None, [0, 1, 2, 3], None),  # fewer: not measured, not pinned
         (3, "on", None, [0, 1], [{0}, {1}, {0}]),  # asked for: round robin
-        (2, "on", None, [0, 1, 2, 3, 4], [{0, 1}, {2, 3}]),  # a block each, its share
+        (2, "on", None, [0, 1, 2, 3, 4], [{0, 1, 2}, {3, 4}]),  # a block each, none left over
         (2, "on", 2.0, list(range(64)), [set(range(32)), set(range(32, 64))]),
         (2, "off", None, [0, 1], None),
         (1, "on", None, [0, 1], None),  # one process: nothing to pin apart
