@@ -17,7 +17,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -59,6 +59,23 @@ def call_on_fresh_connections(target: str, ref, channels: int, per_channel: int)
                     pb.RecommendRequest(user_id=user, k=3), timeout=30, wait_for_ready=True
                 )
                 assert [i.item_id for i in reply.items] == [i for i, _ in ref.recommend(user, 3)]
+
+
+def on_fresh_connections_until_announced(
+    server: ServerProcess, count: int, call: Callable[[grpc.Channel], None]
+) -> dict[int, tuple[int, str]]:
+    """Run `call` on a new TCP connection, again and again, until the next `count` workers
+    announce that they serve (or 120 s pass); returns their announcements (`workers_announced`)."""
+    announced: dict[int, tuple[int, str]] = {}
+    watcher = threading.Thread(target=lambda: announced.update(workers_announced(server, count)))
+    watcher.start()
+    deadline = time.monotonic() + 120
+    while watcher.is_alive() and time.monotonic() < deadline:
+        options = [("grpc.use_local_subchannel_pool", 1)]
+        with grpc.insecure_channel(server.target, options=options) as channel:
+            call(channel)
+    watcher.join(5)
+    return announced
 
 
 @pytest.fixture(scope="module")
@@ -159,28 +176,24 @@ def test_a_restarted_worker_takes_no_connection_before_it_serves(
     flags = ("--workers", "2", "--warmup-iterations", "400")
     with serving(model_repo, tmp_path, *flags) as server:
         workers = workers_announced(server, 2)
-        replaced: dict[int, tuple[int, str]] = {}
-        watcher = threading.Thread(target=lambda: replaced.update(workers_announced(server, 1)))
-        watcher.start()
         os.kill(workers[1][0], signal.SIGKILL)
         while _running(workers[1][0]):
             time.sleep(0.01)
         codes: list[grpc.StatusCode] = []
         readyz: list[int] = []
         expected = [i for i, _ in ref.recommend(USERS[0], 3)]
-        deadline = time.monotonic() + 120
-        while watcher.is_alive() and time.monotonic() < deadline:
-            options = [("grpc.use_local_subchannel_pool", 1)]
-            with grpc.insecure_channel(server.target, options=options) as channel:
-                stub = pb_grpc.RecommenderServiceStub(channel)
-                try:
-                    reply = stub.Recommend(pb.RecommendRequest(user_id=USERS[0], k=3), timeout=30)
-                    assert [i.item_id for i in reply.items] == expected
-                    codes.append(grpc.StatusCode.OK)
-                except grpc.RpcError as err:
-                    codes.append(err.code())
+
+        def recommend(channel: grpc.Channel) -> None:
+            stub = pb_grpc.RecommenderServiceStub(channel)
+            try:
+                reply = stub.Recommend(pb.RecommendRequest(user_id=USERS[0], k=3), timeout=30)
+                assert [i.item_id for i in reply.items] == expected
+                codes.append(grpc.StatusCode.OK)
+            except grpc.RpcError as err:
+                codes.append(err.code())
             readyz.append(http_status(server.metrics_url.replace("/metrics", "/readyz")))
-        watcher.join(5)
+
+        replaced = on_fresh_connections_until_announced(server, 1, recommend)
         assert replaced and next(iter(replaced)) == 1, "the worker was never replaced"
         assert len(codes) >= 20, f"too few calls while the replacement loaded: {len(codes)}"
         # The first connections may still meet the dead worker's closing socket (reset, and
@@ -287,28 +300,24 @@ def test_no_worker_takes_a_connection_before_it_serves_on_first_start(
     flags = ("--workers", "2", "--warmup-iterations", "400")
     server = start_server(model_repo, tmp_path, *flags)
     try:
-        announced: dict[int, tuple[int, str]] = {}
-        watcher = threading.Thread(target=lambda: announced.update(workers_announced(server, 2)))
-        watcher.start()
         seen: list[str] = []
         expected = [i for i, _ in ref.recommend(USERS[0], 3)]
-        deadline = time.monotonic() + 120
-        while watcher.is_alive() and time.monotonic() < deadline:
-            options = [("grpc.use_local_subchannel_pool", 1)]
-            with grpc.insecure_channel(server.target, options=options) as channel:
-                try:
-                    health = health_pb2_grpc.HealthStub(channel).Check(
-                        health_pb2.HealthCheckRequest(), timeout=5
-                    )
-                    seen.append(health_pb2.HealthCheckResponse.ServingStatus.Name(health.status))
-                    reply = pb_grpc.RecommenderServiceStub(channel).Recommend(
-                        pb.RecommendRequest(user_id=USERS[0], k=3), timeout=30
-                    )
-                    assert [i.item_id for i in reply.items] == expected
-                    seen.append("OK")
-                except grpc.RpcError as err:
-                    seen.append(err.code().name)
-        watcher.join(5)
+
+        def probe_then_recommend(channel: grpc.Channel) -> None:
+            try:
+                health = health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(), timeout=5
+                )
+                seen.append(health_pb2.HealthCheckResponse.ServingStatus.Name(health.status))
+                reply = pb_grpc.RecommenderServiceStub(channel).Recommend(
+                    pb.RecommendRequest(user_id=USERS[0], k=3), timeout=30
+                )
+                assert [i.item_id for i in reply.items] == expected
+                seen.append("OK")
+            except grpc.RpcError as err:
+                seen.append(err.code().name)
+
+        announced = on_fresh_connections_until_announced(server, 2, probe_then_recommend)
         assert sorted(announced) == [0, 1], "the workers never both served"
         assert "UNAVAILABLE" in seen, seen[:10]  # the loads were slow enough to be watched
         assert set(seen) <= {"UNAVAILABLE", "SERVING", "OK"}, sorted(set(seen))
