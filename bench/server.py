@@ -300,23 +300,38 @@ def measure_go(
 ) -> Cell:  # fmt: skip
     """`measure` with the Go load generator (Recommend only): a short run, then the counted one."""
     run_go_load(binary, target, concurrency, min(0.3, duration_s), channels, users)
-    cpu_start, threads_start = process_cpu_s(pid), thread_counters(pid)
-    split_start = worker_calls(worker_urls)
+    start = ServerCost.now(pid, worker_urls)
     run = run_go_load(binary, target, concurrency, duration_s, channels, users)
-    cpu_s = process_cpu_s(pid) - cpu_start
-    by_thread, switches = per_call_by_role(threads_start, thread_counters(pid), run.calls)
-    split = [end - start for start, end in zip(split_start, worker_calls(worker_urls), strict=True)]
     return Cell(
         name, concurrency, run.calls / run.elapsed_s, run.p50_ms, run.p99_ms, run.calls,
-        run.errors, cpu_s / max(run.calls, 1) * 1e6, switches, by_thread, split,
+        run.errors, *start.per_call(ServerCost.now(pid, worker_urls), run.calls),
     )  # fmt: skip
 
 
-def worker_calls(urls: Sequence[str]) -> list[int]:
-    """Recommend calls each worker has answered so far (its own /metrics)."""
-    from bertrec.bench.overload import server_counters
+@dataclass(frozen=True)
+class ServerCost:
+    """What a server process tree has spent so far: CPU, per-role thread counters, and the
+    calls each `--workers N` worker answered (its own /metrics at `worker_urls`)."""
 
-    return [int(server_counters(url)["handled"]) for url in urls]
+    cpu_s: float
+    threads: dict[str, tuple[float, int]]
+    worker_calls: list[int]
+
+    @classmethod
+    def now(cls, pid: int, worker_urls: Sequence[str] = ()) -> ServerCost:
+        from bertrec.bench.overload import server_counters
+
+        calls = [int(server_counters(url)["handled"]) for url in worker_urls]
+        return cls(process_cpu_s(pid), thread_counters(pid), calls)
+
+    def per_call(
+        self, end: ServerCost, calls: int
+    ) -> tuple[float, float, dict[str, float], list[int]]:
+        """Cell's cost fields from here to `end`: CPU us and switches per call, CPU us per
+        call by thread role, calls per worker."""
+        by_thread, switches = per_call_by_role(self.threads, end.threads, calls)
+        split = [b - a for a, b in zip(self.worker_calls, end.worker_calls, strict=True)]
+        return (end.cpu_s - self.cpu_s) / max(calls, 1) * 1e6, switches, by_thread, split
 
 
 def measure(
@@ -329,26 +344,22 @@ def measure(
     shares = [concurrency // procs + (p < concurrency % procs) for p in range(procs)]
     results = []
     for seconds in (min(0.3, duration_s), duration_s):
-        cpu_start, threads_start = process_cpu_s(pid), thread_counters(pid)
-        split_start = worker_calls(worker_urls)
+        start = ServerCost.now(pid, worker_urls)
         if pool is None:
             results = [_load(target, method, payloads, concurrency, seconds, channels)]
         else:
             jobs = [pool.submit(_load, target, method, payloads, c, seconds, channels)
                     for c in shares]  # fmt: skip
             results = [job.result() for job in jobs]
-    cpu_s = process_cpu_s(pid) - cpu_start
-    threads_end = thread_counters(pid)
+    end = ServerCost.now(pid, worker_urls)
     elapsed = max(r[0] for r in results)
     latencies = [t for r in results for t in r[1]]
-    by_thread, switches = per_call_by_role(threads_start, threads_end, len(latencies))
-    split = [end - start for start, end in zip(split_start, worker_calls(worker_urls), strict=True)]
     errors = sum(r[2] for r in results)
     lat = np.sort(np.asarray(latencies)) * 1e3 if latencies else np.array([np.nan])
     return Cell(
         name, concurrency, len(latencies) / elapsed, float(np.percentile(lat, 50)),
         float(np.percentile(lat, 99)), len(latencies), errors,
-        cpu_s / max(len(latencies), 1) * 1e6, switches, by_thread, split,
+        *start.per_call(end, len(latencies)),
     )  # fmt: skip
 
 
