@@ -17,7 +17,8 @@ Everything runs on loopback, on this machine, in one bounded run (about two minu
      with batching, loaded over `--worker-channels` connections (so_reuseport spreads
      connections, not calls: one channel reaches one worker); CPU and memory are the whole
      process tree's (RSS and PSS after loading in "memory_after_load"); with `--unpinned`,
-     twins of the N > 1 rows with `--pin-workers off`.
+     twins of the N > 1 rows with `--pin-workers off`; with `--normal-scheduling`, a
+     `-sched-normal` twin of every `bertrec serve` row with `--thread-scheduling normal`.
 3. A closed-loop load generator (grpc.aio, pre-serialised requests; `--client-procs` processes;
    `--load-generator go`: grpc-go for the Recommend rows, `bench/go_load.py`)
    at each concurrency, for every server in turn within each round (noise hits all alike).
@@ -403,6 +404,12 @@ def start_servers(repo: Path, log_dir: Path, args: argparse.Namespace) -> dict[s
             if args.unpinned and n > 1
         },
     }
+    if args.normal_scheduling:  # twins of every `bertrec serve` row, under SCHED_OTHER
+        argvs |= {
+            f"{name}-sched-normal": [*argv, "--thread-scheduling", "normal"]
+            for name, argv in argvs.items()
+            if argv[1:3] == ["-m", "bertrec"]
+        }
     if args.only:
         argvs = {name: argv for name, argv in argvs.items() if name in args.only.split(",")}
     cpus = _cpus(args.server_cpus)
@@ -562,20 +569,20 @@ def _summary(measured: list[Cell], concurrency: int) -> dict[str, Any]:
     }
     for stat, pick in (("best", max), ("median", statistics.median)):
         at = {name: float(pick(qps)) for name, qps in runs.items()}
-        if {"echo-sync", "recommend-sync-batched"} <= cpu.keys():
-            # Issue 14's "less Python per call": Recommend's server CPU per call over a bare
-            # sync echo's (the best round being the least CPU per call).
+        if "echo-sync" in cpu:
+            # Issue 14's "less Python per call": each Recommend row's server CPU per call over
+            # a bare sync echo's (the best round being the least CPU per call).
             least = min if stat == "best" else statistics.median
-            out.setdefault(stat, {})["recommend_cpu_per_call_vs_echo_sync"] = float(
-                least(cpu["recommend-sync-batched"]) / least(cpu["echo-sync"])
-            )
+            out.setdefault(stat, {})["cpu_per_call_vs_echo_sync"] = {
+                name: float(least(spent) / least(cpu["echo-sync"]))
+                for name, spent in cpu.items()
+                if name.startswith("recommend-")
+            }
         one = at.get(worker_row(1))
         for name, qps in at.items():
-            n = name.split("-")[1]
-            if one and name.startswith("recommend-") and name.endswith("-workers"):
-                out.setdefault(stat, {})[f"workers_{n}_vs_1"] = qps / one
-            if one and name.startswith("recommend-") and name.endswith("-workers-unpinned"):
-                out.setdefault(stat, {})[f"workers_{n}_unpinned_vs_1"] = qps / one
+            if one and name.startswith("recommend-") and "-workers" in name:
+                n, twin = name.split("-")[1], name.partition("-workers")[2]
+                out.setdefault(stat, {})[f"workers_{n}{twin.replace('-', '_')}_vs_1"] = qps / one
         if not at.keys() >= SERVER_STYLES:  # a run of some servers only (--only)
             continue
         out[stat] = {
@@ -614,6 +621,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--unpinned", action="store_true",
         help="also rows of N > 1 workers with --pin-workers off (the scheduler places them)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--normal-scheduling", action="store_true",
+        help="also a twin of every bertrec serve row with --thread-scheduling normal",
     )  # fmt: skip
     parser.add_argument(
         "--worker-channels", type=int, default=8, help="connections to the --workers servers"

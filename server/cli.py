@@ -38,10 +38,12 @@ def run(args: argparse.Namespace) -> int:
     from bertrec.server.config import flags_from_args, load_config
     from bertrec.server.drain import on_stop_signals
     from bertrec.server.environment import usable_cpus
+    from bertrec.server.thread_placement import schedule_every_thread
 
     config = load_config(flags_from_args(args), config_file=args.config)
     configure_logs(config)
     config = size_processes(config, usable_cpus())
+    schedule_every_thread(config.thread_scheduling)  # before any worker or server thread starts
     if config.workers > 1:
         from bertrec.server.workers import serve_workers
 

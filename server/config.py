@@ -23,6 +23,7 @@ from bertrec.errors import BertrecError
 from bertrec.feedback.store import REDIS_SCHEMES, SQLITE_SCHEME
 from bertrec.server.environment import unknown_variables_problem
 from bertrec.server.providers import CPU, CUDA
+from bertrec.server.thread_placement import THREAD_SCHEDULING
 from bertrec.server.version_policy import PolicyError, VersionPolicy
 
 ENV_PREFIX = "BERTREC_"
@@ -146,6 +147,12 @@ class ServerConfig:
         "this process's CPUs are its own: no cgroup quota below its CPU affinity), on (a block "
         "of CPUs each, or one each round robin), off. One interpreter's threads passing the "
         "GIL between cores cost about twice the CPU per call of the same threads on one core",
+    )
+    thread_scheduling: str = _opt(
+        "batch",
+        "Linux scheduling policy of every server thread: batch (SCHED_BATCH: a woken thread "
+        "waits for the running one instead of preempting it, which here would only find the "
+        "GIL held) or normal (SCHED_OTHER); same CPU share either way",
     )
     max_batch_users: int = _opt(1024, "most user ids in one RecommendBatch call")
     max_stream_users: int = _opt(100_000, "most user ids in one StreamRecommendations call")
@@ -290,6 +297,7 @@ _RULES: dict[str, Callable[[Any], str | None]] = {
     "workers": _at_least(0),
     "ranker_precision": lambda v: None if v in ("fp32", "int8") else "must be fp32 or int8",
     "pin_workers": lambda v: None if v in ("auto", "on", "off") else "must be auto, on or off",
+    "thread_scheduling": lambda v: None if v in THREAD_SCHEDULING else "must be batch or normal",
     "max_batch_users": _at_least(1),
     "max_stream_users": _at_least(1),
     "encoder_variant": lambda v: None if str(v).strip() else "must not be empty",

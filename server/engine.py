@@ -65,6 +65,16 @@ class Call:
         return Call(time.monotonic() + remaining, context.add_callback)
 
 
+@dataclass(frozen=True, slots=True)
+class RankedRows:
+    """Ranked items as arrays, best first: ids, ranking scores and predicted ratings."""
+
+    item_ids: list[str]
+    scores: np.ndarray  # float32 (n,)
+    ratings: np.ndarray  # float32 (n,)
+    model: ModelRef
+
+
 @dataclass(frozen=True)
 class PendingRank:
     """A queued ranking query and what is needed to turn its rows into `Recommendations`."""
@@ -163,22 +173,31 @@ class Recommender:
 
     def ranked(self, pending: PendingRank, result: RankResult) -> Recommendations:
         """Assemble ranked items (with predicted ratings) from a finished ranking query."""
-        ratings = result.ratings
-        if ratings is None:  # not from `Model.rank` (a stand-in model)
-            user = pending.user
-            ratings = self.model.predicted_ratings(
-                pending.vector, result.rows, user and user.row, user and user.rating
-            )
         if pending.explain:
-            return self._explained(pending, result, ratings)
-        ids = self.model.item_ids_of(result.rows)  # one gather, not a lookup per item
+            return self._explained(pending, result, self._ratings(pending, result))
+        rows = self.ranked_rows(pending, result)
         items = [
             RankedItem(item_id, score, rating, rank)
             for rank, (item_id, score, rating) in enumerate(
-                zip(ids, result.scores.tolist(), ratings.tolist(), strict=True), start=1
+                zip(rows.item_ids, rows.scores.tolist(), rows.ratings.tolist(), strict=True),
+                start=1,
             )
         ]
         return Recommendations(items, self.ref)
+
+    def ranked_rows(self, pending: PendingRank, result: RankResult) -> RankedRows:
+        """A finished ranking query's answer as arrays, best first (no explanations): what a
+        response is built from without an object per item."""
+        ids = self.model.item_ids_of(result.rows)  # one gather, not a lookup per item
+        return RankedRows(ids, result.scores, self._ratings(pending, result), self.ref)
+
+    def _ratings(self, pending: PendingRank, result: RankResult) -> np.ndarray:
+        if result.ratings is not None:
+            return result.ratings
+        user = pending.user  # not from `Model.rank` (a stand-in model)
+        return self.model.predicted_ratings(
+            pending.vector, result.rows, user and user.row, user and user.rating
+        )
 
     def recommend(
         self,
@@ -195,6 +214,21 @@ class Recommender:
             user_id, k, exclude_rated, include_ids, exclude_ids, call.deadline_s, explain
         )
         return self.ranked(pending, wait(pending.future, call))
+
+    def recommend_rows(
+        self,
+        user_id: str,
+        k: int,
+        exclude_rated: bool,
+        include_ids: Sequence[str],
+        exclude_ids: Sequence[str],
+        call: Call,
+    ) -> RankedRows:
+        """`recommend` without explanations, as arrays (`ranked_rows`)."""
+        pending = self.submit_recommend(
+            user_id, k, exclude_rated, include_ids, exclude_ids, call.deadline_s
+        )
+        return self.ranked_rows(pending, wait(pending.future, call))
 
     def recommend_future(
         self,

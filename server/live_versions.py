@@ -11,6 +11,7 @@ version: resolve, verify every hash, map the arrays, create the sessions, warm u
 from __future__ import annotations
 
 import dataclasses
+import gc
 from collections.abc import Callable
 
 from bertrec.server.config import ServerConfig
@@ -46,6 +47,10 @@ def version_loader(
             model.name, model.version, model.encoder.provider, model.encoder_file,
             model.n_items, model.n_users,
         )  # fmt: skip
+        # Everything alive now lives as long as the version: out of the collector's sight, a
+        # full collection no longer walks the ~50k objects of the server's modules and model
+        # (14 ms with the GIL held, at 10k items) while calls wait.
+        gc.freeze()
         return engine
 
     return load

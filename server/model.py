@@ -223,18 +223,14 @@ class Model:
     def rank(self, queries: list[RankQuery]) -> list[RankResult]:
         """One matrix product over the catalogue for all queries, then top-k per row, then
         every query's predicted ratings in one vectorised pass."""
-        results = _topk(self.ranker, queries)
-        ratings = self._batch_ratings(queries, results)
+        rows, scores, counts = _topk(self.ranker, queries)
+        ratings = self._batch_ratings(queries, np.maximum(rows, 0))  # padding rated as row 0
         return [
-            RankResult(r.rows, r.scores, ratings[i, : len(r.rows)]) for i, r in enumerate(results)
+            RankResult(rows[i, :n], scores[i, :n], ratings[i, :n]) for i, n in enumerate(counts)
         ]
 
-    def _batch_ratings(self, queries: list[RankQuery], results: list[RankResult]) -> np.ndarray:
-        """`predicted_ratings` for every query of a batch at once: (queries, longest result)."""
-        width = max((len(r.rows) for r in results), default=0)
-        rows = np.zeros((len(results), width), np.int64)
-        for i, r in enumerate(results):
-            rows[i, : len(r.rows)] = r.rows
+    def _batch_ratings(self, queries: list[RankQuery], rows: np.ndarray) -> np.ndarray:
+        """`predicted_ratings` of item `rows` (queries, width) for every query at once."""
         users = np.array([-1 if q.user_row is None else q.user_row for q in queries], np.int64)
         known = users >= 0
         a = self.arrays
@@ -258,7 +254,8 @@ class Model:
 
     def similar(self, queries: list[RankQuery]) -> list[RankResult]:
         """Like `rank`, over unit-length item vectors (so scores are cosines)."""
-        return _topk(self.similarity, queries)
+        rows, scores, counts = _topk(self.similarity, queries)
+        return [RankResult(rows[i, :n], scores[i, :n]) for i, n in enumerate(counts)]
 
     def encode(self, texts: list[str]) -> list[np.ndarray]:
         """Encoder vectors (item space), one float32 (d,) array per text."""
@@ -297,17 +294,25 @@ def _inverse_norms(factors: np.ndarray) -> np.ndarray:
     return (1.0 / np.maximum(np.sqrt(squares), 1e-12)).astype(np.float32)
 
 
-def _topk(ranker: Ranker | CompactRanker, queries: list[RankQuery]) -> list[RankResult]:
+def _topk(
+    ranker: Ranker | CompactRanker, queries: list[RankQuery]
+) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """The batch's top rows and scores (B, max k), and how many of each row's leading entries
+    are its answer: at most its own k, without padding or non-finite scores. Those are
+    compacted to the front of a row first, in the rare batch that has any after a kept entry
+    (an item whose score overflowed), so every answer is a prefix."""
     vectors = np.stack([q.vector for q in queries]).astype(np.float32, copy=False)
     k = max(q.k for q in queries)
     exclude = None if all(q.exclude is None for q in queries) else [q.exclude for q in queries]
     allow = None if all(q.allow is None for q in queries) else [q.allow for q in queries]
     rows, scores = ranker.topk(vectors, k, exclude=exclude, allow=allow)
-    results = []
-    for q, r, s in zip(queries, rows, scores, strict=True):
-        keep = (r >= 0) & np.isfinite(s)
-        results.append(RankResult(r[keep][: q.k], s[keep][: q.k]))
-    return results
+    keep = (rows >= 0) & np.isfinite(scores)
+    kept = np.count_nonzero(keep, axis=1)
+    if not keep[np.arange(k) < kept[:, None]].all():  # a dropped entry before a kept one
+        order = np.argsort(~keep, axis=1, kind="stable")
+        rows = np.take_along_axis(rows, order, axis=1)
+        scores = np.take_along_axis(scores, order, axis=1)
+    return rows, scores, [min(q.k, n) for q, n in zip(queries, kept.tolist(), strict=True)]
 
 
 def load_model(config: ServerConfig) -> Model:

@@ -58,17 +58,22 @@ class RecommenderServicer(pb_grpc.RecommenderServiceServicer):
         self, request: pb.RecommendRequest, context: grpc.ServicerContext
     ) -> pb.RecommendResponse:
         exclude_rated = request.exclude_rated if request.HasField("exclude_rated") else True
+        include, exclude = list(request.include_item_ids), list(request.exclude_item_ids)
         with self._leased(context, request.model) as lease:
-            result = lease.value.recommend(
-                request.user_id,
-                request.k,
-                exclude_rated,
-                list(request.include_item_ids),
-                list(request.exclude_item_ids),
-                self._call(context),
-                request.explain,
+            rec, call = lease.value, self._call(context)
+            if request.explain:
+                result = rec.recommend(
+                    request.user_id, request.k, exclude_rated, include, exclude, call, True
+                )
+                return pb.RecommendResponse(
+                    items=ranked_items(result), model=model_ref(result.model)
+                )
+            rows = rec.recommend_rows(
+                request.user_id, request.k, exclude_rated, include, exclude, call
             )
-        return pb.RecommendResponse(items=ranked_items(result), model=model_ref(result.model))
+        response = pb.RecommendResponse(model=model_ref(rows.model))
+        add_ranked(response.items, rows.item_ids, rows.scores, rows.ratings)
+        return response
 
     def RecommendBatch(
         self, request: pb.RecommendBatchRequest, context: grpc.ServicerContext
@@ -259,19 +264,26 @@ def add_user_results(
     field: Any, chunk: Sequence[UserResult], item_ids_of: Callable[[np.ndarray], list[str]]
 ) -> None:
     """Append bulk results to a repeated `UserRecommendations` field, straight from the ranked
-    arrays: built in place, since a message passed to a constructor is copied (twice as slow),
-    with every id of the chunk gathered at once (`Model.item_ids_of`)."""
+    arrays (`add_ranked`), with every id of the chunk gathered at once (`Model.item_ids_of`)."""
     sizes = [len(one.rows) for one in chunk]
     ids = item_ids_of(np.concatenate([one.rows for one in chunk])) if chunk else []
     start = 0
     for one, size in zip(chunk, sizes, strict=True):
-        add = field.add(user_id=one.user_id, found=one.found).items.add
-        for rank, (item_id, score, rating) in enumerate(
-            zip(ids[start : start + size], one.scores.tolist(), one.ratings.tolist(), strict=True),
-            start=1,
-        ):
-            add(item_id=item_id, score=score, predicted_rating=rating, rank=rank)
+        items = field.add(user_id=one.user_id, found=one.found).items
+        add_ranked(items, ids[start : start + size], one.scores, one.ratings)
         start += size
+
+
+def add_ranked(
+    field: Any, item_ids: Sequence[str], scores: np.ndarray, ratings: np.ndarray
+) -> None:
+    """Append ranked items to a repeated `RankedItem` field, built in place (a message passed
+    to a constructor is copied), from the arrays: no object per item on the way."""
+    add = field.add
+    for rank, (item_id, score, rating) in enumerate(
+        zip(item_ids, scores.tolist(), ratings.tolist(), strict=True), start=1
+    ):
+        add(item_id=item_id, score=score, predicted_rating=rating, rank=rank)
 
 
 def explanation_pb(e: Explanation | None) -> pb.Explanation | None:

@@ -30,7 +30,6 @@ exits 0 once they have (also when the signal comes while the workers still load)
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -55,6 +54,7 @@ from bertrec.server.config import ConfigError, ServerConfig
 from bertrec.server.environment import usable_cpus, worker_cpus
 from bertrec.server.http_endpoints import HttpEndpoints
 from bertrec.server.shared_layout import LAYOUT_DIR_ENV
+from bertrec.server.thread_placement import pin_every_thread
 from bertrec.server.tls import TlsFiles
 
 log = logging.getLogger(__name__)
@@ -425,7 +425,7 @@ def worker_main(
         shutil.rmtree(run_dir, ignore_errors=True)
         return 1
     if cpus is not None:
-        _pin_every_thread(cpus)
+        pin_every_thread(cpus)
     from bertrec.server.app import Server
     from bertrec.server.cli import configure_logs
     from bertrec.server.drain import on_stop_signals
@@ -464,18 +464,6 @@ def worker_main(
             # folder while mapped pages stay valid for any worker still draining.
             shutil.rmtree(run_dir, ignore_errors=True)
     return 0
-
-
-def _pin_every_thread(cpus: set[int]) -> None:
-    """Run every thread of this process on `cpus`, and so every thread started from now on.
-
-    The parent pins the process right after starting it, but threads may exist by then:
-    numpy's OpenBLAS starts its pool when this module imports numpy, and a thread keeps the
-    CPUs of the thread that created it.
-    """
-    for task in Path("/proc/self/task").iterdir():
-        with contextlib.suppress(OSError):  # a thread that ended meanwhile
-            os.sched_setaffinity(int(task.name), cpus)
 
 
 def _cpu_list(cpus: set[int]) -> str:

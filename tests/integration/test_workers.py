@@ -408,6 +408,28 @@ def test_each_worker_runs_on_a_cpu_of_its_own_where_the_cpus_are_ours(two_worker
         assert found == {slot: {frozenset(plan[slot])} for slot in range(2)}, found
 
 
+def thread_policies(pid: int) -> set[int]:
+    """The distinct scheduling policies of every thread of `pid`."""
+    return {os.sched_getscheduler(int(task.name)) for task in Path(f"/proc/{pid}/task").iterdir()}
+
+
+def test_every_thread_of_the_supervisor_and_the_workers_runs_under_sched_batch(
+    two_workers,
+) -> None:
+    """`thread_scheduling` batch (the default) reaches every thread of every process: those
+    started before it was set (numpy's, grpc's) and those started after (inherited)."""
+    server, workers = two_workers
+    for pid in (server.proc.pid, *(pid for pid, _ in workers.values())):
+        assert thread_policies(pid) == {os.SCHED_BATCH}, pid
+
+
+def test_thread_scheduling_normal_leaves_every_thread_under_sched_other(
+    model_repo: Path, tmp_path: Path
+) -> None:
+    with serving(model_repo, tmp_path, "--workers", "1", "--thread-scheduling", "normal") as server:
+        assert thread_policies(server.proc.pid) == {os.SCHED_OTHER}
+
+
 def test_pin_workers_off_leaves_the_workers_to_the_scheduler(
     model_repo: Path, tmp_path: Path
 ) -> None:

@@ -95,6 +95,30 @@ def test_exclusions_and_allow_lists(fetch_limit: int) -> None:
     assert (rows[5] == PAD_ROW).all()
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_a_batch_filters_each_querys_own_exclusions(seed: int) -> None:
+    """The batch's exclusions are filtered in one pass (`_without`): each query must lose its
+    own rows only, whatever their order, duplicates or integer type, and a row excluded by the
+    next query's list (the neighbouring keys) must stay."""
+    n, k, batch = 300, 15, 9
+    items, bias = integer_catalogue(n, 4, seed=seed)
+    queries = integer_queries(batch, 4, seed=seed + 100)
+    rng = np.random.default_rng(seed)
+    dtypes = [np.int32, np.int64, np.uint32, np.uint64, np.int16]
+    exclude: Rows = []
+    for b in range(batch):
+        size = int(rng.integers(0, 60))
+        never = rng.integers(0, n, size).astype(dtypes[b % len(dtypes)])  # unsorted, repeats
+        exclude.append(None if b == 4 else never)
+    exclude[1] = np.array([0, n - 1])  # the smallest and largest keys of its block
+    exclude[2] = np.arange(n - 5)  # fewer than k rows left: padded
+    rows, scores = Ranker(items, bias).topk(queries, k, exclude=exclude)
+    want_rows, want_scores = reference(items, bias, queries, k, exclude)
+    np.testing.assert_array_equal(rows, want_rows)
+    np.testing.assert_array_equal(scores, want_scores)
+    assert (rows[2, 5:] == PAD_ROW).all() and np.isneginf(scores[2, 5:]).all()
+
+
 @pytest.mark.parametrize("fetch_limit", [0, 1024])
 def test_k_beyond_catalogue_is_padded(fetch_limit: int) -> None:
     items, bias = integer_catalogue(7, 3, seed=4)

@@ -233,3 +233,11 @@ def test_pin_workers_takes_only_auto_on_off(tmp_path: Path) -> None:
     assert load_config({**required(tmp_path), "pin_workers": "on"}, env={}).pin_workers == "on"
     with pytest.raises(ConfigError, match="must be auto, on or off"):
         load_config(required(tmp_path), env={"BERTREC_PIN_WORKERS": "yes"})
+
+
+def test_thread_scheduling_takes_only_batch_or_normal(tmp_path: Path) -> None:
+    assert load_config(required(tmp_path), env={}).thread_scheduling == "batch"
+    env = {"BERTREC_THREAD_SCHEDULING": "normal"}
+    assert load_config(required(tmp_path), env=env).thread_scheduling == "normal"
+    with pytest.raises(ConfigError, match="must be batch or normal"):
+        load_config({**required(tmp_path), "thread_scheduling": "fifo"}, env={})
