@@ -37,6 +37,7 @@ from bertrec.server.ranking import Ranker
 
 TopK = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 RANKER = "bertrec Ranker"
+RANKER_FED = "bertrec Ranker, catalogue fed per run"  # never packed once (`prepack_max_bytes`)
 FAISS = "faiss IndexFlatIP"
 SLOW_METHODS = ("numpy full argsort",)
 PROBE = "memory read probe (BLAS gemv)"
@@ -94,6 +95,7 @@ def methods(items: np.ndarray, bias: np.ndarray, threads: int, k: int) -> dict[s
     biased = faiss.IndexFlatIP(items.shape[1] + 1)
     biased.add(np.hstack([items, bias[:, None]]))
     ranker = Ranker(items, bias, threads=threads)
+    fed = Ranker(items, bias, threads=threads, prepack_max_bytes=0)
 
     def with_one(q: np.ndarray) -> np.ndarray:
         return np.hstack([q, np.ones((len(q), 1), dtype=np.float32)])
@@ -117,6 +119,7 @@ def methods(items: np.ndarray, bias: np.ndarray, threads: int, k: int) -> dict[s
 
     return {
         RANKER: lambda q: ranker.topk(q, k),
+        RANKER_FED: lambda q: fed.topk(q, k),
         FAISS: faiss_topk,
         "numpy matmul + argpartition": numpy_partition,
         "numpy full argsort": numpy_sort,

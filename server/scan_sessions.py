@@ -43,7 +43,11 @@ def _shared_arena(ort: Any) -> None:
 
 
 def scan_session(
-    model: bytes, threads: int, spinning: bool = True, shared: dict[str, Any] | None = None
+    model: bytes,
+    threads: int,
+    spinning: bool = True,
+    shared: dict[str, Any] | None = None,
+    prepack: bool = False,
 ) -> Any:
     """A CPU session for a scan graph, with every graph optimisation, on the shared arena.
 
@@ -51,17 +55,19 @@ def scan_session(
         model: the serialised graph.
         threads: intra-op threads (0: one per core).
         spinning: whether idle intra-op threads spin (ONNX Runtime's default) or sleep.
-        shared: initializers of `model` to read in place instead (name -> OrtValue over a
-            memory-mapped array, which the caller keeps alive as long as the session). The
-            session then packs no weights: a packed copy would be private to each process,
-            where the mapped pages are shared by every worker.
+        shared: initializers of `model` to read in place instead (name -> OrtValue over an
+            array the caller keeps alive as long as the session, often memory-mapped).
+        prepack: let ONNX Runtime pack the `shared` initializers once into its own layout.
+            The packed copy is private to each process, where mapped pages are shared by every
+            worker, so by default it reads them as they are; a product with a packed operand
+            skips packing it on every run.
     """
     ort = onnxruntime()
     _shared_arena(ort)
     options = ort.SessionOptions()
     for name, value in (shared or {}).items():
         options.add_initializer(name, value)
-    if shared:
+    if shared and not prepack:
         options.add_session_config_entry("session.disable_prepacking", "1")
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = threads

@@ -119,6 +119,23 @@ def test_a_batch_filters_each_querys_own_exclusions(seed: int) -> None:
     assert (rows[2, 5:] == PAD_ROW).all() and np.isneginf(scores[2, 5:]).all()
 
 
+@pytest.mark.parametrize("batch", [1, 2, 5, 33])
+def test_the_catalogue_packed_once_ranks_to_the_bit_as_fed_per_run(batch: int) -> None:
+    """Multi-row runs read a copy ONNX Runtime packed once; it must round every dot product as
+    the fed catalogue does (the int8 ranker's re-scoring relies on the fed rounding), and a
+    one-row run must not use it (its vector kernel rounds differently)."""
+    rng = np.random.default_rng(batch)
+    items = rng.standard_normal((3000, 24)).astype(np.float32)
+    bias = rng.standard_normal(3000).astype(np.float32)
+    queries = rng.standard_normal((batch, 24)).astype(np.float32)
+    packed, fed = Ranker(items, bias), Ranker(items, bias, prepack_max_bytes=0)
+    assert packed._packed_session is not None and fed._packed_session is None
+    rows, scores = packed.topk(queries, 50)
+    want_rows, want_scores = fed.topk(queries, 50)
+    np.testing.assert_array_equal(rows, want_rows)
+    np.testing.assert_array_equal(scores, want_scores)
+
+
 @pytest.mark.parametrize("fetch_limit", [0, 1024])
 def test_k_beyond_catalogue_is_padded(fetch_limit: int) -> None:
     items, bias = integer_catalogue(7, 3, seed=4)

@@ -19,7 +19,8 @@ CHILD = textwrap.dedent(
     from bertrec.server.thread_placement import schedule_every_thread
 
     def policies():
-        return sorted({os.sched_getscheduler(int(t.name)) for t in Path("/proc/self/task").iterdir()})
+        tasks = Path("/proc/self/task").iterdir()
+        return sorted({os.sched_getscheduler(int(t.name)) for t in tasks})
 
     stop = threading.Event()
     before = threading.Thread(target=stop.wait)  # a thread that exists already
