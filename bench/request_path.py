@@ -10,7 +10,7 @@ runs: for batches of B calls, in one thread, each step as the server runs it:
   ranking query (`Recommender.submit_recommend`);
 - `rank`: run the batch exactly as the batcher thread does (`Batcher._run`: `Model.rank`, the
   scan in ONNX Runtime, predicted ratings, futures resolved), per call;
-- `response`: assemble the ranked items and serialize the RecommendResponse.
+- `response`: build the RecommendResponse from the ranked arrays and serialize it.
 
 The difference between the two benches is what the serving loop adds: grpc's threads and
 hand-offs between them, and waiting for the GIL (README, "Scaling").
@@ -43,7 +43,7 @@ def measure(repo: Path, batch_sizes: Sequence[int], calls: int, rounds: int) -> 
     from bertrec.server.engine import PendingRank, Recommender
     from bertrec.server.metrics import ServerMetrics
     from bertrec.server.model import load_model
-    from bertrec.server.service import model_ref, ranked_items
+    from bertrec.server.service import recommend_response
     from bertrec.v1 import recommender_pb2 as pb
 
     config = ServerConfig(
@@ -71,9 +71,8 @@ def measure(repo: Path, batch_sizes: Sequence[int], calls: int, rounds: int) -> 
 
     def response(pending: list[PendingRank]) -> None:
         for p in pending:
-            result = engine.ranked(p, p.future.result(timeout=0))  # resolved by rank()
-            items, model = ranked_items(result), model_ref(result.model)
-            pb.RecommendResponse(items=items, model=model).SerializeToString()
+            rows = engine.ranked_rows(p, p.future.result(timeout=0))  # resolved by rank()
+            recommend_response(rows).SerializeToString()
 
     out: dict[str, Any] = {}
     for size in batch_sizes:

@@ -65,6 +65,10 @@ class Call:
         return Call(time.monotonic() + remaining, context.add_callback)
 
 
+NO_ROWS = np.zeros(0, dtype=np.int64)
+NO_ROWS.flags.writeable = False  # shared by every call that names no item
+
+
 @dataclass(frozen=True, slots=True)
 class RankedRows:
     """Ranked items as arrays, best first: ids, ranking scores and predicted ratings."""
@@ -164,7 +168,7 @@ class Recommender:
         include = self._item_rows(include_ids, "include_item_ids")
         exclude = self._item_rows(exclude_ids, "exclude_item_ids")
         if exclude_rated:
-            exclude = np.concatenate([exclude, user.seen])
+            exclude = np.concatenate([exclude, user.seen]) if len(exclude) else user.seen
         query = RankQuery(
             user.vector, k, exclude if len(exclude) else None,
             include if len(include) else None, user.row, user.rating,
@@ -402,6 +406,8 @@ class Recommender:
 
     def _item_rows(self, ids: Sequence[str], name: str, indexed: bool = True) -> np.ndarray:
         """Rows of `ids`; NotFound names the unknown one's path (`item_ids[3]`)."""
+        if not ids:  # most calls name no item: no lookup, no new array
+            return NO_ROWS
         try:
             return self.model.item_rows(list(ids))
         except NotFound as exc:

@@ -51,7 +51,7 @@ from typing import Any
 import numpy as np
 
 from bertrec.server.providers import onnxruntime
-from bertrec.server.scan_sessions import scan_session
+from bertrec.server.scan_sessions import external_placeholder, scan_session
 from bertrec.server.shared_layout import LayoutCache, heap_or_shared
 
 PAD_ROW = -1  # row given where fewer than k items could be returned
@@ -119,9 +119,9 @@ class Ranker:
         # differently from the packed one; multi-row products round alike either way).
         self._packed_session: Any = None
         if self._items.nbytes <= prepack_max_bytes:
-            graph = build_topk_graph(items=self._items)
+            graph = build_topk_graph(packed_items=self._items.shape)
             items = {"items": onnxruntime().OrtValue.ortvalue_from_numpy(self._items)}
-            self._packed_session = scan_session(graph, self.threads, shared=items, prepack=True)
+            self._packed_session = scan_session(graph, self.threads, packed=items)
         self._masked_session = scan_session(build_topk_graph(masked=True), self.threads)
         # Set only on `scaled` twins: per-item factors on the dot product, padded to whole
         # groups, and the mask that sends the padding to -inf (no bias row is scanned there).
@@ -425,13 +425,14 @@ def _member(rows: np.ndarray, excluded: np.ndarray) -> np.ndarray:
 
 
 def build_topk_graph(
-    masked: bool = False, scaled: bool = False, items: np.ndarray | None = None
+    masked: bool = False, scaled: bool = False, packed_items: tuple[int, int] | None = None
 ) -> bytes:
     """Serialised ONNX model: MatMul (* scale) (+ mask), then the two-stage top-k (module
     docstring).
 
-    With `items`, the catalogue is an initializer holding that layout instead of an input (for
-    a session that packs it once; the session may read the caller's array in its place).
+    With `packed_items` (the layout's shape), the catalogue is an initializer whose data the
+    session is given in memory and packs once (`scan_sessions.scan_session`'s `packed`), not
+    an input.
 
     Inputs: `queries` (B, d + 1) float32 with a trailing 1, `items` (d + 1, n) (factors
     transposed, bias as the last row, n a multiple of GROUP_WIDTH), `k` (1,) int64 <= n,
@@ -440,7 +441,7 @@ def build_topk_graph(
     row), and with `masked` a `mask` (n,) added to every row of scores. Outputs: `scores`
     (B, k) float32 and `rows` (B, k) int64, best first, equal scores in row order.
     """
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import TensorProto, helper
 
     node, value = helper.make_node, helper.make_tensor_value_info
 
@@ -453,9 +454,11 @@ def build_topk_graph(
         value("k", TensorProto.INT64, [1]),
         value("k_groups", TensorProto.INT64, [1]),
     ]
-    if items is None:
+    initializers = []
+    if packed_items is None:
         inputs.insert(1, value("items", TensorProto.FLOAT, ["width", "n_items"]))
-    initializers = [] if items is None else [numpy_helper.from_array(items, "items")]
+    else:
+        initializers.append(external_placeholder("items", packed_items))
     nodes = [node("MatMul", ["queries", "items"], ["dots"])]
     scores = "dots"
     if scaled:

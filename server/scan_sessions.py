@@ -47,7 +47,7 @@ def scan_session(
     threads: int,
     spinning: bool = True,
     shared: dict[str, Any] | None = None,
-    prepack: bool = False,
+    packed: dict[str, Any] | None = None,
 ) -> Any:
     """A CPU session for a scan graph, with every graph optimisation, on the shared arena.
 
@@ -55,20 +55,24 @@ def scan_session(
         model: the serialised graph.
         threads: intra-op threads (0: one per core).
         spinning: whether idle intra-op threads spin (ONNX Runtime's default) or sleep.
-        shared: initializers of `model` to read in place instead (name -> OrtValue over an
-            array the caller keeps alive as long as the session, often memory-mapped).
-        prepack: let ONNX Runtime pack the `shared` initializers once into its own layout.
-            The packed copy is private to each process, where mapped pages are shared by every
-            worker, so by default it reads them as they are; a product with a packed operand
-            skips packing it on every run.
+        shared: initializers of `model` to read in place instead (name -> OrtValue over a
+            memory-mapped array, which the caller keeps alive as long as the session). The
+            session then packs no weights: a packed copy would be private to each process,
+            where the mapped pages are shared by every worker.
+        packed: the arrays of initializers `model` declares as external data (name ->
+            OrtValue, kept alive by the caller), which ONNX Runtime packs once into a private
+            copy: a product then skips packing its operand on every run. The graph carries
+            no copy of them (`external_placeholder`).
     """
     ort = onnxruntime()
     _shared_arena(ort)
     options = ort.SessionOptions()
     for name, value in (shared or {}).items():
         options.add_initializer(name, value)
-    if shared and not prepack:
+    if shared:
         options.add_session_config_entry("session.disable_prepacking", "1")
+    if packed:
+        options.add_external_initializers(list(packed), list(packed.values()))
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
@@ -77,3 +81,15 @@ def scan_session(
     if not spinning:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(model, options, providers=[CPU])
+
+
+def external_placeholder(name: str, shape: tuple[int, ...]) -> Any:
+    """A float32 initializer whose data the session is given in memory (`scan_session`'s
+    `packed`), so a serialised graph stays a few hundred bytes whatever the catalogue: the
+    file it names is never read, and does not exist."""
+    from onnx import TensorProto
+
+    tensor = TensorProto(name=name, data_type=TensorProto.FLOAT, dims=shape)
+    tensor.data_location = TensorProto.EXTERNAL
+    tensor.external_data.add(key="location", value=f"bertrec-in-memory-{name}")
+    return tensor

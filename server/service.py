@@ -22,7 +22,7 @@ from bertrec.results import ModelRef, Recommendations
 from bertrec.server import errors
 from bertrec.server.bulk import BulkRanking, UserResult, check_user_ids
 from bertrec.server.config import ServerConfig
-from bertrec.server.engine import Call, Recommender
+from bertrec.server.engine import Call, RankedRows, Recommender
 from bertrec.server.errors import InvalidArgument, NotFound
 from bertrec.server.feedback import Feedback
 from bertrec.server.feedback_events import checked_events
@@ -71,9 +71,7 @@ class RecommenderServicer(pb_grpc.RecommenderServiceServicer):
             rows = rec.recommend_rows(
                 request.user_id, request.k, exclude_rated, include, exclude, call
             )
-        response = pb.RecommendResponse(model=model_ref(rows.model))
-        add_ranked(response.items, rows.item_ids, rows.scores, rows.ratings)
-        return response
+        return recommend_response(rows)
 
     def RecommendBatch(
         self, request: pb.RecommendBatchRequest, context: grpc.ServicerContext
@@ -245,6 +243,13 @@ class RecommenderServicer(pb_grpc.RecommenderServiceServicer):
 
 def model_ref(ref: ModelRef) -> pb.ModelRef:
     return pb.ModelRef(name=ref.name, version=ref.version)
+
+
+def recommend_response(rows: RankedRows) -> pb.RecommendResponse:
+    """A RecommendResponse straight from the ranked arrays (`add_ranked`)."""
+    response = pb.RecommendResponse(model=model_ref(rows.model))
+    add_ranked(response.items, rows.item_ids, rows.scores, rows.ratings)
+    return response
 
 
 def ranked_items(result: Recommendations) -> list[pb.RankedItem]:
