@@ -35,7 +35,7 @@ from typing import Generic, TypeVar
 
 from bertrec.server.errors import DeadlineExceeded, InternalError, NotReady, ResourceExhausted
 from bertrec.server.metrics import BatcherMetrics, ServerMetrics
-from bertrec.server.service_time import ServiceTime, expected_wait_s
+from bertrec.server.service_time import ServiceTime, expected_wait_bound_s, expected_wait_s
 from bertrec.server.tracing import BatchTimes, Traced, capture, record_batch, tracing_anywhere
 
 log = logging.getLogger(__name__)
@@ -102,6 +102,7 @@ class Batcher(Generic[T, R]):
         self._cond = threading.Condition()
         self._closed = False
         self._service_time = ServiceTime()  # written by the worker, read by submit (lock held)
+        self._full_batch_s = 0.0  # its estimate for a full batch, kept with it (`_observe`)
         self._running_until = 0.0  # expected end (monotonic) of the batch running now, or 0
         self._thread = threading.Thread(target=self._work, name=f"batcher-{name}", daemon=True)
 
@@ -121,7 +122,7 @@ class Batcher(Generic[T, R]):
             self._run_batch(batch)
             took_s = time.monotonic() - start
             with self._cond:
-                self._service_time.observe(len(batch), took_s)
+                self._observe(len(batch), took_s)
 
     def submit(self, item: T, deadline_s: float) -> Future[R]:
         """Queue one item; its future resolves with the result or a `ServiceError`.
@@ -170,6 +171,12 @@ class Batcher(Generic[T, R]):
         if not self._config.shed or not self._service_time.known:
             return
         left_s = (deadline_s - now) * ADMIT_WITHIN
+        bound_s = expected_wait_bound_s(
+            self._full_batch_s, len(self._queue), self._config.max_batch_size,
+            self._running_until - now, self._delay_s,
+        )  # fmt: skip
+        if left_s >= bound_s:  # most calls have time to spare: no full estimate for them
+            return
         wait_s = self._expected_wait_s(now)
         if wait_s > left_s:  # maybe only because of callers that left: count live work only
             self._purge_dead(now)
@@ -181,6 +188,11 @@ class Batcher(Generic[T, R]):
                 f"({len(self._queue)} queued) does not fit the call's remaining "
                 f"{(deadline_s - now) * 1e3:.0f} ms; retry later or with a longer deadline"
             )
+
+    def _observe(self, size: int, took_s: float) -> None:
+        """Record a batch's run time (lock held)."""
+        self._service_time.observe(size, took_s)
+        self._full_batch_s = self._service_time.batch_s(self._config.max_batch_size)
 
     def _expected_wait_s(self, now: float) -> float:
         """Expected wait of an item queued now behind the current queue (lock held)."""
@@ -316,7 +328,7 @@ class Batcher(Generic[T, R]):
             run_ns = (run_started_ns, time.time_ns() if traced else 0)
             self._metrics.inference_s.observe(took_s)
             with self._cond:
-                self._service_time.observe(len(live), took_s)
+                self._observe(len(live), took_s)
             self._metrics.batch_size.observe(len(live))
             if len(results) != len(live):
                 raise RuntimeError(f"{len(results)} results for {len(live)} items")

@@ -83,3 +83,18 @@ def expected_wait_s(
     waits = running_left_s > 0.0 or full_batches > 0
     own = estimate.batch_s(max_batch_size if waits else rest + 1)
     return max(running_left_s, window_left_s) + ahead + own
+
+
+def expected_wait_bound_s(
+    full_batch_s: float, queued: int, max_batch_size: int, running_left_s: float, window_s: float
+) -> float:
+    """An upper bound of `expected_wait_s` in a few float operations, for the admission check
+    every call makes: the batches ahead and its own costed full (`batch_s` grows with the
+    size), the whole window (what remains of one is never more).
+
+    Args:
+        full_batch_s: `estimate.batch_s(max_batch_size)`.
+        queued, max_batch_size, running_left_s: as for `expected_wait_s`.
+        window_s: the batching window (`max_queue_delay`).
+    """
+    return max(running_left_s, window_s) + (queued // max_batch_size + 1) * full_batch_s

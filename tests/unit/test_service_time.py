@@ -4,8 +4,10 @@ test_batcher.py runs the shedding itself against a fake model)."""
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from bertrec.server.service_time import ServiceTime, expected_wait_s
+from bertrec.server.service_time import ServiceTime, expected_wait_bound_s, expected_wait_s
 
 
 def test_service_time_fits_a_fixed_cost_per_batch_plus_a_cost_per_item() -> None:
@@ -35,3 +37,33 @@ def test_expected_wait_counts_the_running_batch_full_batches_ahead_and_its_own()
     assert expected_wait_s(estimate, 2, 4, 0.0, 0.001) == pytest.approx(0.001 + 0.03)
     # Busy with nothing queued: the running batch, then a full one.
     assert expected_wait_s(estimate, 0, 4, 0.02, 0.002) == pytest.approx(0.02 + 0.04)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    batches=st.lists(st.tuples(st.integers(1, 64), st.floats(1e-5, 2.0)), min_size=1, max_size=20),
+    queued=st.integers(0, 2000),
+    max_batch_size=st.integers(1, 64),
+    running_left_s=st.floats(-1.0, 3.0),
+    window_fraction=st.floats(0.0, 1.0),
+    window_s=st.floats(0.0, 0.05),
+)
+def test_the_admission_bound_is_never_below_the_expected_wait(
+    batches: list[tuple[int, float]],
+    queued: int,
+    max_batch_size: int,
+    running_left_s: float,
+    window_fraction: float,
+    window_s: float,
+) -> None:
+    """Admission skips the full estimate when the bound fits: it must never admit a call the
+    estimate would refuse."""
+    estimate = ServiceTime()
+    for size, seconds in batches:
+        estimate.observe(size, seconds)
+    full_s = estimate.batch_s(max_batch_size)
+    exact = expected_wait_s(
+        estimate, queued, max_batch_size, max(running_left_s, 0.0), window_s * window_fraction
+    )
+    bound = expected_wait_bound_s(full_s, queued, max_batch_size, running_left_s, window_s)
+    assert bound >= exact - 1e-12
