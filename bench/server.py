@@ -8,6 +8,10 @@ Everything runs on loopback, on this machine, in one bounded run (about two minu
    items per user and a tiny ONNX encoder, in a temporary model repository.
 2. Server processes, all started before measuring:
    - echo-sync / echo-aio: bare grpcio servers (sync thread pool / grpc.aio) echoing 64 bytes,
+     and with `--load-generator go` echo-sync-go: the echo-sync server answering the Go
+     generator's Recommend calls with an empty response, over as many connections as the
+     worker rows (the same client, connections and path as the Recommend rows it is set
+     against),
      the transport ceiling;
    - recommend-sync-batched: `bertrec serve` (sync grpcio) with dynamic batching;
    - recommend-sync-unbatched: the same with batching off (max batch size 1, no window);
@@ -164,9 +168,15 @@ def serve_echo_sync(workers: int) -> None:
     handler = grpc.method_handlers_generic_handler(
         "bench.Echo", {"Echo": grpc.unary_unary_rpc_method_handler(lambda req, ctx: req)}
     )
+    # The Go generator's Recommend path, answered as bare: request bytes in, an empty
+    # RecommendResponse out, nothing decoded (the echo-sync-go row).
+    recommend = grpc.method_handlers_generic_handler(
+        "bertrec.v1.RecommenderService",
+        {"Recommend": grpc.unary_unary_rpc_method_handler(lambda req, ctx: b"")},
+    )
     server = grpc.server(
         ThreadPoolExecutor(workers, thread_name_prefix="grpc"),  # named as `bertrec serve`'s
-        handlers=[handler],
+        handlers=[handler, recommend],
         options=[("grpc.so_reuseport", 0)],
     )
     port = server.add_insecure_port("127.0.0.1:0")
@@ -404,6 +414,8 @@ def start_servers(repo: Path, log_dir: Path, args: argparse.Namespace) -> dict[s
             if args.unpinned and n > 1
         },
     }
+    if args.load_generator == "go":  # the same echo server, driven as the Recommend rows are
+        argvs["echo-sync-go"] = _me("echo-sync")
     if args.normal_scheduling:  # twins of every `bertrec serve` row, under SCHED_OTHER
         argvs |= {
             f"{name}-sched-normal": [*argv, "--thread-scheduling", "normal"]
@@ -515,9 +527,10 @@ def _measure_all(
             for concurrency in concurrencies:
                 for name, server in servers.items():
                     is_echo = name.startswith("echo")
-                    channels = args.worker_channels if "worker" in name else 1
+                    like_workers = "worker" in name or name == "echo-sync-go"
+                    channels = args.worker_channels if like_workers else 1
                     urls = [url for _, url in sorted(server.worker_metrics_urls.items())]
-                    if go_binary is not None and not is_echo:
+                    if go_binary is not None and (not is_echo or name == "echo-sync-go"):
                         cell = measure_go(
                             go_binary, name, server.target, concurrency, args.duration_s,
                             server.proc.pid, channels, args.users, urls,
@@ -569,12 +582,14 @@ def _summary(measured: list[Cell], concurrency: int) -> dict[str, Any]:
     }
     for stat, pick in (("best", max), ("median", statistics.median)):
         at = {name: float(pick(qps)) for name, qps in runs.items()}
-        if "echo-sync" in cpu:
+        for echo in ("echo-sync", "echo-sync-go"):
+            if echo not in cpu:
+                continue
             # Issue 14's "less Python per call": each Recommend row's server CPU per call over
             # a bare sync echo's (the best round being the least CPU per call).
             least = min if stat == "best" else statistics.median
-            out.setdefault(stat, {})["cpu_per_call_vs_echo_sync"] = {
-                name: float(least(spent) / least(cpu["echo-sync"]))
+            out.setdefault(stat, {})[f"cpu_per_call_vs_{echo.replace('-', '_')}"] = {
+                name: float(least(spent) / least(cpu[echo]))
                 for name, spent in cpu.items()
                 if name.startswith("recommend-")
             }
@@ -633,7 +648,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--load-generator", choices=("python", "go"), default="python",
         help="Recommend rows' closed-loop generator: grpc.aio in Python, or grpc-go "
-        "(clients/go/cmd/bertrec-loadgen: a fraction of the CPU per call); echo rows use Python",
+        "(clients/go/cmd/bertrec-loadgen: a fraction of the CPU per call); echo rows use Python, "
+        "and an echo-sync-go row uses Go",
     )  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="10k items, 1 round of 1 s")
     parser.add_argument("--role", default="bench", help=argparse.SUPPRESS)
