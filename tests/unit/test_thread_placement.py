@@ -55,3 +55,17 @@ def test_every_thread_before_and_after_gets_the_policy(policy: str, number: int)
 def test_an_unknown_policy_is_refused() -> None:
     with pytest.raises(ValueError, match="must be one of"):
         schedule_every_thread("fifo")
+
+
+def test_a_refused_policy_is_logged_and_serving_goes_on(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A seccomp profile may forbid sched_setscheduler: one warning, no exception."""
+
+    def refuse(*_args: object) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "sched_setscheduler", refuse)
+    with caplog.at_level("WARNING"):
+        assert schedule_every_thread("batch") is False
+    assert "cannot set thread scheduling batch" in caplog.text
