@@ -22,7 +22,9 @@ Everything runs on loopback, on this machine, in one bounded run (about two minu
      connections, not calls: one channel reaches one worker); CPU and memory are the whole
      process tree's (RSS and PSS after loading in "memory_after_load"); with `--unpinned`,
      twins of the N > 1 rows with `--pin-workers off`; with `--normal-scheduling`, a
-     `-sched-normal` twin of every `bertrec serve` row with `--thread-scheduling normal`.
+     `-sched-normal` twin of every `bertrec serve` row with `--thread-scheduling normal`, and
+     with `--batch-echo` a `-sched-batch` twin of every echo row under SCHED_BATCH (the
+     policy `bertrec serve` runs under by default).
 3. A closed-loop load generator (grpc.aio, pre-serialised requests; `--client-procs` processes;
    `--load-generator go`: grpc-go for the Recommend rows, `bench/go_load.py`)
    at each concurrency, for every server in turn within each round (noise hits all alike).
@@ -416,6 +418,12 @@ def start_servers(repo: Path, log_dir: Path, args: argparse.Namespace) -> dict[s
     }
     if args.load_generator == "go":  # the same echo server, driven as the Recommend rows are
         argvs["echo-sync-go"] = _me("echo-sync")
+    if args.batch_echo:  # twins of the echo rows, under SCHED_BATCH as `bertrec serve`
+        argvs |= {
+            f"{name}-sched-batch": [*argv, "--role-scheduling", "batch"]
+            for name, argv in argvs.items()
+            if name.startswith("echo-")
+        }
     if args.normal_scheduling:  # twins of every `bertrec serve` row, under SCHED_OTHER
         argvs |= {
             f"{name}-sched-normal": [*argv, "--thread-scheduling", "normal"]
@@ -527,10 +535,11 @@ def _measure_all(
             for concurrency in concurrencies:
                 for name, server in servers.items():
                     is_echo = name.startswith("echo")
-                    like_workers = "worker" in name or name == "echo-sync-go"
+                    go_echo = name.startswith("echo-sync-go")
+                    like_workers = "worker" in name or go_echo
                     channels = args.worker_channels if like_workers else 1
                     urls = [url for _, url in sorted(server.worker_metrics_urls.items())]
-                    if go_binary is not None and (not is_echo or name == "echo-sync-go"):
+                    if go_binary is not None and (not is_echo or go_echo):
                         cell = measure_go(
                             go_binary, name, server.target, concurrency, args.duration_s,
                             server.proc.pid, channels, args.users, urls,
@@ -582,9 +591,7 @@ def _summary(measured: list[Cell], concurrency: int) -> dict[str, Any]:
     }
     for stat, pick in (("best", max), ("median", statistics.median)):
         at = {name: float(pick(qps)) for name, qps in runs.items()}
-        for echo in ("echo-sync", "echo-sync-go"):
-            if echo not in cpu:
-                continue
+        for echo in [name for name in cpu if name.startswith("echo-sync")]:
             # Issue 14's "less Python per call": each Recommend row's server CPU per call over
             # a bare sync echo's (the best round being the least CPU per call).
             least = min if stat == "best" else statistics.median
@@ -593,11 +600,16 @@ def _summary(measured: list[Cell], concurrency: int) -> dict[str, Any]:
                 for name, spent in cpu.items()
                 if name.startswith("recommend-")
             }
-        one = at.get(worker_row(1))
         for name, qps in at.items():
-            if one and name.startswith("recommend-") and "-workers" in name:
+            if name.startswith("recommend-") and "-workers" in name:
                 n, twin = name.split("-")[1], name.partition("-workers")[2]
-                out.setdefault(stat, {})[f"workers_{n}{twin.replace('-', '_')}_vs_1"] = qps / one
+                # The same twin's one worker where there is one (-sched-normal); pinning
+                # (-unpinned) means nothing to one worker, whose row is then the default's.
+                one = at.get(worker_row(1) + twin) or at.get(worker_row(1))
+                if one:
+                    out.setdefault(stat, {})[f"workers_{n}{twin.replace('-', '_')}_vs_1"] = (
+                        qps / one
+                    )
         if not at.keys() >= SERVER_STYLES:  # a run of some servers only (--only)
             continue
         out[stat] = {
@@ -652,13 +664,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         "and an echo-sync-go row uses Go",
     )  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="10k items, 1 round of 1 s")
+    parser.add_argument(
+        "--batch-echo", action="store_true",
+        help="also a twin of every echo row whose threads run under SCHED_BATCH, as "
+        "bertrec serve's do by default (--thread-scheduling)",
+    )  # fmt: skip
     parser.add_argument("--role", default="bench", help=argparse.SUPPRESS)
     parser.add_argument("--repo", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--role-scheduling", default="", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.role != "bench":  # a server role: its threads named as `bertrec serve`'s are
         from bertrec.server import thread_names
 
         thread_names.install()
+        if args.role_scheduling:
+            from bertrec.server.thread_placement import schedule_every_thread
+
+            schedule_every_thread(args.role_scheduling)
     if args.role == "echo-sync":
         serve_echo_sync(workers=max(16, 2 * (os.cpu_count() or 1)))
         return 0

@@ -33,7 +33,7 @@ from bertrec.server.errors import NotFound
 from bertrec.server.fold_in import RatingUser
 from bertrec.server.id_index import IdIndex, IdList
 from bertrec.server.providers import choose_providers
-from bertrec.server.ranking import Ranker
+from bertrec.server.ranking import PREPACK_MAX_BYTES, Ranker
 from bertrec.server.ranking_compact import CompactRanker
 from bertrec.server.shared_layout import LayoutCache, layout_dir_from_env
 from bertrec.text import TextTokenizer
@@ -113,6 +113,8 @@ class Model:
         exact = Ranker(
             arrays.item_factors, arrays.item_rank_bias, threads=ranker_threads,
             layout=shared(ITEM_FACTORS, ITEM_RANK_BIAS),
+            # int8 ranks with its own sessions: `exact` only lends its layout to the cosines.
+            prepack_max_bytes=0 if ranker_precision == "int8" else PREPACK_MAX_BYTES,
         )  # fmt: skip
         self._inverse_norms = _inverse_norms(arrays.item_factors)
         self.similarity = exact.scaled(self._inverse_norms)

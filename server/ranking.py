@@ -113,20 +113,41 @@ class Ranker:
         self._items = augmented_layout(factors, bias, layout)
         self._groups = self._items.shape[1] // GROUP_WIDTH
         self._session = scan_session(build_topk_graph(), self.threads)
-        # Multi-row runs over a small catalogue use a copy ONNX Runtime packed once (private
-        # to the process): fed as an input, the catalogue is packed again on every such run.
-        # One-row runs keep the input (a vector-matrix kernel that packs nothing, and rounds
-        # differently from the packed one; multi-row products round alike either way).
         self._packed_session: Any = None
         if self._items.nbytes <= prepack_max_bytes:
-            graph = build_topk_graph(packed_items=self._items.shape)
-            items = {"items": onnxruntime().OrtValue.ortvalue_from_numpy(self._items)}
-            self._packed_session = scan_session(graph, self.threads, packed=items)
+            self._packed_session = self._packed_twin()
         self._masked_session = scan_session(build_topk_graph(masked=True), self.threads)
         # Set only on `scaled` twins: per-item factors on the dot product, padded to whole
         # groups, and the mask that sends the padding to -inf (no bias row is scanned there).
         self._scale: np.ndarray | None = None
         self._padded_scale = self._pad_mask = np.zeros(0, dtype=np.float32)
+
+    def _packed_twin(self) -> Any:
+        """A session over a copy of the catalogue ONNX Runtime packs once (private to the
+        process), for multi-row runs: fed as an input, the catalogue is packed again on every
+        one. None where it would not score to the bit as the fed session does.
+
+        One-row runs keep the fed session (a vector-matrix kernel that packs nothing, and
+        rounds differently). Multi-row products round alike on both up to some width only
+        (d + 1 <= 129 on this AVX-512 machine; wider, the packed kernel sums in another
+        order), and the int8 ranker's exact re-scoring uses the fed product: so the twin is
+        kept only if a probe batch over this catalogue scores identically on both.
+        """
+        graph = build_topk_graph(packed_items=self._items.shape)
+        items = {"items": onnxruntime().OrtValue.ortvalue_from_numpy(self._items)}
+        packed = scan_session(graph, self.threads, packed=items)
+        probe = np.random.default_rng(0).standard_normal((4, self.dim + 1)).astype(np.float32)
+        probe[:, -1] = 1.0
+        k = min(self.n_items, 256)
+        feed = {
+            "queries": probe,
+            "k": np.array([k], dtype=np.int64),
+            "k_groups": np.array([min(k, self._groups)], dtype=np.int64),
+        }
+        want = self._session.run(["scores", "rows"], {**feed, "items": self._items})
+        got = packed.run(["scores", "rows"], feed)
+        same = all(np.array_equal(w, g) for w, g in zip(want, got, strict=True))
+        return packed if same else None
 
     def scaled(self, scale: np.ndarray) -> Ranker:
         """A ranker over the same catalogue scoring (query . item) * scale[item], no bias.

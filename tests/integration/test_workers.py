@@ -426,8 +426,19 @@ def test_every_thread_of_the_supervisor_and_the_workers_runs_under_sched_batch(
 def test_thread_scheduling_normal_leaves_every_thread_under_sched_other(
     model_repo: Path, tmp_path: Path
 ) -> None:
-    with serving(model_repo, tmp_path, "--workers", "1", "--thread-scheduling", "normal") as server:
+    """Started under SCHED_BATCH (inherited from this thread while it starts the server), so
+    only the setting can bring every thread back to SCHED_OTHER."""
+    os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+    try:
+        server = start_server(model_repo, tmp_path, "--workers", "1", "--thread-scheduling",
+                              "normal")  # fmt: skip
+    finally:
+        os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+    try:
+        server.wait_serving()
         assert thread_policies(server.proc.pid) == {os.SCHED_OTHER}
+    finally:
+        server.terminate()
 
 
 def test_pin_workers_off_leaves_the_workers_to_the_scheduler(
