@@ -219,21 +219,6 @@ class Recommender:
         )
         return self.ranked(pending, wait(pending.future, call))
 
-    def recommend_rows(
-        self,
-        user_id: str,
-        k: int,
-        exclude_rated: bool,
-        include_ids: Sequence[str],
-        exclude_ids: Sequence[str],
-        call: Call,
-    ) -> RankedRows:
-        """`recommend` without explanations, as arrays (`ranked_rows`)."""
-        pending = self.submit_recommend(
-            user_id, k, exclude_rated, include_ids, exclude_ids, call.deadline_s
-        )
-        return self.ranked_rows(pending, wait(pending.future, call))
-
     def recommend_future(
         self,
         user_id: str,

@@ -22,7 +22,7 @@ from bertrec.results import ModelRef, Recommendations
 from bertrec.server import errors
 from bertrec.server.bulk import BulkRanking, UserResult, check_user_ids
 from bertrec.server.config import ServerConfig
-from bertrec.server.engine import Call, RankedRows, Recommender
+from bertrec.server.engine import Call, RankedRows, Recommender, wait
 from bertrec.server.errors import InvalidArgument, NotFound
 from bertrec.server.feedback import Feedback
 from bertrec.server.feedback_events import checked_events
@@ -61,17 +61,18 @@ class RecommenderServicer(pb_grpc.RecommenderServiceServicer):
         include, exclude = list(request.include_item_ids), list(request.exclude_item_ids)
         with self._leased(context, request.model) as lease:
             rec, call = lease.value, self._call(context)
+            pending = rec.submit_recommend(
+                request.user_id, request.k, exclude_rated, include, exclude, call.deadline_s,
+                request.explain,
+            )  # fmt: skip
+            ranked = wait(pending.future, call)
             if request.explain:
-                result = rec.recommend(
-                    request.user_id, request.k, exclude_rated, include, exclude, call, True
-                )
+                result = rec.ranked(pending, ranked)
                 return pb.RecommendResponse(
                     items=ranked_items(result), model=model_ref(result.model)
                 )
-            rows = rec.recommend_rows(
-                request.user_id, request.k, exclude_rated, include, exclude, call
-            )
-        return recommend_response(rows)
+            # Without explanations, straight from the arrays: no object per item.
+            return recommend_response(rec.ranked_rows(pending, ranked))
 
     def RecommendBatch(
         self, request: pb.RecommendBatchRequest, context: grpc.ServicerContext
