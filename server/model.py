@@ -309,6 +309,8 @@ def _topk(
     allow = None if all(q.allow is None for q in queries) else [q.allow for q in queries]
     rows, scores = ranker.topk(vectors, k, exclude=exclude, allow=allow)
     keep = (rows >= 0) & np.isfinite(scores)
+    if keep.all():  # the usual batch: every query has k answers
+        return rows, scores, [q.k for q in queries]
     kept = np.count_nonzero(keep, axis=1)
     if not keep[np.arange(k) < kept[:, None]].all():  # a dropped entry before a kept one
         order = np.argsort(~keep, axis=1, kind="stable")
