@@ -9,8 +9,10 @@ runs: for batches of B calls, in one thread, each step as the server runs it:
 - `request`: parse the serialized RecommendRequest, validate it, look the user up, queue its
   ranking query (`Recommender.submit_recommend`);
 - `rank`: run the batch exactly as the batcher thread does (`Batcher._run`: `Model.rank`, the
-  scan in ONNX Runtime, predicted ratings, futures resolved), per call;
-- `response`: build the RecommendResponse from the ranked arrays and serialize it.
+  scan in ONNX Runtime, predicted ratings, from WIRE_FROM calls on the responses encoded
+  for the whole batch (`server.wire`), futures resolved), per call;
+- `response`: what the handler thread does after it wakes: nothing where the batch encoded the
+  response, else build the RecommendResponse from the ranked arrays and serialize it.
 
 The difference between the two benches is what the serving loop adds: grpc's threads and
 hand-offs between them, and waiting for the GIL (README, "Scaling").
@@ -71,8 +73,9 @@ def measure(repo: Path, batch_sizes: Sequence[int], calls: int, rounds: int) -> 
 
     def response(pending: list[PendingRank]) -> None:
         for p in pending:
-            rows = engine.ranked_rows(p, p.future.result(timeout=0))  # resolved by rank()
-            recommend_response(rows).SerializeToString()
+            result = p.future.result(timeout=0)  # resolved by rank()
+            if result.wire is None:  # as the servicer: the batch's bytes, else protobuf
+                recommend_response(engine.ranked_rows(p, result)).SerializeToString()
 
     out: dict[str, Any] = {}
     for size in batch_sizes:

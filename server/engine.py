@@ -171,7 +171,7 @@ class Recommender:
             exclude = np.concatenate([exclude, user.seen]) if len(exclude) else user.seen
         query = RankQuery(
             user.vector, k, exclude if len(exclude) else None,
-            include if len(include) else None, user.row, user.rating,
+            include if len(include) else None, user.row, user.rating, wire=not explain,
         )  # fmt: skip
         return PendingRank(self.ranker.submit(query, deadline_s), user.vector, user, explain)
 

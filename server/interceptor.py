@@ -1,6 +1,7 @@
 """The one server interceptor: admission, RPC metrics and the exception -> status mapping.
 
 It wraps each method handler (ours, health and reflection) so that
+- a handler may answer a message or its serialized bytes (`_encoder`);
 - every request is decoded by a wrapper that never raises: a request that is not valid protobuf
   (truncated, garbage, invalid UTF-8 in a string field) reaches the handler as a marker and is
   answered INVALID_ARGUMENT, counted and logged in one line. grpc would otherwise answer INTERNAL
@@ -96,6 +97,18 @@ def _decoder(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], _
         return _Received(message, len(raw))
 
     return decode
+
+
+def _encoder(serializer: Callable[[Any], bytes] | None) -> Callable[[Any], bytes] | None:
+    """Wrap grpc's response serializer so a handler may answer bytes it encoded itself (a
+    Recommend answered from its batch, `server.wire`): those are sent as they are."""
+    if serializer is None:
+        return None
+
+    def encode(message: Any) -> bytes:
+        return message if type(message) is bytes else serializer(message)
+
+    return encode
 
 
 class _MethodSeries:
@@ -303,7 +316,7 @@ class MetricsAndErrorsInterceptor(grpc.ServerInterceptor):
         return _FACTORIES[grpc_type](
             handle,
             request_deserializer=_decoder(handler.request_deserializer),
-            response_serializer=handler.response_serializer,
+            response_serializer=_encoder(handler.response_serializer),
         )
 
     def _authorize(self, method_path: str) -> Authorize:

@@ -36,6 +36,7 @@ from bertrec.server.providers import choose_providers
 from bertrec.server.ranking import PREPACK_MAX_BYTES, Ranker
 from bertrec.server.ranking_compact import CompactRanker
 from bertrec.server.shared_layout import LayoutCache, layout_dir_from_env
+from bertrec.server.wire import WIRE_FROM, RecommendWire
 from bertrec.text import TextTokenizer
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,7 @@ class RankQuery:
     allow: np.ndarray | None = None  # if set, only these item rows are ranked
     user_row: int | None = None  # whose predicted ratings `rank` returns (None: a text query)
     rating: RatingUser | None = None  # a folded user's rating head (instead of `user_row`'s)
+    wire: bool = False  # `rank` may also encode the query's RecommendResponse (`server.wire`)
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,7 @@ class RankResult:
     rows: np.ndarray  # int64 (n,)
     scores: np.ndarray  # float32 (n,)
     ratings: np.ndarray | None = None  # float32 (n,): predicted ratings of `rows`
+    wire: bytes | None = None  # the serialized RecommendResponse, where `rank` encoded it
 
 
 class Model:
@@ -107,6 +110,7 @@ class Model:
         self._users = IdIndex(arrays.user_ids, "user", version_dir, shared(USER_IDS))
         self._items = IdIndex(arrays.item_ids, "item", version_dir, shared(ITEM_IDS))
         self.item_ids: IdList = self._items.list
+        self._wire = RecommendWire(arrays.item_ids, self.name, self.version)
         # The ranker's layout is the one copy of the item factors besides the mmap (on the heap,
         # or shared by the workers); cosines scan that same matrix with a per-item 1 / |item|
         # instead of a normalised copy (`Ranker.scaled`).
@@ -227,9 +231,30 @@ class Model:
         every query's predicted ratings in one vectorised pass."""
         rows, scores, counts = _topk(self.ranker, queries)
         ratings = self._batch_ratings(queries, np.maximum(rows, 0))  # padding rated as row 0
+        wires = self._responses(queries, rows, scores, ratings, counts)
         return [
-            RankResult(rows[i, :n], scores[i, :n], ratings[i, :n]) for i, n in enumerate(counts)
+            RankResult(rows[i, :n], scores[i, :n], ratings[i, :n], wires.get(i))
+            for i, n in enumerate(counts)
         ]
+
+    def _responses(
+        self,
+        queries: list[RankQuery],
+        rows: np.ndarray,
+        scores: np.ndarray,
+        ratings: np.ndarray,
+        counts: list[int],
+    ) -> dict[int, bytes]:
+        """The serialized RecommendResponse of each query that asked for one, by position in
+        the batch; none for fewer than WIRE_FROM of them (a vectorised pass's fixed cost is
+        more than protobuf's per query there) or a batch `RecommendWire` leaves to protobuf."""
+        wanted = [i for i, q in enumerate(queries) if q.wire]
+        if len(wanted) < WIRE_FROM:
+            return {}
+        encoded = self._wire.responses(
+            rows[wanted], scores[wanted], ratings[wanted], [counts[i] for i in wanted]
+        )
+        return {} if encoded is None else dict(zip(wanted, encoded, strict=True))
 
     def _batch_ratings(self, queries: list[RankQuery], rows: np.ndarray) -> np.ndarray:
         """`predicted_ratings` of item `rows` (queries, width) for every query at once."""

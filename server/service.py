@@ -56,7 +56,7 @@ class RecommenderServicer(pb_grpc.RecommenderServiceServicer):
 
     def Recommend(
         self, request: pb.RecommendRequest, context: grpc.ServicerContext
-    ) -> pb.RecommendResponse:
+    ) -> pb.RecommendResponse | bytes:
         exclude_rated = request.exclude_rated if request.HasField("exclude_rated") else True
         include, exclude = list(request.include_item_ids), list(request.exclude_item_ids)
         with self._leased(context, request.model) as lease:
@@ -66,6 +66,8 @@ class RecommenderServicer(pb_grpc.RecommenderServiceServicer):
                 request.explain,
             )  # fmt: skip
             ranked = wait(pending.future, call)
+            if ranked.wire is not None:  # encoded with the rest of its batch (`server.wire`)
+                return ranked.wire
             if request.explain:
                 result = rec.ranked(pending, ranked)
                 return pb.RecommendResponse(

@@ -13,9 +13,11 @@ from google.protobuf import descriptor_pool
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
+from server_harness import metric_value
 
 from bertrec.client import AsyncRecommenderClient, RecommenderClient, RecommenderError
 from bertrec.export.verify import measure_parity
+from bertrec.server.wire import WIRE_FROM
 
 USERS = ("u0000", "u0007", "u0039")
 TEXT = "a quiet story about a lighthouse keeper and letters from the sea"
@@ -120,6 +122,34 @@ def test_concurrent_calls_are_batched_and_each_gets_its_own_answer(
         results = list(pool.map(lambda u: client.recommend(u, k=5), users))
     for user, result in zip(users, results, strict=True):
         assert result.item_ids == [i for i, _ in ref.recommend(user, 5)]
+
+
+def test_calls_answered_from_one_encoded_batch_carry_every_field(
+    client: RecommenderClient, server, ref
+) -> None:
+    """Batches of WIRE_FROM or more calls are answered with bytes the ranker's thread encoded for
+    the whole batch (`server.wire`): each call still gets its own items, scores, predicted
+    ratings, ranks and model. Bursts repeat until the ranker has run a batch of more than 4."""
+    assert WIRE_FROM <= 4
+    ranker = {"model": "tiny", "batcher": "ranker"}
+
+    def batches_over_4() -> float:
+        url = server.metrics_url
+        total = metric_value(url, "bertrec_batch_size_count", **ranker)
+        return total - metric_value(url, "bertrec_batch_size_bucket", le="4.0", **ranker)
+
+    users = [f"u{i:04d}" for i in range(40)]
+    before = batches_over_4()
+    for _ in range(20):
+        with ThreadPoolExecutor(len(users)) as pool:
+            results = list(pool.map(lambda u: client.recommend(u, k=7), users))
+        for user, result in zip(users, results, strict=True):
+            expected = ref.recommend(user, 7)
+            check_ranked(result.items, expected, [ref.rating(user, i) for i, _ in expected])
+            assert (result.model.name, result.model.version) == ("tiny", 1)
+        if batches_over_4() > before:
+            return
+    pytest.fail("20 bursts of 40 concurrent calls never made a ranking batch of more than 4")
 
 
 def test_a_bad_request_does_not_harm_its_batch_neighbours(client: RecommenderClient, ref) -> None:
