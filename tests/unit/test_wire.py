@@ -53,6 +53,12 @@ def test_a_batch_is_encoded_as_protobuf_does_byte_for_byte() -> None:
         assert pb.RecommendResponse.FromString(raw).model.version == 3
 
 
+@pytest.mark.parametrize("counts", [[10, 10, 10, 10], [10, 4, 10, 0]])
+def test_ids_of_one_length_take_the_short_way_to_the_same_bytes(counts: list[int]) -> None:
+    got, want = encode([f"i{i:07d}" for i in range(1000)], counts, width=10)
+    assert got == want
+
+
 def test_negative_zero_is_sent_as_protobuf_sends_it() -> None:
     scores = np.full((2, 3), -0.0, dtype=np.float32)
     got, want = encode(["a", "b", "c"], [3, 2], scores=scores, ratings=scores + 1)
