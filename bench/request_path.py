@@ -65,7 +65,7 @@ def measure(repo: Path, batch_sizes: Sequence[int], calls: int, rounds: int) -> 
             include, exclude = list(r.include_item_ids), list(r.exclude_item_ids)
             deadline_s = time.monotonic() + 60
             pending.append(engine.submit_recommend(r.user_id, r.k, True, include, exclude,
-                                                   deadline_s))  # fmt: skip
+                                                   deadline_s, wire=True))  # fmt: skip
         return pending
 
     def rank() -> None:

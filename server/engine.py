@@ -140,7 +140,8 @@ class Recommender:
         self.encoder.calibrate(texts)
         rng = np.random.default_rng(0)
         vectors = rng.standard_normal((c.ranker_max_batch_size, m.dim)).astype(np.float32)
-        queries = [RankQuery(v, min(DEFAULT_K, m.n_items)) for v in vectors]
+        # As Recommend's queries, so the batch's time includes encoding the responses.
+        queries = [RankQuery(v, min(DEFAULT_K, m.n_items), wire=True) for v in vectors]
         self.ranker.calibrate(queries)
         self.similar.calibrate(queries)
         for batcher in self._batchers:
@@ -159,8 +160,13 @@ class Recommender:
         exclude_ids: Sequence[str],
         deadline_s: float,
         explain: bool = False,
+        wire: bool = False,
     ) -> PendingRank:
-        """Validate a Recommend request and queue its ranking query (k=0: `DEFAULT_K`)."""
+        """Validate a Recommend request and queue its ranking query (k=0: `DEFAULT_K`).
+
+        `wire`: the caller sends the serialized response on as it is, so the ranking batch may
+        encode it (`RankResult.wire`, `server.wire`; never with explanations).
+        """
         k = self.resolve_k(k)
         self._check_ids(include_ids, "include_item_ids", allow_empty=True)
         self._check_ids(exclude_ids, "exclude_item_ids", allow_empty=True)
@@ -171,7 +177,7 @@ class Recommender:
             exclude = np.concatenate([exclude, user.seen]) if len(exclude) else user.seen
         query = RankQuery(
             user.vector, k, exclude if len(exclude) else None,
-            include if len(include) else None, user.row, user.rating, wire=not explain,
+            include if len(include) else None, user.row, user.rating, wire=wire and not explain,
         )  # fmt: skip
         return PendingRank(self.ranker.submit(query, deadline_s), user.vector, user, explain)
 

@@ -297,7 +297,7 @@ class Model:
                 self.encode(texts[:n])
             for n in {1, ranker_batch}:
                 vectors = rng.standard_normal((n, self.dim)).astype(np.float32)
-                queries = [RankQuery(v, min(10, self.n_items)) for v in vectors]
+                queries = [RankQuery(v, min(10, self.n_items), wire=True) for v in vectors]
                 self.rank(queries)
                 self.similar(queries)
 

@@ -63,7 +63,7 @@ class RecommenderServicer(pb_grpc.RecommenderServiceServicer):
             rec, call = lease.value, self._call(context)
             pending = rec.submit_recommend(
                 request.user_id, request.k, exclude_rated, include, exclude, call.deadline_s,
-                request.explain,
+                request.explain, wire=True,
             )  # fmt: skip
             ranked = wait(pending.future, call)
             if ranked.wire is not None:  # encoded with the rest of its batch (`server.wire`)

@@ -88,7 +88,12 @@ class RecommendWire:
             per_query = counts
         if not len(item_rows):
             return [model_field] * batch
-        codes = self._codes[item_rows]  # (m, width): the answered ids' code points
+        # The answered ids' code points, no wider than an id this encoder can say plus one
+        # column: the array is as wide as the catalogue's longest id, whatever is answered.
+        columns = min(self._codes.shape[1], MAX_ID_BYTES + 1)
+        codes = self._codes[item_rows, :columns]
+        if columns > MAX_ID_BYTES and codes[:, MAX_ID_BYTES].any():
+            return None  # an answered id is too long for one-byte lengths
         score = np.ascontiguousarray(score, dtype="<f4")
         rating = np.ascontiguousarray(rating, dtype="<f4")
         if (

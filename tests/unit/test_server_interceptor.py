@@ -35,6 +35,7 @@ from bertrec.server.interceptor import CallObserver, MetricsAndErrorsInterceptor
 from bertrec.server.logs import ACCESS_LOGGER
 from bertrec.server.metrics import ServerMetrics, code_label
 from bertrec.server.tracing import Tracing
+from bertrec.v1 import recommender_pb2 as pb
 
 SERVICE = "test.Svc"
 
@@ -60,6 +61,12 @@ def unary(request: bytes, context: grpc.ServicerContext) -> bytes:
     raise RuntimeError("secret bug detail")
 
 
+def encoded(request: bytes, context: grpc.ServicerContext) -> pb.ModelRef | bytes:
+    """A message, or (asked for "bytes") the same message serialized by the handler itself."""
+    message = pb.ModelRef(name="m", version=7)
+    return message.SerializeToString() if request == b"bytes" else message
+
+
 def stream(request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
     yield b"one"
     if request == b"boom":
@@ -75,6 +82,9 @@ def serve(observer: CallObserver | None = None) -> Iterator[tuple[grpc.Channel, 
         {
             "Unary": grpc.unary_unary_rpc_method_handler(unary),
             "Stream": grpc.unary_stream_rpc_method_handler(stream),
+            "Encoded": grpc.unary_unary_rpc_method_handler(
+                encoded, response_serializer=pb.ModelRef.SerializeToString
+            ),
         },
     )
     server = grpc.server(
@@ -102,6 +112,15 @@ def call(channel: grpc.Channel, kind: str) -> tuple[grpc.StatusCode, str]:
     except grpc.RpcError as exc:
         return exc.code(), exc.details()
     return grpc.StatusCode.OK, ""
+
+
+@pytest.mark.parametrize("answer", ["message", "bytes"])
+def test_a_handler_may_answer_its_message_already_serialized(served, answer: str) -> None:
+    channel, _ = served
+    method = channel.unary_unary(
+        f"/{SERVICE}/Encoded", response_deserializer=pb.ModelRef.FromString
+    )
+    assert method(answer.encode(), timeout=5) == pb.ModelRef(name="m", version=7)
 
 
 @pytest.mark.parametrize(

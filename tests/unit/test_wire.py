@@ -4,6 +4,7 @@ byte, or the batch is left to protobuf; `Model.rank` attaches them only where as
 from __future__ import annotations
 
 import struct
+import time
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,8 @@ from hypothesis import strategies as st
 
 from bertrec.bench.synthetic import MODEL, build_synthetic_repo
 from bertrec.server.config import ServerConfig
-from bertrec.server.engine import ModelRef, RankedRows
+from bertrec.server.engine import ModelRef, RankedRows, Recommender
+from bertrec.server.metrics import ServerMetrics
 from bertrec.server.model import Model, RankQuery, load_model
 from bertrec.server.service import recommend_response
 from bertrec.server.wire import MAX_ID_BYTES, WIRE_FROM, RecommendWire
@@ -30,13 +32,16 @@ def protobuf_bytes(ids, rows, scores, ratings, count, name="m", version=3) -> by
     return response.SerializeToString()
 
 
-def encode(ids, counts, width=None, scores=None, ratings=None, name="m", version=3):
-    """(wire responses or None, and protobuf's bytes for each query)."""
+def encode(ids, counts, width=None, scores=None, ratings=None, name="m", version=3, rows=None):
+    """(wire responses or None, and protobuf's bytes for each query). Past its count a query's
+    entries are padding, as `Model.rank` has them: row -1, score -inf."""
     width = width or max(max(counts), 1)
-    rows = RNG.integers(0, len(ids), (len(counts), width))
     shape = (len(counts), width)
+    rows = RNG.integers(0, len(ids), shape) if rows is None else rows
     scores = RNG.standard_normal(shape).astype(np.float32) if scores is None else scores
     ratings = RNG.uniform(0.5, 5, shape).astype(np.float32) if ratings is None else ratings
+    padding = np.arange(width) >= np.asarray(counts)[:, None]
+    rows[padding], scores[padding] = -1, -np.inf
     got = RecommendWire(np.asarray(ids), name, version).responses(rows, scores, ratings, counts)
     want = [
         protobuf_bytes(ids, rows[b], scores[b], ratings[b], n, name, version)
@@ -99,19 +104,33 @@ def test_what_one_byte_lengths_cannot_say_is_left_to_protobuf(case: str) -> None
         min_size=1, max_size=40, unique=True,
     ),
     counts=st.lists(st.integers(0, 12), min_size=1, max_size=9),
-    zero_every=st.integers(0, 7),
+    zero_at=st.one_of(st.none(), st.integers(0, 200)),
 )  # fmt: skip
 def test_any_batch_is_protobufs_bytes_or_left_to_protobuf(
-    ids: list[str], counts: list[int], zero_every: int
+    ids: list[str], counts: list[int], zero_at: int | None
 ) -> None:
     ids = [i for i in ids if not i.endswith("\x00")] or ["a"]  # numpy drops trailing NULs
     width = max(max(counts), 1)
     scores = RNG.standard_normal((len(counts), width)).astype(np.float32)
-    if zero_every:
-        scores.flat[::zero_every] = 0.0
+    if zero_at is not None:  # a score of +0.0 somewhere: left to protobuf if answered
+        scores.flat[zero_at % scores.size] = 0.0
     got, want = encode(ids, counts, width, scores=scores)
     if got is not None:
         assert got == want
+    else:
+        answered = np.arange(width) < np.asarray(counts)[:, None]
+        assert (scores[answered] == 0).any() or max(map(len, ids)) > MAX_ID_BYTES
+
+
+def test_one_long_id_in_the_catalogue_leaves_only_the_batches_that_answer_it_to_protobuf() -> None:
+    """The id array is as wide as its longest id; the encoder reads MAX_ID_BYTES + 1 columns."""
+    ids = [f"item-{i:05d}" for i in range(100)] + ["x" * 5000]
+    rows = RNG.integers(0, 100, (3, 10))
+    got, want = encode(ids, [10, 10, 7], rows=rows)
+    assert got == want
+    rows[1, 2] = 100  # the long one
+    got, _ = encode(ids, [10, 10, 7], rows=rows)
+    assert got is None
 
 
 @pytest.fixture(scope="module")
@@ -146,3 +165,14 @@ def test_rank_encodes_nothing_unasked_or_for_a_small_batch(model: Model) -> None
     assert all(r.wire is None for r in model.rank(queries(model, WIRE_FROM - 1, wire=True)))
     mixed = queries(model, WIRE_FROM, wire=True) + queries(model, 3, wire=False)
     assert [r.wire is not None for r in model.rank(mixed)] == [True] * WIRE_FROM + [False] * 3
+
+
+def test_only_a_caller_that_sends_the_bytes_on_has_them_encoded(model: Model) -> None:
+    """Recommend asks (`wire=True`); other users of `submit_recommend` (OIP, the futures API)
+    and explained calls do not, so no batch encodes bytes nobody sends."""
+    config = ServerConfig(model_repo=model.version_dir.parent.parent, model=MODEL, ranker_threads=1)
+    engine = Recommender(model, config, ServerMetrics())  # batchers not started: queued only
+    user = str(model.arrays.user_ids[0])
+    for asked, explain, wanted in [(False, False, False), (True, False, True), (True, True, False)]:
+        engine.submit_recommend(user, 5, True, [], [], time.monotonic() + 60, explain, wire=asked)
+        assert engine.ranker._queue[-1].item.wire is wanted
