@@ -7,9 +7,12 @@ takes every queued job, runs each in its own savepoint (so one failing job canno
 others' events with it), commits once (one WAL fsync), and only then answers every caller.
 64 concurrent callers therefore share a handful of fsyncs instead of queueing for 64.
 
-Forgetting is privacy-grade: `secure_delete` overwrites deleted rows with zeros, and a
-`wal_checkpoint(TRUNCATE)` after each forget moves the zeroed pages into the main file and
-empties the WAL, so no copy of the user's events is left in either file.
+Forgetting is privacy-grade: `secure_delete` overwrites deleted rows with zeros where they
+are, a VACUUM after each forget rewrites every page (b-tree rebalancing leaves stale copies of
+moved rows in the unused space of live pages, which `secure_delete` never visits), and a
+`wal_checkpoint(TRUNCATE)` moves the rewritten pages into the main file and empties the WAL, so
+no copy of the user's events is left in either file. The VACUUM makes a forget cost a pass over
+the store (0.24 s at 200k events, 33 MB, here), during which writes queue.
 """
 
 from __future__ import annotations
@@ -208,23 +211,39 @@ class SqliteStore:
             sum(j.events for j, _, e in outcomes if e is None),
             len(outcomes),
         )
+        scrub_error: sqlite3.Error | None = None
         for action in after_commit:
-            action()  # a forget answers only once the WAL no longer holds the deleted rows
+            try:
+                action()  # a forget answers only once no file holds the deleted rows
+            except sqlite3.Error as exc:
+                log.error("feedback store %s: scrubbing after a forget failed: %s", self.url, exc)
+                scrub_error = exc
         for job, value, error in outcomes:
+            if error is None and scrub_error is not None and isinstance(value, Erased):
+                error = scrub_error  # deleted, but copies may remain: the caller must retry
             if error is None:
                 job.future.set_result(value)
             else:
                 job.future.set_exception(StoreError(f"feedback store {self.url}: {error}"))
 
     def _checkpoint(self) -> None:
-        """Move every committed page into the main file and truncate the WAL (after a forget:
-        no frame holding the user's deleted rows is left behind)."""
+        """After a forget: rewrite every page (VACUUM), then move them into the main file and
+        truncate the WAL, so neither file holds a byte of the user's deleted rows.
+
+        Without the VACUUM, 4 of 60 random write histories left the forgotten id in the unused
+        space of an index page: a copy that a page split had moved and `secure_delete` never
+        zeroes (`tests/feedback/test_sqlite_store.py` replays two of them).
+        """
+        self._rewrite_every_page()
         for _ in range(50):
             busy, _, _ = self._writer.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
             if not busy:
                 return
             time.sleep(0.01)  # a reader holds an old snapshot; it finishes in milliseconds
         log.warning("feedback store %s: WAL checkpoint stayed busy after a forget", self.url)
+
+    def _rewrite_every_page(self) -> None:
+        self._writer.execute("VACUUM")
 
     # -- reads (any thread, each with its own connection) -----------------------------------
 
