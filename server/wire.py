@@ -112,8 +112,6 @@ class RecommendWire:
             if not used.any(axis=1).all():  # an empty id: proto3 leaves the field out
                 return None
             lengths = width - np.argmax(used[:, ::-1], axis=1)
-        if int(lengths.max()) > MAX_ID_BYTES:
-            return None
         # One row per item: the item's tag and length, the id's tag and length, the id padded
         # to `width`, then score, rating and rank; any padding is cut out below.
         table = np.empty((len(codes), 4 + width + 12), dtype=np.uint8)
