@@ -66,7 +66,7 @@ CREATE UNIQUE INDEX IF NOT EXISTS events_by_key ON events(user_id, idempotency_k
 _COLUMNS = "seq, idempotency_key, user_id, item_id, kind, rating, occurred_at, user_hash"
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity (`_commit` looks jobs up in a list)
 class _Job:
     run: Callable[[sqlite3.Connection], Any]  # runs inside the group's transaction
     future: Future[Any]
@@ -132,7 +132,7 @@ class SqliteStore:
             ).fetchone()[0]
             return Erased(int(deleted), Forgotten(int(seq), user_hash))
 
-        erased: Erased = self._submit(run, 0, timeout_s, checkpoint=True)
+        erased: Erased = self._submit(run, 0, timeout_s, scrub=True)
         return erased
 
     def _submit(
@@ -140,14 +140,14 @@ class SqliteStore:
         run: Callable[[sqlite3.Connection], Any],
         events: int,
         timeout_s: float | None,
-        checkpoint: bool = False,
+        scrub: bool = False,
     ) -> Any:
         if self._closed:
             raise StoreError(f"feedback store {self.url} is closed")
         future: Future[Any] = Future()
         job = _Job(run, future, events)
-        if checkpoint:
-            job.run = _then_checkpoint(run)
+        if scrub:
+            job.run = _then_scrub(run)
         self._jobs.put(job)
         try:
             return future.result(timeout=timeout_s)
@@ -179,7 +179,7 @@ class SqliteStore:
         conn = self._writer
         started = time.perf_counter()
         outcomes: list[tuple[_Job, Any, BaseException | None]] = []
-        after_commit: list[Callable[[], None]] = []
+        scrubbing: list[_Job] = []  # forgets: answered once the files are scrubbed
         try:
             conn.execute("BEGIN IMMEDIATE")
             for job in group:
@@ -192,8 +192,8 @@ class SqliteStore:
                     conn.execute("ROLLBACK TO job")
                     outcomes.append((job, None, exc))
                 else:
-                    if isinstance(value, _Checkpointed):
-                        after_commit.append(self._checkpoint)
+                    if isinstance(value, _ScrubAfterCommit):
+                        scrubbing.append(job)
                         value = value.value
                     outcomes.append((job, value, None))
                 conn.execute("RELEASE job")
@@ -212,21 +212,21 @@ class SqliteStore:
             len(outcomes),
         )
         scrub_error: sqlite3.Error | None = None
-        for action in after_commit:
+        if scrubbing:  # once for every forget of the group: a pass over the whole store
             try:
-                action()  # a forget answers only once no file holds the deleted rows
+                self._scrub()
             except sqlite3.Error as exc:
                 log.error("feedback store %s: scrubbing after a forget failed: %s", self.url, exc)
                 scrub_error = exc
         for job, value, error in outcomes:
-            if error is None and scrub_error is not None and isinstance(value, Erased):
+            if error is None and scrub_error is not None and job in scrubbing:
                 error = scrub_error  # deleted, but copies may remain: the caller must retry
             if error is None:
                 job.future.set_result(value)
             else:
                 job.future.set_exception(StoreError(f"feedback store {self.url}: {error}"))
 
-    def _checkpoint(self) -> None:
+    def _scrub(self) -> None:
         """After a forget: rewrite every page (VACUUM), then move them into the main file and
         truncate the WAL, so neither file holds a byte of the user's deleted rows.
 
@@ -306,12 +306,12 @@ class SqliteStore:
 
 
 @dataclass(frozen=True)
-class _Checkpointed:
+class _ScrubAfterCommit:
     value: Any
 
 
-def _then_checkpoint(run: Callable[[sqlite3.Connection], Any]) -> Callable[..., Any]:
-    return lambda conn: _Checkpointed(run(conn))
+def _then_scrub(run: Callable[[sqlite3.Connection], Any]) -> Callable[..., Any]:
+    return lambda conn: _ScrubAfterCommit(run(conn))
 
 
 def _rollback(conn: sqlite3.Connection) -> None:

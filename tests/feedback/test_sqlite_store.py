@@ -163,6 +163,39 @@ def test_a_forget_whose_scrub_fails_is_refused_and_the_store_goes_on(
     store.close()
 
 
+def test_forgets_committed_together_share_one_scrub(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A scrub rewrites the whole store: forgets queued behind a running one wait for one
+    scrub together, not one each."""
+    rewrite = SqliteStore._rewrite_every_page
+    scrubs = []
+
+    def slow(self: SqliteStore) -> None:
+        scrubs.append(1)
+        deadline = time.monotonic() + 10
+        while len(scrubs) == 1 and self._jobs.qsize() < 5 and time.monotonic() < deadline:
+            time.sleep(0.01)  # the first scrub runs until the other five forgets have queued
+        rewrite(self)
+
+    monkeypatch.setattr(SqliteStore, "_rewrite_every_page", slow)
+    store = SqliteStore(str(tmp_path / "feedback.db"), Commits())
+    users = [f"user-{n}" for n in range(6)]
+    store.append([event(u, "item", f"key-{u}") for u in users])
+    first = threading.Thread(target=store.forget, args=(users[0],))
+    first.start()
+    while not scrubs:  # the first forget's scrub is running
+        time.sleep(0.01)
+    rest = [threading.Thread(target=store.forget, args=(u,)) for u in users[1:]]
+    for t in rest:
+        t.start()
+    for t in [first, *rest]:
+        t.join()
+    assert all(store.user_events(u) == [] for u in users)
+    assert len(scrubs) == 2, scrubs
+    store.close()
+
+
 def test_kill_9_while_appending_loses_no_acknowledged_event(tmp_path: Path) -> None:
     path = tmp_path / "feedback.db"
     rng = random.Random(11)
