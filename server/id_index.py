@@ -88,11 +88,13 @@ class IdIndex:
         """Row of one id, or None if the array does not hold it."""
         if not len(self.ids):
             return None
-        at = int(np.searchsorted(self.ids, id_, sorter=self._order))
+        # The array's own method and `.item()`: numpy's function wrapper and a 0-d array per
+        # step cost more than the search itself on this per-call path.
+        at = int(self.ids.searchsorted(id_, sorter=self._order))
         if at == len(self.ids):
             return None
-        row = int(self._order[at])
-        return row if str(self.ids[row]) == id_ else None
+        row: int = self._order.item(at)
+        return row if self.ids.item(row) == id_ else None
 
     def rows(self, ids: Sequence[str]) -> np.ndarray:
         """Rows (int64) of many ids, NOT_FOUND (-1) for those the array does not hold."""
