@@ -1,6 +1,7 @@
 """A loaded version is frozen out of the collector's sight (`live_versions`), so a retired one
 must be freed by refcounting alone: a reference cycle through it would keep its arrays and
-sessions for the life of the process. Run in a child: `gc.freeze` is process-wide."""
+sessions for the life of the process. Young collections start late enough that calls in flight
+do not trigger them. Run in a child: `gc.freeze` and the thresholds are process-wide."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ CHILD = textwrap.dedent(
     from pathlib import Path
     from bertrec.server.config import ServerConfig
     from bertrec.server.feedback import Feedback
-    from bertrec.server.live_versions import version_loader
+    from bertrec.server.live_versions import YOUNG_COLLECTION_THRESHOLD, version_loader
     from bertrec.server.metrics import ServerMetrics
 
     config = ServerConfig(model_repo=Path(sys.argv[1]), model="synthetic", ranker_threads=1,
@@ -27,6 +28,7 @@ CHILD = textwrap.dedent(
     load = version_loader(config, metrics, feedback)
     engine = load(1)
     assert gc.get_freeze_count() > 0
+    assert gc.get_threshold()[0] == YOUNG_COLLECTION_THRESHOLD > 700, gc.get_threshold()
     refs = [weakref.ref(engine), weakref.ref(engine.model), weakref.ref(engine.model.ranker)]
     feedback.detach(engine.users)
     engine.close(drain=True, timeout_s=10)
