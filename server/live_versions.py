@@ -24,7 +24,7 @@ from bertrec.server.version_watcher import RepositoryVersions, VersionWatcher
 CLOSE_TIMEOUT_S = 30.0  # a retired version has no callers left; its batchers stop at once
 # Young collections start once tracked allocations outnumber frees by this many. At Python's
 # 700 the objects that ~64 calls in flight hold made the count swing across it ~250 times a
-# second: 7-11 us of collection per Recommend call (gc.callbacks, one pinned worker, c=64),
+# second: 7-13 us of collection per Recommend call (gc.callbacks, one pinned worker, c=64),
 # each young collection walking every in-flight call's objects. At 10k none started in 5 s of
 # that load. What a call leaves is freed by reference counting; only garbage in reference
 # cycles (an exception and its traceback) waits longer: for 10k objects more, not 700.
