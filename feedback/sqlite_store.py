@@ -8,11 +8,13 @@ others' events with it), commits once (one WAL fsync), and only then answers eve
 64 concurrent callers therefore share a handful of fsyncs instead of queueing for 64.
 
 Forgetting is privacy-grade: `secure_delete` overwrites deleted rows with zeros where they
-are, a VACUUM after each forget rewrites every page (b-tree rebalancing leaves stale copies of
-moved rows in the unused space of live pages, which `secure_delete` never visits), and a
-`wal_checkpoint(TRUNCATE)` moves the rewritten pages into the main file and empties the WAL, so
-no copy of the user's events is left in either file. The VACUUM makes a forget cost a pass over
-the store (0.24 s at 200k events, 33 MB, here), during which writes queue.
+are, a VACUUM after the forgets of a commit group rewrites every page (b-tree rebalancing leaves
+stale copies of moved rows in the unused space of live pages, which `secure_delete` never
+visits), and a `wal_checkpoint(TRUNCATE)` moves the rewritten pages into the main file and
+empties the WAL, so no copy of the user's events is left in either file. A forget answers only
+then; where a reader's old snapshot keeps the checkpoint from finishing within
+SCRUB_CHECKPOINT_WAIT_S, it fails (StoreError) and a retry scrubs. The VACUUM makes a forget
+cost a pass over the store (0.24 s at 200k events, 33 MB, here), during which writes queue.
 """
 
 from __future__ import annotations
@@ -46,6 +48,10 @@ log = logging.getLogger(__name__)
 
 FORGET_KIND = "forget"  # the kind of a tombstone row
 MAX_GROUP_JOBS = 1024  # jobs committed together at most (bounds one transaction)
+BUSY_TIMEOUT_S = 30.0  # how long a statement waits for another connection's lock
+# How long a forget's scrub waits for readers of older snapshots before it fails the forget:
+# the main file's old pages may hold the user's rows until the WAL is checkpointed past them.
+SCRUB_CHECKPOINT_WAIT_S = 2.0
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -235,12 +241,33 @@ class SqliteStore:
         zeroes (`tests/feedback/test_sqlite_store.py` replays two of them).
         """
         self._rewrite_every_page()
-        for _ in range(50):
-            busy, _, _ = self._writer.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
-            if not busy:
-                return
-            time.sleep(0.01)  # a reader holds an old snapshot; it finishes in milliseconds
-        log.warning("feedback store %s: WAL checkpoint stayed busy after a forget", self.url)
+        self._truncate_wal()
+
+    def _truncate_wal(self) -> None:
+        """Checkpoint every page into the main file and empty the WAL.
+
+        Raises:
+            sqlite3.OperationalError: a reader still held an older snapshot after
+                SCRUB_CHECKPOINT_WAIT_S (the forget then fails, and a retry scrubs).
+        """
+        conn = self._writer
+        # Polled here: with the connection's busy timeout each try could wait 30 s, and the
+        # writer thread (every caller's appends) with it.
+        conn.execute("PRAGMA busy_timeout = 0")
+        try:
+            deadline = time.monotonic() + SCRUB_CHECKPOINT_WAIT_S
+            while True:
+                busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+                if not busy:
+                    return
+                if time.monotonic() >= deadline:
+                    raise sqlite3.OperationalError(
+                        f"WAL checkpoint still busy after {SCRUB_CHECKPOINT_WAIT_S:g} s: a "
+                        "reader holds an older snapshot; retry the forget"
+                    )
+                time.sleep(0.01)  # readers of this store finish in milliseconds
+        finally:
+            conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
 
     def _rewrite_every_page(self) -> None:
         self._writer.execute("VACUUM")
@@ -290,7 +317,7 @@ class SqliteStore:
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(
-            self.path, timeout=30.0, isolation_level=None, check_same_thread=False
+            self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
         )
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")  # every commit fsyncs the WAL

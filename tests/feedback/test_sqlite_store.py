@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from bertrec.feedback import sqlite_store
 from bertrec.feedback.events import FeedbackEvent, FeedbackKind, StoredEvent
 from bertrec.feedback.sqlite_store import SqliteStore
 from bertrec.feedback.store import StoreError
@@ -161,6 +162,33 @@ def test_a_forget_whose_scrub_fails_is_refused_and_the_store_goes_on(
     assert store.forget("gone").events_deleted == 0  # a retry scrubs
     assert [e.event.key for e in store.user_events("kept")] == ["k2", "k3"]
     store.close()
+
+
+def test_a_forget_a_lingering_reader_keeps_from_scrubbing_fails_in_bounded_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reader holding an old snapshot keeps the WAL from being checkpointed, so the main
+    file may still hold the user's rows: the forget fails within the scrub's wait (it used to
+    hold the writer thread for up to 50 x 30 s, then answer as if scrubbed), appends go on,
+    and a retry once the reader is gone leaves no byte of the user."""
+    monkeypatch.setattr(sqlite_store, "SCRUB_CHECKPOINT_WAIT_S", 0.3)
+    path = tmp_path / "feedback.db"
+    store = SqliteStore(str(path), Commits())
+    store.append([event("secret-user-xyz", "i1", "k1"), event("kept", "i2", "k2")])
+    reader = sqlite3.connect(str(path))
+    reader.execute("BEGIN")
+    reader.execute("SELECT count(*) FROM events").fetchone()  # holds this snapshot
+    started = time.monotonic()
+    with pytest.raises(StoreError, match="checkpoint still busy"):
+        store.forget("secret-user-xyz")
+    assert time.monotonic() - started < 10
+    store.append([event("kept", "i3", "k3")])  # the writer thread is free again
+    reader.rollback()
+    reader.close()
+    store.forget("secret-user-xyz")
+    assert [e.event.key for e in store.user_events("kept")] == ["k2", "k3"]
+    store.close()
+    assert not [p.name for p in tmp_path.iterdir() if b"secret-user-xyz" in p.read_bytes()]
 
 
 def test_forgets_committed_together_share_one_scrub(
